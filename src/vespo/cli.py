@@ -1,0 +1,156 @@
+"""The ``vespo`` command line.
+
+    vespo train [CONFIG.yaml] [key=value ...]   train (default: the offline CPU config)
+    vespo train --resume RUN_DIR                continue a stopped run
+    vespo eval RUN_DIR [key=value ...]          evaluate a run's latest checkpoint
+    vespo plot RUN_DIR [RUN_DIR ...]            training curves as PNG
+    vespo kernels                               phi(W) of every loss: table + PNG (paper Fig. 2)
+    vespo losses                                registered losses, parameters and defaults
+
+Bad input (unknown key, wrong type, missing file) prints one line and exits with code 2
+(set VESPO_DEBUG=1 to see the traceback instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 160)
+
+
+def cmd_kernels(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from vespo.kernel_curves import DEFAULT_TABLE_POINTS, kernel_table
+    from vespo.plots import plot_kernels
+
+    points = DEFAULT_TABLE_POINTS
+    table = Table(title="phi(W): effective weight on A * grad log pi (one-token sequence)")
+    table.add_column("loss")
+    table.add_column("sign")
+    for w in points:
+        table.add_column(f"W={w:g}", justify="right")
+    for name, rows in kernel_table(points).items():
+        for sign, values in rows.items():
+            table.add_row(name if sign == "A>0" else "", sign, *(f"{v:.3f}" for v in values))
+    console = _console()
+    console.print(table)
+    out = plot_kernels(args.out)
+    console.print(f"kernel plot written to {out}")
+    return 0
+
+
+def cmd_losses(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from vespo.losses import loss_specs
+
+    table = Table(title="registered policy losses")
+    for col in ("name", "level", "parameters (default, range)", "summary"):
+        table.add_column(col)
+    for spec in loss_specs():
+        params = "\n".join(f"{k}={p.default!r} {p.range_text()}" for k, p in spec.params.items()) or "-"
+        table.add_row(spec.name, spec.level, params, spec.summary)
+    _console().print(table)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from vespo.config import load_config
+    from vespo.trainer import resume_config, train
+
+    if args.resume:
+        if args.config:
+            raise ValueError("give either a config file or --resume RUN_DIR, not both")
+        config = resume_config(args.resume, args.overrides)
+        train(config, resume=True)
+    else:
+        config = load_config(args.config or _default_config(), args.overrides)
+        train(config, resume=False)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from vespo.trainer import evaluate_run
+
+    evaluate_run(args.run_dir, args.overrides)
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from vespo.plots import plot_runs
+
+    for run in args.run_dirs:
+        if not Path(run).is_dir():
+            raise ValueError(f"{run} is not a directory")
+    out = args.out or str(Path(args.run_dirs[0]) / "curves.png")
+    path = plot_runs(args.run_dirs, out, labels=args.labels.split(",") if args.labels else None)
+    _console().print(f"plot written to {path}")
+    return 0
+
+
+def _default_config() -> Path:
+    """configs/default.yaml shipped inside the package (also present at the repo root)."""
+    return Path(__file__).parent / "configs" / "default.yaml"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vespo", description="Stable off-policy RL for language models (VESPO).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a policy (default: offline tiny-model config)")
+    p.add_argument("config", nargs="?", help="YAML config (default: the packaged default.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. algorithm.loss=grpo")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate the latest checkpoint of a run")
+    p.add_argument("run_dir")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval.num_prompts=512")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("plot", help="plot training curves of one or more runs")
+    p.add_argument("run_dirs", nargs="+")
+    p.add_argument("--out", help="PNG path (default: RUN_DIR/curves.png of the first run)")
+    p.add_argument("--labels", help="comma-separated legend labels")
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("kernels", help="print and plot phi(W) of every loss (paper Fig. 2)")
+    p.add_argument("--out", default="kernels.png", help="PNG path (default: kernels.png)")
+    p.set_defaults(func=cmd_kernels)
+
+    p = sub.add_parser("losses", help="list the registered losses and their parameters")
+    p.set_defaults(func=cmd_losses)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("MPLCONFIGDIR", str(Path.home() / ".cache" / "vespo" / "matplotlib"))
+    parser = build_parser()
+    args = parser.parse_args(argv if argv is not None else sys.argv[1:])
+    if getattr(args, "config", None) and "=" in args.config and not Path(args.config).exists():
+        args.overrides = [args.config, *args.overrides]
+        args.config = None
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("vespo: interrupted", file=sys.stderr)
+        return 130
+    except ValueError as exc:  # ConfigError, DataFileError, ModelLoadError, CheckpointError, ...
+        if os.environ.get("VESPO_DEBUG"):
+            raise
+        print(f"vespo: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,265 @@
+"""Typed, validated training configuration (pydantic), loaded from YAML plus ``key=value`` overrides.
+
+An unknown key, a value of the wrong type or an impossible combination raises :class:`ConfigError`
+with one line that names the key; the CLI prints it and exits with code 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported as one line."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(_Section):
+    out_dir: str = "runs/default"
+    seed: int = 0
+    total_steps: int = Field(240, ge=1, description="optimizer steps, the same for every N")
+    threads: int | None = Field(None, ge=1, description="torch threads (default: torch's choice)")
+    mode: Literal["sync", "async"] = "sync"
+
+
+class ModelConfig(_Section):
+    kind: Literal["tiny", "pretrained", "smollm2"] = "tiny"
+    name_or_path: str | None = None
+    gguf_file: str | None = None
+    arch: Literal["llama", "qwen2", "qwen3_moe", "mixtral"] = "llama"
+    hidden_size: int = Field(128, ge=8)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int | None = Field(None, ge=1)
+    intermediate_size: int | None = Field(None, ge=8)
+    num_experts: int = Field(4, ge=2)
+    num_experts_per_tok: int = Field(2, ge=1)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        if self.kind == "pretrained" and not self.name_or_path:
+            raise ValueError("model.kind=pretrained needs model.name_or_path (a hub id or local path)")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"model.hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+        if self.num_experts_per_tok > self.num_experts:
+            raise ValueError("model.num_experts_per_tok cannot exceed model.num_experts")
+        return self
+
+
+class TaskConfig(_Section):
+    kind: Literal["reasoning_gym", "verl_file"] = "reasoning_gym"
+    name: str = "chain_sum"
+    params: dict[str, Any] = Field(default_factory=dict)
+    prompt_style: Literal["plain", "instruct"] = "plain"
+    train_path: str | None = None
+    eval_path: str | None = None
+    train_size: int = Field(20000, ge=1)
+    reward_fn: str | None = Field(None, description="module:function overriding the task's scorer")
+    reward_timeout_s: float = Field(5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "TaskConfig":
+        if self.kind == "verl_file" and not self.train_path:
+            raise ValueError("task.kind=verl_file needs task.train_path (a .parquet or .jsonl file)")
+        return self
+
+    def spec(self) -> dict[str, Any]:
+        """The dict :func:`vespo.tasks.build_task` takes."""
+        spec: dict[str, Any] = {"kind": self.kind}
+        if self.kind == "reasoning_gym":
+            spec.update(name=self.name, params=dict(self.params), prompt_style=self.prompt_style)
+        else:
+            spec.update(train_path=self.train_path, eval_path=self.eval_path)
+        if self.reward_fn:
+            spec["reward_fn"] = self.reward_fn
+        return spec
+
+
+class SamplingConfig(_Section):
+    group_size: int = Field(8, ge=2, description="G responses per prompt")
+    max_new_tokens: int = Field(48, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    sampler_dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+class AlgorithmConfig(_Section):
+    loss: str = "vespo"
+    loss_params: dict[str, Any] = Field(default_factory=dict)
+    loss_agg_mode: str = "token-mean"
+    staleness: int = Field(8, ge=1, description="N: mini-batches per rollout batch")
+    mini_batch_prompts: int = Field(8, ge=1, description="prompts per optimizer step")
+    micro_batch_size: int | None = Field(None, ge=1, description="sequences per forward pass")
+    normalize_adv_std: bool = True
+    old_log_prob: Literal["recompute", "sampler"] = "recompute"
+    correction: Literal["none", "token_tis", "seq_tis", "token_mis", "seq_mis", "icepop"] = "none"
+    correction_high: float | None = Field(None, gt=0)
+    correction_low: float | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "AlgorithmConfig":
+        from vespo.losses import get_loss_spec
+        from vespo.losses.aggregation import normalize_agg_mode
+
+        spec = get_loss_spec(self.loss)
+        spec.resolve(self.loss_params)
+        normalize_agg_mode(self.loss_agg_mode)
+        if self.correction != "none" and self.old_log_prob != "recompute":
+            raise ValueError(
+                "algorithm.correction needs algorithm.old_log_prob=recompute "
+                "(with old_log_prob=sampler, pi_old is mu and there is no mismatch to correct)"
+            )
+        return self
+
+
+class OptimConfig(_Section):
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = Field(1.0, gt=0)
+
+
+class WarmupConfig(_Section):
+    """Supervised warm-up on task demonstrations, for models that start from random weights."""
+
+    steps: int = Field(0, ge=0)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(3e-3, gt=0)
+
+
+class EvalConfig(_Section):
+    every: int = Field(40, ge=1, description="evaluate every K optimizer steps (and at the end)")
+    num_prompts: int = Field(256, ge=1)
+    avg_k: int = Field(4, ge=1, description="samples per prompt for avg@k (temperature sampling)")
+    at_start: bool = True
+
+
+class CheckpointConfig(_Section):
+    every: int = Field(40, ge=1)
+    keep_last: int = Field(2, ge=1)
+
+
+class LoggingConfig(_Section):
+    tensorboard: bool = True
+    progress: bool = True
+
+
+class AsyncConfig(_Section):
+    num_workers: int = Field(1, ge=1)
+    sync_every: int = Field(4, ge=1, description="optimizer steps between weight pushes")
+    staleness_threshold: float = Field(1.0, ge=0)
+    partial_rollout: bool = True
+    queue_size: int = Field(8, ge=1, description="completed prompt groups the queue holds")
+    ray_address: str | None = None
+    worker_timeout_s: float = Field(300.0, gt=0)
+
+
+class TrainConfig(_Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    warmup: WarmupConfig = Field(default_factory=WarmupConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    async_: AsyncConfig = Field(default_factory=AsyncConfig, alias="async")
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @property
+    def rollout_prompts(self) -> int:
+        """Prompts per rollout batch: N x mini-batch (the paper's gbs = N * mbs)."""
+        return self.algorithm.staleness * self.algorithm.mini_batch_prompts
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"] if p != "__root__")
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        return f"unknown config key '{loc}'"
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) or value is None else f" (got {value!r})"
+    return f"{loc}: {msg}{shown}" if loc else msg
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=x"]`` -> nested dict; values parsed as YAML scalars or lists."""
+    tree: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override '{item}' has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' conflicts with an earlier override")
+        node[parts[-1]] = value
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("params", "loss_params"):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Defaults, then the YAML file at ``path``, then ``overrides``; validated."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(loaded).__name__}")
+        data = loaded
+    data = _merge(data, parse_overrides(overrides or []))
+    return config_from_dict(data)
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    """Validate a nested dict into a :class:`TrainConfig`."""
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+    except ValueError as err:  # raised by the loss registry inside a validator
+        raise ConfigError(str(err)) from None
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
