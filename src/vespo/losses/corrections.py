@@ -71,7 +71,8 @@ def rollout_correction(
         raise ValueError(f"unknown correction '{mode}'; use one of {', '.join(CORRECTION_MODES)}")
     lo, hi = _bounds(mode, low, high)
     mask = response_mask.bool()
-    log_r = clamped_log_ratio(old_log_prob.float(), rollout_log_prob.float(), mask)  # [B, T]
+    dtype = torch.float64 if old_log_prob.dtype == torch.float64 else torch.float32  # float64 stays exact
+    log_r = clamped_log_ratio(old_log_prob.to(dtype), rollout_log_prob.to(dtype), mask)  # [B, T]
     seq_log_r = log_r.sum(-1).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # [B]
     valid_seq = mask.any(-1)
     r = torch.exp(log_r)

@@ -27,7 +27,8 @@ def sapo_loss(batch: LossBatch, *, tau_pos: float, tau_neg: float) -> KernelOutp
     """SAPO: -(4/tau) sigmoid(tau (rho - 1)) * A per token."""
     adv = batch.token_advantages
     ratio = torch.exp(batch.log_ratio)
-    tau = torch.where(adv > 0, tau_pos, tau_neg).to(ratio)
+    # full precision for float64 inputs: torch.where on two Python floats would give float32
+    tau = torch.full_like(ratio, tau_neg).masked_fill_(adv > 0, tau_pos)
     gate_logit = tau * (ratio - 1.0)
     loss_mat = -torch.sigmoid(gate_logit) * (4.0 / tau) * adv
     s = torch.sigmoid(gate_logit.detach())

@@ -109,8 +109,9 @@ def vespo_loss(
     seq_log_w = seq_log_w.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
 
     positive = batch.seq_advantages >= 0  # A = 0 takes the positive branch
-    c1 = torch.where(positive, k_pos, k_neg).to(seq_log_w)
-    c2 = torch.where(positive, lambda_pos, lambda_neg).to(seq_log_w)
+    # full_like keeps float64 inputs exact (torch.where on Python floats would give float32)
+    c1 = torch.full_like(seq_log_w, k_neg).masked_fill_(positive, k_pos)
+    c2 = torch.full_like(seq_log_w, lambda_neg).masked_fill_(positive, lambda_pos)
     log_phi = vespo_log_phi(seq_log_w, c1, c2)  # Eq. 17 shifted so that phi(1) = 1
     phi = torch.exp(log_phi).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).detach()
 
