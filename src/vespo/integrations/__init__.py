@@ -1,0 +1,80 @@
+"""Run vespo's policy losses and diagnostics inside other RL frameworks.
+
+- :mod:`vespo.integrations.verl`: importing it registers every vespo loss in verl's policy-loss
+  registry (``loss_mode=vespo``, ``vespo_grpo``, ...). Needs verl 0.9.x.
+- :mod:`vespo.integrations.trl`: ``VespoGRPOTrainer`` / ``VespoGRPOConfig``, a TRL ``GRPOTrainer``
+  whose loss is any registered vespo loss. Needs TRL 1.16.x.
+
+Neither framework is imported here; this module only holds the helpers both adapters share.
+See ``docs/integrations.md``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+
+from vespo.losses.diagnostics import weight_diagnostics
+from vespo.losses.numerics import LOG_RATIO_CLAMP
+from vespo.losses.types import KernelOutput, LossBatch
+
+__all__ = ["SIGN_QUANTILE_KEYS", "flat_metric_name", "loss_diagnostics"]
+
+#: Diagnostics that exist only when the batch holds sequences of that advantage sign. Frameworks
+#: that average a metric over micro-batches and ranks need the same keys on every call: verl drops
+#: them, TRL fills the missing ones with NaN (its logger skips NaN).
+SIGN_QUANTILE_KEYS: tuple[str, ...] = tuple(
+    f"is/log_w_{sign}_p{q}" for sign in ("pos", "neg") for q in (10, 50, 90)
+)
+_SIGN_QUANTILE = re.compile(r"^is/log_w_(pos|neg)_p\d+$")
+
+
+def is_sign_quantile(key: str) -> bool:
+    """True for the per-sign quantile keys listed in :data:`SIGN_QUANTILE_KEYS`."""
+    return bool(_SIGN_QUANTILE.match(key))
+
+
+def flat_metric_name(key: str) -> str:
+    """``phi/mean`` -> ``phi_mean``: one path segment, for frameworks that prefix their own."""
+    return key.replace("/", "_")
+
+
+def loss_diagnostics(batch: LossBatch, out: KernelOutput) -> dict[str, float]:
+    """The ``is/...``, ``phi/...`` and ``loss/...`` metrics of one loss call (no ``loss/value``).
+
+    The same numbers :func:`vespo.losses.compute_policy_loss` reports, for adapters that run
+    :func:`vespo.losses.compute_loss_terms` and aggregate with their framework's own function.
+    """
+    valid_seq = batch.mask.any(-1)
+    total_log_w = out.seq_log_w
+    stale = mismatch = None
+    if batch.rollout_seq_log_w is not None:
+        stale, mismatch = batch.seq_log_ratio, batch.rollout_seq_log_w
+        if not out.uses_rollout_is:
+            total_log_w = (total_log_w + mismatch).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    metrics = {key: float(value) for key, value in out.metrics.items()}
+    metrics.update(
+        weight_diagnostics(
+            seq_log_w=total_log_w,
+            seq_weight=out.seq_weight,
+            seq_advantages=batch.seq_advantages,
+            valid_seq=valid_seq,
+            token_log_ratio=batch.log_ratio.detach(),
+            mask=batch.mask,
+            kernel_mode=out.kernel_mode,
+            stale_log_w=stale,
+            mismatch_log_w=mismatch,
+        )
+    )
+    return metrics
+
+
+def fill_sign_quantiles(metrics: dict[str, float], fill: float = math.nan) -> dict[str, float]:
+    """``metrics`` with every key of :data:`SIGN_QUANTILE_KEYS` present (missing ones = ``fill``)."""
+    return {**{key: fill for key in SIGN_QUANTILE_KEYS}, **metrics}
+
+
+def detach_float(x: torch.Tensor | float) -> float:
+    return float(x.detach()) if isinstance(x, torch.Tensor) else float(x)
