@@ -17,6 +17,10 @@ is called with its timeouts disabled while our timer is armed (see :func:`math_v
 Off the main thread (or without SIGALRM) the call runs in a helper thread; on timeout an
 exception is injected into it (``PyThreadState_SetAsyncExc``), which stops Python-level loops,
 and the runner moves on with a score of 0 either way.
+The timeout exception derives from BaseException, so ``except Exception`` in user code does not
+swallow it; a call that catches it anyway still scores 0 (the deadline has passed). What cannot be
+cut in-process: code that swallows every BaseException in a loop, and long C calls in the helper
+thread (the thread is abandoned, the run goes on).
 A user function that calls math-verify itself should pass ``parsing_timeout=None`` and
 ``timeout_seconds=None`` (or use :func:`math_verify_equal`), otherwise math-verify's own alarm
 replaces the runner's timer in the main thread.
