@@ -19,7 +19,9 @@ Train/eval split
 Each question is assigned to the train or the eval partition by a hash of its text (of its
 compact expression for the arithmetic datasets; ``eval_fraction`` of the question space goes to eval), and the two splits are generated from
 different seeds. No eval question can therefore appear in any train set, whatever the seeds and
-sizes. Eval questions are also unique within the eval set.
+sizes. Eval questions are also unique within the eval set. Items whose own reference answer does
+not get full credit from ``score_answer`` are skipped (e.g. gsm_symbolic's scorer cannot read
+negative answers), so every example is solvable.
 """
 
 from __future__ import annotations
@@ -205,9 +207,11 @@ class ReasoningGymTask(Task):
             entry = dataset[index % _CHUNK]
             key = self._split_key(str(entry["question"]), entry.get("metadata") or {})
             if in_eval_partition(key, self.eval_fraction) == want_eval and not (want_eval and key in seen):
-                seen.add(key)
-                out.append(self._example(entry, split, seed, index))
-                last_new = index
+                example = self._example(entry, split, seed, index)
+                if example.metadata["answer"] is None or self.score(f"Answer: {example.ground_truth}", example) >= 1.0:
+                    seen.add(key)
+                    out.append(example)
+                    last_new = index
             index += 1
         if len(out) < n:
             message = (
