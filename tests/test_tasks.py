@@ -121,7 +121,14 @@ def test_binary_vs_partial_credit() -> None:
 
 @pytest.mark.parametrize(
     "template",
-    ["x. Answer: {a}", "x. Answer: {a}.", "**Answer:** {a}", "Final answer: {a}", "Answer:\n{a}\n", "Answer: $\\boxed{{{a}}}$"],
+    [
+        "x. Answer: {a}",
+        "x. Answer: {a}.",
+        "**Answer:** {a}",
+        "Final answer: {a}",
+        "Answer:\n{a}\n",
+        "Answer: $\\boxed{{{a}}}$",
+    ],
 )
 def test_answer_extraction_variants(chain_task: ReasoningGymTask, template: str) -> None:
     ex = chain_task.train_examples(1, seed=0)[0]
@@ -331,7 +338,8 @@ def test_malformed_files(tmp_path) -> None:
         VerlFileTask(tmp_path / "nope.parquet")
 
     pytest.importorskip("pyarrow")
-    no_col = write_verl_parquet(tmp_path / "nocol.parquet", [{k: v for k, v in r.items() if k != "prompt"} for r in TRAIN_ROWS])
+    no_prompt = [{k: v for k, v in r.items() if k != "prompt"} for r in TRAIN_ROWS]
+    no_col = write_verl_parquet(tmp_path / "nocol.parquet", no_prompt)
     with pytest.raises(DataFileError, match=r"nocol.parquet: missing column\(s\) prompt"):
         read_verl_file(no_col)
     null_gt = [dict(r) for r in TRAIN_ROWS]
@@ -350,7 +358,9 @@ def test_malformed_files(tmp_path) -> None:
 def test_reasoning_gym_to_verl(tmp_path, ext: str, chain_task: ReasoningGymTask) -> None:
     examples = chain_task.train_examples(20, seed=0)
     rows = [
-        example_to_verl_row(ex, index=i, split="train", prompt_suffix=SUFFIX, demonstration=f"\\boxed{{{ex.ground_truth}}}")
+        example_to_verl_row(
+            ex, index=i, split="train", prompt_suffix=SUFFIX, demonstration=f"\\boxed{{{ex.ground_truth}}}"
+        )
         for i, ex in enumerate(examples)
     ]
     path = _write(tmp_path / f"rg.{ext}", rows)

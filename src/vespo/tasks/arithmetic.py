@@ -184,7 +184,7 @@ def left_to_right_steps(expression: str, *, expand_products: bool = False) -> tu
         raise ValueError(f"malformed expression {expression!r}")
     steps: list[Step] = []
     value = values[0]
-    for op, right in zip(ops, values[1:]):
+    for op, right in zip(ops, values[1:], strict=True):
         result = _apply(value, op, right)
         if op == "*" and expand_products:
             steps.extend(long_multiplication(value, right))

@@ -7,10 +7,10 @@ import hashlib
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 Messages = list[dict[str, str]]
-Prompt = Union[str, Messages]
+Prompt = str | Messages
 
 #: Signature of a reward function: ``fn(response, example) -> float`` in [0, 1].
 RewardFn = Callable[[str, "Example"], float]
@@ -126,7 +126,9 @@ def prompt_key(prompt: Prompt) -> str:
     return json.dumps([[m.get("role"), m.get("content")] for m in prompt], ensure_ascii=False)
 
 
-def check_disjoint(train: Iterable[Example], eval_: Iterable[Example], key: Callable[[Example], str] | None = None) -> None:
+def check_disjoint(
+    train: Iterable[Example], eval_: Iterable[Example], key: Callable[[Example], str] | None = None
+) -> None:
     """Raise ValueError if any eval example's prompt (or ``key``) also occurs in ``train``."""
     key = key or (lambda ex: prompt_key(ex.prompt))
     seen = {key(ex) for ex in train}

@@ -62,6 +62,8 @@ def build_task(spec: dict[str, Any]) -> Task:
         elif callable(reward_fn):
             fn, name = reward_fn, getattr(reward_fn, "__qualname__", None) or type(reward_fn).__name__
         else:
-            raise ValueError(f"reward_fn must be a 'module:function' string or a callable, got {type(reward_fn).__name__}")
+            raise ValueError(
+                f"reward_fn must be a 'module:function' string or a callable, got {type(reward_fn).__name__}"
+            )
         task = RewardFnTask(task, fn, name)
     return task

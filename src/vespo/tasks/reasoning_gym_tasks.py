@@ -17,11 +17,11 @@ and scores it with the dataset's own ``score_answer``; by default the reward is 
 Train/eval split
 ----------------
 Each question is assigned to the train or the eval partition by a hash of its text (of its
-compact expression for the arithmetic datasets; ``eval_fraction`` of the question space goes to eval), and the two splits are generated from
-different seeds. No eval question can therefore appear in any train set, whatever the seeds and
-sizes. Eval questions are also unique within the eval set. Items whose own reference answer does
-not get full credit from ``score_answer`` are skipped (e.g. gsm_symbolic's scorer cannot read
-negative answers), so every example is solvable.
+compact expression for the arithmetic datasets; ``eval_fraction`` of the question space goes to
+eval), and the two splits are generated from different seeds. No eval question can therefore
+appear in any train set, whatever the seeds and sizes. Eval questions are also unique within the
+eval set. Items whose own reference answer does not get full credit from ``score_answer`` are
+skipped (e.g. gsm_symbolic's scorer cannot read negative answers), so every example is solvable.
 """
 
 from __future__ import annotations

@@ -432,7 +432,9 @@ class RewardRunner:
             return min(max(score, 0.0), 1.0), "clipped"
         return score, "ok"
 
-    def score_batch(self, responses: Sequence[str], examples: Sequence[Example]) -> tuple[list[float], dict[str, float]]:
+    def score_batch(
+        self, responses: Sequence[str], examples: Sequence[Example]
+    ) -> tuple[list[float], dict[str, float]]:
         """Scores in [0, 1] for ``responses[i]`` answering ``examples[i]``, and batch statistics.
 
         Stats: ``reward/errors``, ``reward/timeouts``, ``reward/nonfinite``, ``reward/clipped``
@@ -444,7 +446,7 @@ class RewardRunner:
         key = {"error": "errors", "timeout": "timeouts", "nonfinite": "nonfinite", "clipped": "clipped"}
         scores: list[float] = []
         start = time.perf_counter()
-        for response, example in zip(responses, examples):
+        for response, example in zip(responses, examples, strict=True):
             score, outcome = self.score_one(response, example)
             scores.append(score)
             if outcome in key:

@@ -283,10 +283,12 @@ class VerlFileTask(Task):
                 train_keys = {prompt_key(ex.prompt) for ex in self._train}
                 shared = sum(prompt_key(ex.prompt) in train_keys for ex in self._eval)
                 if shared:
-                    msg = f"{self.eval_path}: {shared} of {len(self._eval)} eval prompts also occur in {self.train_path}"
                     if overlap == "error":
                         raise DataFileError(self.eval_path, f"{shared} eval prompt(s) also occur in {self.train_path}")
-                    warnings.warn(msg, stacklevel=2)
+                    warnings.warn(
+                        f"{self.eval_path}: {shared} of {len(self._eval)} eval prompts also occur in {self.train_path}",
+                        stacklevel=2,
+                    )
 
     def __repr__(self) -> str:
         return f"VerlFileTask({str(self.train_path)!r}, {str(self.eval_path) if self.eval_path else None!r})"
