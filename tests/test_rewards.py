@@ -64,6 +64,11 @@ def test_extract_answer(text: str, expected: str | None) -> None:
     assert extract_answer(text) == expected
 
 
+def test_extract_answer_multiline() -> None:
+    assert extract_answer("steps\nAnswer:\n1 2\n3 4\n", multiline=True) == "1 2\n3 4"
+    assert extract_answer("steps\nAnswer:\n1 2\n3 4\n") == "1 2"
+
+
 @pytest.mark.parametrize(
     "pred, gold, ok",
     [

@@ -188,6 +188,15 @@ def test_other_dataset_bare_demonstration() -> None:
     assert task.demonstration(ex) == f"Answer: {ex.ground_truth}"
 
 
+def test_multiline_answers() -> None:
+    task = ReasoningGymTask("rotate_matrix", {})
+    ex = task.train_examples(2, seed=0)[0]
+    assert "\n" in ex.ground_truth
+    demo = task.demonstration(ex)
+    assert demo == f"Answer:\n{ex.ground_truth}" and task.score(demo, ex) == 1.0
+    assert task.score("Answer: 1 2\n3 4", ex) == 0.0
+
+
 def test_validation_errors() -> None:
     with pytest.raises(ValueError, match="chain_sum") as info:
         ReasoningGymTask("chain_summ", {})

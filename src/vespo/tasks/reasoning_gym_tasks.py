@@ -200,6 +200,7 @@ class ReasoningGymTask(Task):
         seen: set[str] = set()
         index = 0
         last_new = 0
+        unscorable = 0
         dataset = None
         while len(out) < n and index < budget and index - last_new < patience:
             if index % _CHUNK == 0:
@@ -208,12 +209,21 @@ class ReasoningGymTask(Task):
             key = self._split_key(str(entry["question"]), entry.get("metadata") or {})
             if in_eval_partition(key, self.eval_fraction) == want_eval and not (want_eval and key in seen):
                 example = self._example(entry, split, seed, index)
-                if example.metadata["answer"] is None or self.score(f"Answer: {example.ground_truth}", example) >= 1.0:
+                gold = example.ground_truth
+                if example.metadata["answer"] is None or self.score(f"Answer: {gold}", example) >= 1.0:
                     seen.add(key)
                     out.append(example)
                     last_new = index
+                else:
+                    unscorable += 1
             index += 1
         if len(out) < n:
+            if unscorable > len(out):
+                raise ValueError(
+                    f"reasoning-gym {self.name!r}: {unscorable} of {unscorable + len(out)} generated {split} items "
+                    "were skipped because their own reference answer does not score 1.0 when given as "
+                    "'Answer: <x>'; this dataset is not supported"
+                )
             message = (
                 f"reasoning-gym {self.name!r}: only {len(out)} unique {split} questions found for n={n} "
                 f"(the question space of params {self.params} is small; raise eval_fraction or the difficulty)"
@@ -236,10 +246,10 @@ class ReasoningGymTask(Task):
 
     def score(self, response: str, example: Example) -> float:
         """Dataset ``score_answer`` of the extracted answer; binary unless ``partial_credit``."""
-        answer = extract_answer(response)
+        meta = example.metadata
+        answer = extract_answer(response, multiline="\n" in example.ground_truth)
         if answer is None:
             return 0.0
-        meta = example.metadata
         entry = {
             "question": meta.get("question", ""),
             "answer": meta.get("answer", example.ground_truth),
@@ -278,5 +288,5 @@ class ReasoningGymTask(Task):
             lines = [ln for ln in rg_meta["answer_cot"].strip().splitlines() if not ln.lstrip().startswith("####")]
             demo = "\n".join(lines).strip() + f"\nAnswer: {answer}"
         if demo is None:
-            demo = f"Answer: {answer}"
+            demo = f"Answer:\n{answer}" if "\n" in answer else f"Answer: {answer}"
         return demo if self.score(demo, example) >= 1.0 else None

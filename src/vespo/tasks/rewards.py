@@ -91,18 +91,22 @@ def extract_last_boxed(text: str) -> str | None:
     return None
 
 
-def extract_answer(text: str) -> str | None:
+def extract_answer(text: str, multiline: bool = False) -> str | None:
     """The final answer of a ``"<steps> Answer: <x>"`` response.
 
     Takes the text after the last ``Answer:`` (case-insensitive, so ``Final answer:`` and
     ``**Answer:**`` work) up to the end of that line (or the next non-empty line if the marker
     ends its line), strips ``*``, ``$``, spaces and a trailing period. A ``\\boxed{}`` on that line
     is unwrapped. Without an ``Answer:`` marker, the last ``\\boxed{}`` is used. None if nothing.
+    With ``multiline=True`` (answers such as matrices) everything after the marker is returned,
+    only stripped of surrounding whitespace.
     """
     matches = list(_ANSWER_RE.finditer(text))
     if not matches:
         return extract_last_boxed(text)
     rest = text[matches[-1].end() :]
+    if multiline:
+        return rest.strip() or None
     line = ""
     for candidate in rest.splitlines():
         if candidate.strip(" \t*"):
