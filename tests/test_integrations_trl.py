@@ -14,15 +14,15 @@ import torch
 
 pytest.importorskip("trl", reason="trl is installed by requirements-integrations.txt")
 
-from datasets import Dataset  # noqa: E402
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
-from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+from datasets import Dataset
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from trl import GRPOConfig, GRPOTrainer
 
-import vespo.integrations.trl as vtrl  # noqa: E402
-from vespo.integrations.trl import VespoGRPOConfig, VespoGRPOTrainer  # noqa: E402
+import vespo.integrations.trl as vtrl
+from vespo.integrations.trl import VespoGRPOConfig, VespoGRPOTrainer
 
-WORDS = "a b c d e f g h one two three four five plus minus is".split()
+WORDS = ["a", "b", "c", "d", "e", "f", "g", "h", "one", "two", "three", "four", "five", "plus", "minus", "is"]
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
@@ -53,11 +53,11 @@ def length_reward(completions, **kwargs):
 
 
 def common_args(tmp_path, **kw) -> dict:
-    args = dict(
-        output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=4,
-        num_generations=4, max_completion_length=8, logging_steps=1, save_strategy="no",
-        seed=0, bf16=False, dataloader_num_workers=0, disable_tqdm=True,
-    )
+    args = {
+        "output_dir": str(tmp_path), "use_cpu": True, "report_to": [], "per_device_train_batch_size": 4,
+        "num_generations": 4, "max_completion_length": 8, "logging_steps": 1, "save_strategy": "no",
+        "seed": 0, "bf16": False, "dataloader_num_workers": 0, "disable_tqdm": True,
+    }
     args.update(kw)
     return args
 

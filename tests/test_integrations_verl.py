@@ -16,11 +16,11 @@ import torch
 
 pytest.importorskip("verl.trainer.ppo.core_algos", reason="verl is installed by requirements-integrations.txt")
 
-from omegaconf import OmegaConf  # noqa: E402  (a verl dependency)
-from verl.trainer.ppo import core_algos  # noqa: E402
-from verl.workers.config import ActorConfig  # noqa: E402
+from omegaconf import OmegaConf
+from verl.trainer.ppo import core_algos
+from verl.workers.config import ActorConfig
 
-import vespo.integrations.verl as vverl  # noqa: E402
+import vespo.integrations.verl as vverl
 
 AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 OUR_NAMES = (
@@ -83,7 +83,7 @@ def recipe_vespo_loss(old, log_prob, advantages, mask, k_pos=2.0, lambda_pos=3.0
 
 
 def actor_config(**kwargs) -> ActorConfig:
-    base = dict(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1)
+    base = {"strategy": "fsdp", "rollout_n": 1, "ppo_micro_batch_size_per_gpu": 1}
     base.update(kwargs)
     return ActorConfig(**base)
 
@@ -143,7 +143,7 @@ def test_vespo_float32_and_defaults_match_recipe():
 
 
 def _vanilla_configs(info: dict):
-    kw = dict(clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0)
+    kw = {"clip_ratio": 0.2, "clip_ratio_low": 0.2, "clip_ratio_high": 0.28, "clip_ratio_c": 3.0}
     dc = actor_config(**kw)
     dc.global_batch_info.update(info)
     dcfg = OmegaConf.create({**kw, "policy_loss": {"loss_mode": "vanilla"}, "global_batch_info": dict(info)})

@@ -14,13 +14,17 @@ from __future__ import annotations
 import math
 import re
 
-import torch
-
 from vespo.losses.diagnostics import weight_diagnostics
 from vespo.losses.numerics import LOG_RATIO_CLAMP
 from vespo.losses.types import KernelOutput, LossBatch
 
-__all__ = ["SIGN_QUANTILE_KEYS", "flat_metric_name", "loss_diagnostics"]
+__all__ = [
+    "SIGN_QUANTILE_KEYS",
+    "fill_sign_quantiles",
+    "flat_metric_name",
+    "is_sign_quantile",
+    "loss_diagnostics",
+]
 
 #: Diagnostics that exist only when the batch holds sequences of that advantage sign. Frameworks
 #: that average a metric over micro-batches and ranks need the same keys on every call: verl drops
@@ -74,7 +78,3 @@ def loss_diagnostics(batch: LossBatch, out: KernelOutput) -> dict[str, float]:
 def fill_sign_quantiles(metrics: dict[str, float], fill: float = math.nan) -> dict[str, float]:
     """``metrics`` with every key of :data:`SIGN_QUANTILE_KEYS` present (missing ones = ``fill``)."""
     return {**{key: fill for key in SIGN_QUANTILE_KEYS}, **metrics}
-
-
-def detach_float(x: torch.Tensor | float) -> float:
-    return float(x.detach()) if isinstance(x, torch.Tensor) else float(x)

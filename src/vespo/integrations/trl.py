@@ -46,7 +46,12 @@ from typing import Any
 import torch
 
 from vespo.integrations import fill_sign_quantiles, flat_metric_name, loss_diagnostics
-from vespo.losses import aggregate_loss, build_loss_batch, compute_loss_terms, get_loss_spec
+from vespo.losses import (
+    aggregate_loss,
+    build_loss_batch,
+    compute_loss_terms,
+    get_loss_spec,
+)
 from vespo.losses.aggregation import normalize_agg_mode
 
 TESTED_TRL_VERSIONS: tuple[str, ...] = ("1.16.0",)

@@ -41,12 +41,12 @@ import dataclasses
 import inspect
 import os
 import warnings
-from collections.abc import Mapping
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
-from vespo.integrations import is_sign_quantile, flat_metric_name, loss_diagnostics
+from vespo.integrations import flat_metric_name, is_sign_quantile, loss_diagnostics
 from vespo.losses import build_loss_batch, compute_loss_terms, get_loss_spec, loss_specs
 
 #: verl versions this adapter was tested with, and the range it accepts.
@@ -153,11 +153,8 @@ def _lookup(obj: Any, key: str) -> Any:
     """``obj[key]`` for dicts, DictConfigs and verl's BaseConfig dataclasses; None when absent."""
     if obj is None:
         return None
-    if isinstance(obj, Mapping):
-        try:
-            return obj.get(key)
-        except Exception:  # omegaconf struct mode on an unknown key
-            return None
+    if isinstance(obj, Mapping):  # DictConfig.get returns None for unknown keys, even in struct mode
+        return obj.get(key)
     return getattr(obj, key, None)
 
 
