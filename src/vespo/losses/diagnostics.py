@@ -62,7 +62,7 @@ def weight_diagnostics(
     stats["phi/top10_share"] = phi.topk(top).values.sum() / total if total > 0 else torch.tensor(0.0)
     for sign, selector in (("pos", adv >= 0), ("neg", adv < 0)):
         if selector.any():
-            q = torch.quantile(log_w[selector], torch.tensor(_QUANTILES, dtype=log_w.dtype))
+            q = torch.quantile(log_w[selector], torch.tensor(_QUANTILES, dtype=log_w.dtype, device=log_w.device))
             for level, value in zip(_QUANTILES, q):
                 stats[f"is/log_w_{sign}_p{int(level * 100)}"] = value
     if kernel_mode is not None:
@@ -73,5 +73,6 @@ def weight_diagnostics(
             stats[f"is/log_w_{name}_mean"] = part.mean()
             stats[f"is/log_w_{name}_abs_mean"] = part.abs().mean()
     keys = list(stats)
-    values = torch.stack([torch.as_tensor(stats[k], dtype=torch.float64) for k in keys]).tolist()
+    # some fallbacks above are CPU scalars: put everything on one device before the single sync
+    values = torch.stack([torch.as_tensor(stats[k], dtype=torch.float64, device=log_w.device) for k in keys]).tolist()
     return {k: float(v) for k, v in zip(keys, values)}
