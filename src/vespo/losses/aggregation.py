@@ -50,6 +50,51 @@ def _positive(name: str, value: float | int | torch.Tensor | None) -> None:
         raise ValueError(f"{name} must be positive, got {v:g}")
 
 
+def aggregate_seq_sums(
+    seq_sums: torch.Tensor,
+    lengths: torch.Tensor,
+    mode: str = "token-mean",
+    *,
+    response_length: int,
+    global_num_tokens: float | int | torch.Tensor | None = None,
+    global_num_seqs: float | int | torch.Tensor | None = None,
+    norm_length: float | int | None = None,
+) -> torch.Tensor:
+    """Scalar loss from per-sequence sums of the masked per-token loss.
+
+    Every mode is linear in ``seq_sums[b] = sum_t L[b, t] m[b, t]`` once the valid-token counts
+    ``lengths`` [B] are known, so losses whose per-token loss factors as c * log pi can be reduced
+    without a [B, T] matrix. ``response_length`` is the padded T (the default ``norm_length``).
+    """
+    mode = normalize_agg_mode(mode)
+    _positive("global_num_tokens", global_num_tokens)
+    _positive("global_num_seqs", global_num_seqs)
+    _positive("norm_length", norm_length)
+    dtype = seq_sums.dtype
+    counts = lengths.to(dtype)
+
+    def as_tensor(value: float | int | torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(value, dtype=dtype, device=seq_sums.device)
+
+    if mode in ("token-mean", "token-sum", "token-sum-norm"):
+        total = seq_sums.sum()
+        if mode == "token-sum":
+            return total
+        if mode == "token-mean":
+            denom = counts.sum() if global_num_tokens is None else as_tensor(global_num_tokens)
+            return total / denom.clamp_min(1.0)
+        n_seqs = (counts > 0).sum().to(dtype) if global_num_seqs is None else as_tensor(global_num_seqs)
+        length = response_length if norm_length is None else norm_length
+        return total / (n_seqs.clamp_min(1.0) * float(length))
+
+    if mode == "seq-mean-token-mean":
+        per_seq = seq_sums / counts.clamp_min(1.0)
+    else:  # seq-mean-token-sum
+        per_seq = seq_sums
+    n_seqs = (counts > 0).sum().to(dtype) if global_num_seqs is None else as_tensor(global_num_seqs)
+    return per_seq.sum() / n_seqs.clamp_min(1.0)
+
+
 def aggregate_loss(
     loss_mat: torch.Tensor,
     mask: torch.Tensor,
@@ -64,29 +109,14 @@ def aggregate_loss(
     Masked positions never contribute, even when they hold NaN or Inf.
     """
     mode = normalize_agg_mode(mode)
-    _positive("global_num_tokens", global_num_tokens)
-    _positive("global_num_seqs", global_num_seqs)
-    _positive("norm_length", norm_length)
     valid = mask.bool()
     masked = torch.where(valid, loss_mat, torch.zeros((), dtype=loss_mat.dtype, device=loss_mat.device))
-    counts = valid.sum(-1).to(loss_mat.dtype)  # [B]
-    seq_sums = masked.sum(-1)  # [B]
-
-    if mode in ("token-mean", "token-sum", "token-sum-norm"):
-        total = seq_sums.sum()
-        if mode == "token-sum":
-            return total
-        if mode == "token-mean":
-            denom = counts.sum() if global_num_tokens is None else global_num_tokens
-            return total / torch.as_tensor(denom, dtype=loss_mat.dtype).clamp_min(1.0)
-        n_seqs = (counts > 0).sum() if global_num_seqs is None else global_num_seqs
-        length = loss_mat.shape[-1] if norm_length is None else norm_length
-        n_seqs = torch.as_tensor(n_seqs, dtype=loss_mat.dtype).clamp_min(1.0)
-        return total / (n_seqs * float(length))
-
-    if mode == "seq-mean-token-mean":
-        per_seq = seq_sums / counts.clamp_min(1.0)
-    else:  # seq-mean-token-sum
-        per_seq = seq_sums
-    n_seqs = (counts > 0).sum() if global_num_seqs is None else global_num_seqs
-    return per_seq.sum() / torch.as_tensor(n_seqs, dtype=loss_mat.dtype).clamp_min(1.0)
+    return aggregate_seq_sums(
+        masked.sum(-1),
+        valid.sum(-1),
+        mode,
+        response_length=loss_mat.shape[-1],
+        global_num_tokens=global_num_tokens,
+        global_num_seqs=global_num_seqs,
+        norm_length=norm_length,
+    )

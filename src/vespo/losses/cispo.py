@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from vespo.losses.numerics import masked_fill_zero, masked_mean
+from vespo.losses.numerics import masked_mean
 from vespo.losses.registry import Param, register_policy_loss
 from vespo.losses.types import KernelOutput, LossBatch
 
@@ -26,9 +26,10 @@ def cispo_loss(batch: LossBatch, *, eps_low: float, eps_high: float) -> KernelOu
     """CISPO: -sg(clip(rho)) * A * log pi per token."""
     ratio = torch.exp(batch.log_ratio.detach())
     weight = ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
-    loss_mat = -weight * batch.token_advantages * masked_fill_zero(batch.log_prob, batch.mask)
+    coeff = -weight * batch.token_advantages  # loss = coeff * log pi on valid tokens
     return KernelOutput(
-        loss_mat=loss_mat,
+        loss_mat=None,
+        logp_coeff=coeff,
         seq_log_w=batch.seq_log_ratio,
         seq_weight=masked_mean(weight, batch.mask, dim=-1),
         token_weight=weight,

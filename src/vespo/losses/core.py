@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
-from vespo.losses.aggregation import aggregate_loss, normalize_agg_mode
+from vespo.losses.aggregation import aggregate_seq_sums, normalize_agg_mode
 from vespo.losses.corrections import rollout_correction
 from vespo.losses.diagnostics import weight_diagnostics
-from vespo.losses.numerics import LOG_RATIO_CLAMP, LOG_W_FLOOR, clamped_log_ratio, masked_fill_zero
+from vespo.losses.numerics import LOG_RATIO_CLAMP, LOG_W_FLOOR, masked_fill_zero
 from vespo.losses.registry import get_loss_spec
 from vespo.losses.types import KernelOutput, LossBatch, LossOutput
 
@@ -33,33 +33,44 @@ def _check_finite(name: str, x: torch.Tensor, mask: torch.Tensor) -> None:
         raise ValueError(f"{name} has NaN or Inf on valid (unmasked) tokens")
 
 
+def _all_finite(*xs: torch.Tensor) -> bool:
+    """True when every element of every tensor is finite, in one cheap reduction per tensor.
+
+    The sum of finite values is finite unless it overflows, and NaN/Inf anywhere makes it
+    non-finite; so a finite sum proves the tensors clean, and a non-finite one sends the caller to
+    the exact (masked) check. This avoids a full ``isfinite`` pass in the common case.
+    """
+    total = sum(x.detach().sum() for x in xs)
+    return bool(torch.isfinite(total))
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """float32 for half/bf16/fp32 inputs; float64 stays float64."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _token_advantages(advantages: Any, shape: torch.Size) -> torch.Tensor:
+def _check_advantages(advantages: Any, shape: torch.Size) -> torch.Tensor:
     if not isinstance(advantages, torch.Tensor):
         raise ValueError(f"advantages must be a torch.Tensor, got {type(advantages).__name__}")
     b, t = shape
     if advantages.shape == shape:
         return advantages
     if advantages.shape in ((b,), (b, 1)):
-        return advantages.reshape(b, 1).expand(b, t)
+        return advantages.reshape(b)
     raise ValueError(
         f"advantages must have shape [{b}, {t}] (per token) or [{b}] (per sequence), "
         f"got {tuple(advantages.shape)}"
     )
 
 
-def _first_valid(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _first_valid(x: torch.Tensor, mask_f: torch.Tensor, valid_seq: torch.Tensor) -> torch.Tensor:
     """[B] value of ``x`` at each row's first valid position (0 for empty rows)."""
-    first = mask.to(torch.int8).argmax(-1, keepdim=True)
-    return torch.where(mask.any(-1), x.gather(-1, first).squeeze(-1), torch.zeros((), dtype=x.dtype))
+    first = mask_f.argmax(-1, keepdim=True)  # argmax returns the first maximal index
+    return torch.where(valid_seq, x.gather(-1, first).squeeze(-1), torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def _rollout_terms(
-    weights: torch.Tensor, mask: torch.Tensor, shape: torch.Size, dtype: torch.dtype
+    weights: torch.Tensor, mask: torch.Tensor, mask_f: torch.Tensor, shape: torch.Size, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token multiplier [B, T] (1 where masked) and sequence log-weight [B] from IS weights."""
     b, t = shape
@@ -67,12 +78,17 @@ def _rollout_terms(
     if w.shape == (b, 1):
         w = w.reshape(b)
     if w.shape == shape:
-        valid_w = masked_fill_zero(w, mask)
-        if not torch.isfinite(valid_w).all() or (valid_w < 0).any():
+        if _all_finite(w):
+            bad = bool((w.detach() * mask_f < 0).any())
+        else:
+            valid_w = masked_fill_zero(w, mask)
+            bad = not torch.isfinite(valid_w).all() or bool((valid_w < 0).any())
+        if bad:
             raise ValueError("rollout_is_weights must be finite and non-negative on valid tokens")
-        token = torch.where(mask, w, torch.ones((), dtype=dtype))
-        log_w = torch.log(token.clamp_min(1e-8)).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-        return token, masked_fill_zero(log_w, mask).sum(-1)
+        one = torch.ones((), dtype=dtype, device=w.device)
+        token = torch.where(mask, w, one)
+        log_w = torch.log(token.clamp_min(1e-8)).clamp_(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        return token, (log_w * mask_f).sum(-1)
     if w.shape == (b,):
         if not torch.isfinite(w).all() or (w < 0).any():
             raise ValueError("rollout_is_weights must be finite and non-negative")
@@ -92,37 +108,90 @@ def build_loss_batch(
     response_mask: torch.Tensor,
     rollout_is_weights: torch.Tensor | None = None,
 ) -> LossBatch:
-    """Validate inputs and convert them into a float32 (or float64) :class:`LossBatch`."""
+    """Validate inputs and convert them into a float32 (or float64) :class:`LossBatch`.
+
+    NaN/Inf on valid tokens is an error; under the mask it is allowed and replaced by 0.
+    """
     log_prob = _check_2d("log_prob", log_prob, None)
     old_log_prob = _check_2d("old_log_prob", old_log_prob, log_prob.shape)
     response_mask = _check_2d("response_mask", response_mask, log_prob.shape)
-    mask = response_mask.bool()
-    if not mask.any():
-        raise ValueError("response_mask has no valid token in the whole batch")
+    adv = _check_advantages(advantages, log_prob.shape)
     dtype = _compute_dtype(log_prob)
-    adv = _token_advantages(advantages, log_prob.shape).detach().to(dtype)
-    _check_finite("log_prob", log_prob, mask)
-    _check_finite("old_log_prob", old_log_prob, mask)
-    _check_finite("advantages", adv, mask)
+    mask = response_mask if response_mask.dtype == torch.bool else response_mask.bool()
+    mask_f = mask.to(dtype)
+    lengths = mask_f.sum(-1)  # [B]
+    if not bool(lengths.sum() > 0):
+        raise ValueError("response_mask has no valid token in the whole batch")
+    valid_seq = lengths > 0
 
     lp = log_prob.to(dtype)
     olp = old_log_prob.detach().to(dtype)
+    adv = adv.detach().to(dtype)
+    if not _all_finite(lp, olp):  # rare: garbage on padding (or an error on a valid token)
+        _check_finite("log_prob", lp, mask)
+        _check_finite("old_log_prob", olp, mask)
+        zero = torch.zeros((), dtype=dtype, device=lp.device)
+        lp = torch.where(mask, lp, zero)  # the gradient under the mask stays exactly 0
+        olp = torch.where(mask, olp, zero)
+    if adv.dim() == 2:
+        if not _all_finite(adv):
+            _check_finite("advantages", adv, mask)
+            adv = masked_fill_zero(adv, mask)
+        seq_adv = _first_valid(adv, mask_f, valid_seq)
+    else:
+        if not _all_finite(adv):
+            if not torch.isfinite(adv[valid_seq]).all():
+                raise ValueError("advantages has NaN or Inf on valid (unmasked) tokens")
+        adv = torch.where(valid_seq, adv, torch.zeros((), dtype=dtype, device=adv.device))
+        seq_adv = adv
+
     rollout_weight = rollout_seq_log_w = None
     if rollout_is_weights is not None:
         if not isinstance(rollout_is_weights, torch.Tensor):
             raise ValueError("rollout_is_weights must be a torch.Tensor")
-        rollout_weight, rollout_seq_log_w = _rollout_terms(rollout_is_weights, mask, log_prob.shape, dtype)
+        rollout_weight, rollout_seq_log_w = _rollout_terms(rollout_is_weights, mask, mask_f, log_prob.shape, dtype)
     return LossBatch(
         log_prob=lp,
         old_log_prob=olp,
-        token_advantages=masked_fill_zero(adv, mask),
-        seq_advantages=_first_valid(adv, mask),
+        advantages=adv,
+        seq_advantages=seq_adv,
         mask=mask,
-        lengths=mask.sum(-1).to(dtype),
-        log_ratio=clamped_log_ratio(lp, olp, mask),
+        mask_f=mask_f,
+        lengths=lengths,
         rollout_weight=rollout_weight,
         rollout_seq_log_w=rollout_seq_log_w,
     )
+
+
+def _run_kernel(name: str, batch: LossBatch, params: dict[str, Any]) -> KernelOutput:
+    """Run the kernel and fold in rollout weights it did not consume (no materialisation)."""
+    spec = get_loss_spec(name)
+    values = spec.resolve(params)
+    out = spec.kernel(batch, **values)
+    if batch.rollout_weight is not None and not out.uses_rollout_is:
+        if out.loss_mat is not None:
+            out.loss_mat = out.loss_mat * batch.rollout_weight
+        else:
+            coeff = out.logp_coeff if out.logp_coeff.dim() == 2 else out.logp_coeff.unsqueeze(-1)
+            out.logp_coeff = coeff * batch.rollout_weight
+    return out
+
+
+def _masked_loss_mat(out: KernelOutput, batch: LossBatch) -> torch.Tensor:
+    """[B, T] per-token loss, 0 where masked (inputs are finite, so masking is a product)."""
+    if out.loss_mat is not None:
+        return out.loss_mat * batch.mask_f
+    coeff = out.logp_coeff if out.logp_coeff.dim() == 2 else out.logp_coeff.unsqueeze(-1)
+    return coeff * (batch.log_prob * batch.mask_f)
+
+
+def _seq_sums(out: KernelOutput, batch: LossBatch) -> torch.Tensor:
+    """[B] sum over valid tokens of the per-token loss (with grad)."""
+    if out.loss_mat is not None:
+        return (out.loss_mat * batch.mask_f).sum(-1)
+    if out.logp_coeff.dim() == 1:  # c_b * sum_t log pi_bt m_bt: one dot product per row
+        return out.logp_coeff * torch.linalg.vecdot(batch.log_prob, batch.mask_f)
+    return torch.linalg.vecdot(batch.log_prob, out.logp_coeff * batch.mask_f)
 
 
 def compute_loss_terms(
@@ -132,15 +201,13 @@ def compute_loss_terms(
 ) -> KernelOutput:
     """Run loss ``name`` on a prepared batch and apply rollout weights it did not consume.
 
-    Returns the kernel output with ``loss_mat`` ready for aggregation. Integrations that have their
-    own aggregation (verl's ``agg_loss``) call this instead of :func:`compute_policy_loss`.
+    Returns the kernel output with ``loss_mat`` ready for aggregation (0 where masked).
+    Integrations that have their own aggregation (verl's ``agg_loss``) call this instead of
+    :func:`compute_policy_loss`.
     """
-    spec = get_loss_spec(name)
-    values = spec.resolve(params)
-    out = spec.kernel(batch, **values)
-    if batch.rollout_weight is not None and not out.uses_rollout_is:
-        out.loss_mat = out.loss_mat * batch.rollout_weight
-    out.loss_mat = masked_fill_zero(out.loss_mat, batch.mask)
+    out = _run_kernel(name, batch, params)
+    out.loss_mat = _masked_loss_mat(out, batch)
+    out.logp_coeff = None
     return out
 
 
@@ -223,18 +290,19 @@ def compute_policy_loss(
         response_mask=mask_tensor,
         rollout_is_weights=rollout_is_weights,
     )
-    out = compute_loss_terms(name, batch, **params)
-    loss = aggregate_loss(
-        out.loss_mat,
-        batch.mask,
+    out = _run_kernel(name, batch, params)
+    loss = aggregate_seq_sums(
+        _seq_sums(out, batch),
+        batch.lengths,
         loss_agg_mode,
+        response_length=batch.mask.shape[-1],
         global_num_tokens=global_num_tokens,
         global_num_seqs=global_num_seqs,
         norm_length=norm_length,
     )
     loss = torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0)
 
-    valid_seq = batch.mask.any(-1)
+    valid_seq = batch.lengths > 0
     total_log_w = out.seq_log_w
     stale = mismatch = None
     if batch.rollout_seq_log_w is not None:
@@ -249,13 +317,18 @@ def compute_policy_loss(
             seq_weight=out.seq_weight,
             seq_advantages=batch.seq_advantages,
             valid_seq=valid_seq,
-            token_log_ratio=batch.log_ratio.detach(),
+            token_log_ratio=None,
             mask=batch.mask,
             kernel_mode=out.kernel_mode,
             stale_log_w=stale,
             mismatch_log_w=mismatch,
+            token_kl=-batch.seq_log_ratio.sum() / batch.lengths.sum(),
         )
     )
     metrics.update(extra_metrics)
-    return LossOutput(loss=loss.to(log_prob.dtype) if log_prob.dtype == torch.float64 else loss,
-                      metrics=metrics, loss_mat=out.loss_mat, mask=batch.mask)
+    return LossOutput(
+        loss=loss.to(log_prob.dtype) if log_prob.dtype == torch.float64 else loss,
+        metrics=metrics,
+        mask=batch.mask,
+        loss_mat_fn=lambda: _masked_loss_mat(out, batch),
+    )

@@ -32,13 +32,19 @@ def weight_diagnostics(
     seq_weight: torch.Tensor,
     seq_advantages: torch.Tensor,
     valid_seq: torch.Tensor,
-    token_log_ratio: torch.Tensor,
+    token_log_ratio: torch.Tensor | None,
     mask: torch.Tensor,
     kernel_mode: torch.Tensor | None = None,
     stale_log_w: torch.Tensor | None = None,
     mismatch_log_w: torch.Tensor | None = None,
+    token_kl: torch.Tensor | float | None = None,
 ) -> dict[str, float]:
-    """Diagnostics for one batch; see the module docstring for the keys."""
+    """Diagnostics for one batch; see the module docstring for the keys.
+
+    ``is/token_kl`` is the masked mean of ``-token_log_ratio``; a caller that already has the
+    per-sequence sums of the log-ratio passes the value as ``token_kl`` (and may give
+    ``token_log_ratio=None``) to skip that [B, T] pass.
+    """
     log_w = seq_log_w[valid_seq].double()
     phi = seq_weight[valid_seq].double()
     adv = seq_advantages[valid_seq]
@@ -50,7 +56,9 @@ def weight_diagnostics(
         "is/log_w_max": log_w.max(),
         "is/abs_log_w_mean": log_w.abs().mean(),
         "is/ess": normalized_ess_from_log(log_w),
-        "is/token_kl": masked_mean(-token_log_ratio.double(), mask),
+        "is/token_kl": (
+            masked_mean(-token_log_ratio.double(), mask) if token_kl is None else torch.as_tensor(token_kl)
+        ),
         "phi/mean": phi.mean(),
         "phi/min": phi.min(),
         "phi/max": phi.max(),

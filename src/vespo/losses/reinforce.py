@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import torch
 
-from vespo.losses.numerics import LOG_RATIO_CLAMP, masked_fill_zero
+from vespo.losses.numerics import LOG_RATIO_CLAMP
 from vespo.losses.registry import Param, register_policy_loss
 from vespo.losses.types import KernelOutput, LossBatch
 
 
-def _weighted_log_prob_loss(batch: LossBatch, seq_weight: torch.Tensor) -> torch.Tensor:
-    return -seq_weight.unsqueeze(-1) * batch.token_advantages * masked_fill_zero(batch.log_prob, batch.mask)
+def _logp_coeff(batch: LossBatch, seq_weight: torch.Tensor) -> torch.Tensor:
+    """Coefficient c on log pi with loss = c * log pi = -w * A * log pi ([B], or [B, T] for per-token A)."""
+    if batch.advantages.dim() == 2:
+        return -seq_weight.unsqueeze(-1) * batch.token_advantages
+    return -seq_weight * batch.seq_advantages
 
 
 def _seq_log_w(batch: LossBatch) -> torch.Tensor:
@@ -35,7 +38,7 @@ def reinforce_loss(batch: LossBatch) -> KernelOutput:
     """REINFORCE: -A * log pi."""
     weight = torch.ones_like(batch.seq_advantages)
     return KernelOutput(
-        loss_mat=_weighted_log_prob_loss(batch, weight), seq_log_w=_seq_log_w(batch), seq_weight=weight
+        loss_mat=None, logp_coeff=_logp_coeff(batch, weight), seq_log_w=_seq_log_w(batch), seq_weight=weight
     )
 
 
@@ -51,7 +54,8 @@ def seq_clip_loss(batch: LossBatch, *, clip: float) -> KernelOutput:
     log_w = _seq_log_w(batch)
     weight = torch.exp(log_w).clamp(max=clip)
     return KernelOutput(
-        loss_mat=_weighted_log_prob_loss(batch, weight),
+        loss_mat=None,
+        logp_coeff=_logp_coeff(batch, weight),
         seq_log_w=log_w,
         seq_weight=weight,
         metrics={"loss/clip_frac": (log_w > torch.log(torch.tensor(clip))).float().mean().item()},
@@ -72,7 +76,8 @@ def topr_loss(batch: LossBatch, *, clip: float) -> KernelOutput:
     weight = torch.where(negative, torch.exp(log_w).clamp(max=clip), torch.ones_like(log_w))
     truncated = negative & (log_w > torch.log(torch.tensor(clip)))
     return KernelOutput(
-        loss_mat=_weighted_log_prob_loss(batch, weight),
+        loss_mat=None,
+        logp_coeff=_logp_coeff(batch, weight),
         seq_log_w=log_w,
         seq_weight=weight,
         metrics={"loss/clip_frac": truncated.float().mean().item()},

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from vespo.losses.numerics import LOG_RATIO_CLAMP, LOG_W_FLOOR, masked_fill_zero
+from vespo.losses.numerics import LOG_RATIO_CLAMP, LOG_W_FLOOR
 from vespo.losses.registry import Param, register_policy_loss
 from vespo.losses.types import KernelOutput, LossBatch
 
@@ -115,12 +115,17 @@ def vespo_loss(
     log_phi = vespo_log_phi(seq_log_w, c1, c2)  # Eq. 17 shifted so that phi(1) = 1
     phi = torch.exp(log_phi).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).detach()
 
-    coeff = phi.unsqueeze(-1) * batch.token_advantages  # [B, T]
+    # Eq. 20: loss = -phi * A * log pi, so grad = phi * A * grad log pi. The coefficient on log pi
+    # is per sequence unless the advantages are per token or a factorised rollout weight applies.
     if batch.rollout_weight is not None and is_mode == "factorised":
-        coeff = coeff * batch.rollout_weight.clamp(max=is_clip)
-    loss_mat = -coeff * masked_fill_zero(batch.log_prob, batch.mask)  # Eq. 20: grad = phi A grad log pi
+        coeff = -(phi.unsqueeze(-1) * batch.token_advantages) * batch.rollout_weight.clamp(max=is_clip)
+    elif batch.advantages.dim() == 2:
+        coeff = -(phi.unsqueeze(-1) * batch.token_advantages)
+    else:
+        coeff = -(phi * batch.seq_advantages)
     return KernelOutput(
-        loss_mat=loss_mat,
+        loss_mat=None,
+        logp_coeff=coeff,
         seq_log_w=seq_log_w.detach(),
         seq_weight=phi,
         uses_rollout_is=rollout is not None,
