@@ -306,7 +306,7 @@ class VespoGRPOTrainer(GRPOTrainer):
             if empty:
                 diag = dict.fromkeys(diag, math.nan)
             keys = sorted(diag)  # the same keys on every rank and micro-batch
-            local = torch.tensor([diag[k] for k in keys], dtype=torch.float64, device=entropies.device)
+            local = torch.tensor([diag[k] for k in keys], dtype=torch.float32, device=entropies.device)
             gathered = self.accelerator.gather(local.unsqueeze(0)).reshape(-1, len(keys))
             for key, value in zip(keys, gathered.nanmean(0).tolist()):
                 metrics[METRIC_PREFIX + flat_metric_name(key)].append(value)  # NaN: skipped by TRL's log()
