@@ -80,6 +80,18 @@ def test_behaviour_log_probs_match_full_forward(arch, temperature, prompts):
     assert (padded.token_version[m] == 0).all()
 
 
+def test_equal_length_prompts_match_full_forward(model):
+    """No padding at all: the sampler skips the 2D attention mask."""
+    g = gen(9)
+    prompts = [torch.randint(8, VOCAB, (5,), generator=g).tolist() for _ in range(6)]
+    rollout = Sampler(model).generate(
+        prompts, max_new_tokens=10, temperature=1.2, generator=gen(2), eos_token_id=EOS_SET, pad_token_id=PAD
+    )
+    padded, logp = full_forward(model, rollout, 1.2)
+    m = padded.response_mask
+    assert torch.allclose(logp[m], padded.behaviour_log_prob[m], atol=1e-5, rtol=0)
+
+
 def test_logprobs_match_without_pruning(model, prompts):
     """The in-loop batch pruning of finished rows changes neither the samples nor mu."""
     kw = dict(max_new_tokens=12, generator=None, eos_token_id=EOS_SET, pad_token_id=PAD)
@@ -267,6 +279,8 @@ def test_continuation_counts_towards_max_new_tokens(model):
         continuations=[[12, 13]], continuation_log_probs=[[-1.0, -2.0]], continuation_versions=[[0, 0]],
     )
     assert len(r.response_ids[0]) == 5 and r.response_ids[0][:2] == [12, 13] and not r.finished[0]
+    no_eos = Sampler(model).generate([[9]] * 4, max_new_tokens=30, generator=gen(0), eos_token_id=None, pad_token_id=None)
+    assert no_eos.response_lengths == [30] * 4 and not any(no_eos.finished)
     with pytest.raises(ValueError):
         Sampler(model).generate([[9]], max_new_tokens=2, eos_token_id=EOS, pad_token_id=PAD, continuations=[[1]])
 

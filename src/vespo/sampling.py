@@ -286,6 +286,7 @@ def sequence_log_probs_and_entropy(
     temperature: float = 1.0,
     grad: bool | None = None,
     with_entropy: bool = True,
+    entropy_grad: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probs ``[B, T]`` of the last ``T = response_length`` tokens, and their entropies ``[B, T]``.
 
@@ -298,7 +299,8 @@ def sequence_log_probs_and_entropy(
     the importance ratio instead. Entries where ``attention_mask`` is 0 are set to 0.
 
     Gradients flow when ``grad`` is True; by default (``grad=None``) they do when the model is in
-    training mode and grad mode is on, so ``model.eval()`` gives the no-grad ``pi_old`` pass.
+    training mode and grad mode is on, so ``model.eval()`` gives the no-grad ``pi_old`` pass. The
+    entropy is detached unless ``entropy_grad=True`` (for an entropy bonus).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}")
@@ -328,9 +330,10 @@ def sequence_log_probs_and_entropy(
         logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         logp = torch.where(valid, logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
         entropy = None
-        if with_entropy:
-            entropy = -(logp_all.exp() * logp_all).sum(-1)
-            entropy = torch.where(valid, entropy, torch.zeros((), dtype=entropy.dtype, device=entropy.device))
+        if with_entropy:  # a metric: computed without a graph, so it costs no activation memory
+            with torch.set_grad_enabled(use_grad and entropy_grad):
+                entropy = -(logp_all.exp() * logp_all).sum(-1)
+                entropy = torch.where(valid, entropy, torch.zeros((), dtype=entropy.dtype, device=entropy.device))
     return logp, entropy
 
 
@@ -509,8 +512,8 @@ class Sampler:
         prompts: Sequence[Sequence[int]],
         *,
         max_new_tokens: int,
-        eos_token_id: int | Sequence[int],
-        pad_token_id: int,
+        eos_token_id: int | Sequence[int] | None,
+        pad_token_id: int | None,
         temperature: float = 1.0,
         top_p: float = 1.0,
         generator: torch.Generator | None = None,
@@ -527,7 +530,9 @@ class Sampler:
         ``temperature == 0``, see :func:`sample_tokens`) and records the token's log-prob ``mu``
         and ``self.policy_version``. A sequence stops at EOS (``finished=True``) or when its
         response holds ``max_new_tokens`` tokens (``finished=False``); rows that stop are pruned
-        from the batch once enough of them accumulate (``prune_finished``).
+        from the batch once enough of them accumulate (``prune_finished``; the samples do not
+        depend on it). ``eos_token_id`` may be one id, several, or None (no EOS); ``pad_token_id``
+        only fills masked positions (None means 0).
 
         Partial rollouts: ``continuations[i]`` is an already generated partial response of prompt
         ``i``. Prompt + partial response are prefilled under the *current* weights and sampling goes
@@ -545,7 +550,13 @@ class Sampler:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        eos_ids = {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id}
+        if eos_token_id is None:
+            eos_ids: set[int] = set()
+        elif isinstance(eos_token_id, int):
+            eos_ids = {int(eos_token_id)}
+        else:
+            eos_ids = {int(e) for e in eos_token_id}
+        pad = 0 if pad_token_id is None else int(pad_token_id)
         n = len(prompts)
         rows = self._init_rows(n, continuations, continuation_log_probs, continuation_versions)
         for i, p in enumerate(prompts):
@@ -562,7 +573,7 @@ class Sampler:
                     [rows[i] for i in todo],
                     max_new_tokens=max_new_tokens,
                     eos_ids=eos_ids,
-                    pad_token_id=pad_token_id,
+                    pad_token_id=pad,
                     temperature=temperature,
                     top_p=top_p,
                     generator=generator,
@@ -619,6 +630,7 @@ class Sampler:
         model, device, version = self.model, self.device, self.policy_version
         ids, mask = left_pad(contexts, pad_token_id, device)
         positions = position_ids_from_mask(mask)
+        padded = not bool(mask.all())
         next_pos = positions[:, -1:] + 1  # [b, 1] position of the next token
         live = list(range(len(rows)))  # rows[live[k]] is batch row k
         steps = max_new_tokens - min(len(r.tokens) for r in rows)
@@ -627,7 +639,8 @@ class Sampler:
         for _ in range(steps):
             if stop_flag is not None and stop_flag():
                 return
-            logits = _forward_logits(model, 1, cache, attention_mask=mask, **inputs)
+            # Without padding the causal mask alone is right; skipping the 2D mask saves its expansion.
+            logits = _forward_logits(model, 1, cache, attention_mask=mask if padded else None, **inputs)
             last = logits[:, -1]
             noise = None
             if temperature > 0:  # one noise row per original sequence: pruning never shifts the draws
@@ -656,6 +669,7 @@ class Sampler:
                 cache.batch_select_indices(keep)
                 live = [live[k] for k in keep.tolist()]
                 tokens, mask, next_pos = tokens[keep], mask[keep], next_pos[keep]
-            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+            if padded:
+                mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
             inputs = {"input_ids": tokens[:, None], "position_ids": next_pos}
             next_pos = next_pos + 1
