@@ -42,6 +42,9 @@ class ModelConfig(_Section):
     num_experts: int = Field(4, ge=2)
     num_experts_per_tok: int = Field(2, ge=1)
     dtype: Literal["float32", "bfloat16"] = "float32"
+    init_from: str | None = Field(
+        None, description="start from these weights: a .safetensors file or a run directory"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
