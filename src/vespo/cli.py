@@ -4,6 +4,8 @@
     vespo train --resume RUN_DIR                continue a stopped run
     vespo eval RUN_DIR [key=value ...]          evaluate a run's latest checkpoint
     vespo plot RUN_DIR [RUN_DIR ...]            training curves as PNG
+    vespo sweep --out DIR --grid KEY=V1,V2 ...  a grid of runs, parallel and resumable
+    vespo warmup [CONFIG.yaml] [key=value ...]  only the supervised warm-up (shared by sweeps)
     vespo kernels                               phi(W) of every loss: table + PNG (paper Fig. 2)
     vespo losses                                registered losses, parameters and defaults
 
@@ -79,6 +81,32 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_warmup(args: argparse.Namespace) -> int:
+    from vespo.config import load_config
+    from vespo.trainer import run_warmup
+
+    config = load_config(args.config or _default_config(), args.overrides)
+    path = run_warmup(config)
+    _console().print(f"warmed-up weights: {path} (start a run from them with model.init_from={path})")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from vespo.sweep import parse_grid, run_sweep
+
+    grid = parse_grid(args.grid)
+    if args.seeds:
+        grid["run.seed"] = [int(s) for s in args.seeds.split(",")]
+    if not grid:
+        raise ValueError("give at least one --grid key=v1,v2 (or --seeds)")
+    results = run_sweep(out=args.out, grid=grid, config=args.config or str(_default_config()),
+                        overrides=args.overrides, jobs=args.jobs, threads_per_job=args.threads)
+    from vespo.sweep import results_table
+
+    print(results_table(results))
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from vespo.trainer import evaluate_run
 
@@ -112,6 +140,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. algorithm.loss=grpo")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("warmup", help="run only the supervised warm-up of a config")
+    p.add_argument("config", nargs="?", help="YAML config (default: the packaged default.yaml)")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=cmd_warmup)
+
+    p = sub.add_parser("sweep", help="grid of runs (methods x N x seeds), parallel and resumable")
+    p.add_argument("config", nargs="?", help="base YAML config (default: the packaged default.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides applied to every cell")
+    p.add_argument("--out", required=True, help="sweep directory (cells, results.json, results.md, plots)")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="a grid axis; repeatable")
+    p.add_argument("--seeds", help="comma-separated run.seed values")
+    p.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1)), help="runs at a time")
+    p.add_argument("--threads", type=int, help="torch threads per run (default: cores / jobs)")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("eval", help="evaluate the latest checkpoint of a run")
     p.add_argument("run_dir")

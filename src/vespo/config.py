@@ -26,6 +26,7 @@ class RunConfig(_Section):
     seed: int = 0
     total_steps: int = Field(240, ge=1, description="optimizer steps, the same for every N")
     threads: int | None = Field(None, ge=1, description="torch threads (default: torch's choice)")
+    device: str = Field("auto", description="auto (cuda when available), cpu, cuda, cuda:1, ...")
     mode: Literal["sync", "async"] = "sync"
 
 

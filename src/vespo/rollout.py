@@ -97,6 +97,14 @@ class MiniBatch:
         kwargs["metrics"] = {}
         return MiniBatch(**kwargs)
 
+    def to(self, device: torch.device | str) -> "MiniBatch":
+        """Copy with every tensor on ``device`` (metrics and bookkeeping shared)."""
+        kwargs = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name in self.TENSORS:
+            if kwargs[name] is not None:
+                kwargs[name] = kwargs[name].to(device)
+        return MiniBatch(**kwargs)
+
     def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         out = {f"{prefix}{n}": getattr(self, n) for n in self.TENSORS if getattr(self, n) is not None}
         out[f"{prefix}meta"] = torch.tensor([self.prompt_length, self.stale_index])

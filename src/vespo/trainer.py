@@ -106,6 +106,19 @@ def load_init_weights(model: torch.nn.Module, source: str) -> None:
         raise ConfigError(f"model.init_from: weights in {path} do not fit this model: {str(exc)[:200]}") from None
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; anything else must be a usable torch device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"run.device: '{name}' is not a torch device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"run.device={name} but no CUDA device is available")
+    return device
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -144,8 +157,9 @@ class Trainer:
         self.eval_examples = self.task.eval_examples(cfg.eval.num_prompts, seed=EVAL_DATA_SEED)
         self.reward_runner = RewardRunner(self.task, timeout_s=cfg.task.reward_timeout_s)
 
+        self.device = resolve_device(cfg.run.device)
         self.model, self.tokenizer = build_policy(cfg)
-        self.model.train()
+        self.model.to(self.device).train()
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
             lr=cfg.optim.lr,
@@ -267,6 +281,7 @@ class Trainer:
         return [(i, min(i + size, n)) for i in range(0, n, size)]
 
     def _log_probs(self, mb: MiniBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        mb = mb.to(self.device)
         return sequence_log_probs_and_entropy(
             self.model, mb.input_ids, mb.attention_mask, mb.response_mask.shape[1],
             temperature=self.cfg.sampling.temperature,
@@ -276,7 +291,7 @@ class Trainer:
     def recompute_old_log_prob(self, mb: MiniBatch) -> torch.Tensor:
         """pi_old of a freshly sampled mini-batch, by the trainer (same micro-batches as training)."""
         parts = [self._log_probs(mb.slice(a, b))[0] for a, b in self._micro_slices(mb.num_sequences)]
-        return torch.cat(parts).float()
+        return torch.cat(parts).float().cpu()
 
     def _optimize(self, mb: MiniBatch) -> dict[str, float]:
         cfg, alg = self.cfg, self.cfg.algorithm
@@ -287,7 +302,7 @@ class Trainer:
         entropy_sum = 0.0
         use_correction = alg.correction != "none"
         for a, b in self._micro_slices(mb.num_sequences):
-            micro = mb.slice(a, b)
+            micro = mb.slice(a, b).to(self.device)
             if not micro.response_mask.any():
                 continue
             log_prob, entropy = self._log_probs(micro)
@@ -314,7 +329,7 @@ class Trainer:
             for key, value in out.metrics.items():
                 weight = 1.0 if key == "loss/value" else share
                 sums[key] = sums.get(key, 0.0) + weight * value
-            entropy_sum += float((entropy.detach().float() * micro.response_mask).sum())
+            entropy_sum += float((entropy.detach().float() * micro.response_mask).sum().cpu())
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
         skipped = not math.isfinite(float(grad_norm))
         if skipped:  # never let a NaN/Inf reach the weights
@@ -474,6 +489,20 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
     return result
 
 
+def run_warmup(cfg: TrainConfig) -> Path:
+    """Only the supervised warm-up; writes ``run.out_dir/warmup/model.safetensors`` and returns it."""
+    if cfg.warmup.steps == 0:
+        raise ConfigError("warmup.steps is 0: nothing to warm up")
+    out = Path(cfg.run.out_dir)
+    weights = out / "warmup" / "model.safetensors"
+    if weights.exists():
+        return weights
+    trainer = Trainer(cfg)
+    trainer.warm_up()
+    trainer.source.close()
+    return weights
+
+
 def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> TrainConfig:
     """The config saved in ``run_dir`` (with ``overrides``, e.g. run.total_steps=400)."""
     path = Path(run_dir) / "config.yaml"
@@ -494,7 +523,9 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, *, whi
     trainer.task = build_task(cfg.task.spec())
     trainer.eval_examples = trainer.task.eval_examples(cfg.eval.num_prompts, seed=EVAL_DATA_SEED)
     trainer.reward_runner = RewardRunner(trainer.task, timeout_s=cfg.task.reward_timeout_s)
+    trainer.device = resolve_device(cfg.run.device)
     trainer.model, trainer.tokenizer = build_policy(cfg)
+    trainer.model.to(trainer.device)
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         raise CheckpointError(f"{run_dir} has no checkpoint to evaluate")

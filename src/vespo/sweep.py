@@ -1,0 +1,297 @@
+"""``vespo sweep``: a grid of training runs (methods x staleness N x seeds x any key), in parallel.
+
+    vespo sweep --out runs/sweep --grid algorithm.loss=vespo,grpo --grid algorithm.staleness=1,4,16 \\
+        --seeds 0,1,2 --jobs 2 [CONFIG.yaml] [key=value ...]
+
+Each cell is an ordinary run directory ``OUT/cells/<name>``, trained by a ``vespo train`` process.
+A cell with a ``summary.json`` is done and skipped; a cell with a checkpoint is resumed, so the
+sweep itself is resumable. When the base config has a supervised warm-up, it runs once and every
+cell starts from the same warmed-up weights (``model.init_from``), as the paper's runs start from
+one base model. Results: ``results.json``, ``results.md`` (the paper's Table 2 layout) and plots.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vespo.checkpoint import latest_checkpoint, write_json_atomic
+from vespo.config import ConfigError, load_config, parse_overrides
+
+
+@dataclass
+class Cell:
+    name: str
+    overrides: list[str]
+    values: dict[str, Any]
+
+    def run_dir(self, out: Path) -> Path:
+        return out / "cells" / self.name
+
+
+def parse_grid(items: list[str]) -> dict[str, list[Any]]:
+    """``["algorithm.loss=vespo,grpo"]`` -> {"algorithm.loss": ["vespo", "grpo"]}."""
+    grid: dict[str, list[Any]] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--grid '{item}' is not of the form key=v1,v2,...")
+        key, raw = item.split("=", 1)
+        values = [parse_overrides([f"x={v}"])["x"] for v in raw.split(",") if v.strip() != ""]
+        if not values:
+            raise ConfigError(f"--grid '{item}' has no values")
+        grid[key.strip()] = values
+    return grid
+
+
+def _short(key: str, value: Any) -> str:
+    names = {"algorithm.loss": "", "algorithm.staleness": "N", "run.seed": "s"}
+    prefix = names.get(key, key.split(".")[-1] + "-")
+    return f"{prefix}{value}".replace("/", "_").replace(" ", "")
+
+
+def build_cells(grid: dict[str, list[Any]]) -> list[Cell]:
+    keys = list(grid)
+    cells = []
+    for combo in itertools.product(*(grid[k] for k in keys)):
+        values = dict(zip(keys, combo))
+        name = "_".join(_short(k, v) for k, v in values.items())
+        overrides = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in values.items()]
+        cells.append(Cell(name, overrides, values))
+    return cells
+
+
+def _train_command(config: str | None, overrides: list[str]) -> list[str]:
+    cmd = [sys.executable, "-m", "vespo.cli", "train"]
+    if config:
+        cmd.append(config)
+    return cmd + overrides
+
+
+def _resume_command(run_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "vespo.cli", "train", "--resume", str(run_dir)]
+
+
+def run_sweep(
+    *,
+    out: str | Path,
+    grid: dict[str, list[Any]],
+    config: str | None = None,
+    overrides: list[str] | None = None,
+    jobs: int = 1,
+    threads_per_job: int | None = None,
+    shared_warmup: bool = True,
+) -> dict[str, Any]:
+    """Run (or finish) every cell of ``grid``; returns the aggregated results."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    overrides = list(overrides or [])
+    base = load_config(config, overrides)  # validate the base once, before any process starts
+    cells = build_cells(grid)
+    for cell in cells:  # validate every cell's combination up front: one clear error, no half sweep
+        load_config(config, [*overrides, *cell.overrides])
+    threads = threads_per_job or max(1, (os.cpu_count() or 1) // max(jobs, 1))
+    common = [*overrides, f"run.threads={threads}", "logging.progress=false"]
+
+    if shared_warmup and base.warmup.steps > 0:
+        warm_dir = out / "warmup"
+        weights = warm_dir / "warmup" / "model.safetensors"
+        if not weights.exists():
+            print(f"[sweep] warm-up once for all cells -> {warm_dir}", flush=True)
+            cmd = [sys.executable, "-m", "vespo.cli", "warmup"] + ([config] if config else []) + [
+                *overrides, f"run.out_dir={warm_dir}", f"run.threads={os.cpu_count() or 1}", "logging.progress=false"]
+            subprocess.run(cmd, check=True)
+        common += [f"model.init_from={weights}", "warmup.steps=0"]
+
+    pending = []
+    for cell in cells:
+        run_dir = cell.run_dir(out)
+        if (run_dir / "summary.json").exists():
+            continue
+        if latest_checkpoint(run_dir) is not None:
+            pending.append((cell, _resume_command(run_dir)))
+        else:
+            pending.append((cell, _train_command(config, [*common, *cell.overrides, f"run.out_dir={run_dir}"])))
+    total = len(pending)
+    print(f"[sweep] {len(cells)} cells, {len(cells) - total} done, {total} to run, {jobs} at a time", flush=True)
+    running: list[tuple[Cell, subprocess.Popen, float]] = []
+    failures: list[str] = []
+    started = time.time()
+    while pending or running:
+        while pending and len(running) < jobs:
+            cell, cmd = pending.pop(0)
+            cell.run_dir(out).parent.mkdir(parents=True, exist_ok=True)
+            log = open(cell.run_dir(out).parent / f"{cell.name}.log", "a")
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            running.append((cell, proc, time.time()))
+            print(f"[sweep] start {cell.name}", flush=True)
+        time.sleep(0.5)
+        for item in list(running):
+            cell, proc, t0 = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            done = total - len(pending) - len(running)
+            status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see {cell.name}.log)"
+            if proc.returncode != 0:
+                failures.append(cell.name)
+            print(f"[sweep] {done}/{total} {cell.name}: {status} in {time.time() - t0:.0f} s "
+                  f"(sweep {time.time() - started:.0f} s)", flush=True)
+    results = collect_results(out, cells)
+    results["failures"] = failures
+    write_json_atomic(out / "results.json", results)
+    (out / "results.md").write_text(results_table(results))
+    plot_sweep(out, results)
+    if failures:
+        raise RuntimeError(f"{len(failures)} sweep cells failed: {', '.join(failures)}")
+    return results
+
+
+def _read_rows(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def collect_results(out: Path, cells: list[Cell]) -> dict[str, Any]:
+    """Per-cell final/best eval accuracy and diagnostics, from each run's metrics."""
+    per_cell = []
+    for cell in cells:
+        rows = _read_rows(cell.run_dir(out))
+        evals = [r for r in rows if r.get("eval/accuracy") is not None]
+        train_rows = [r for r in rows if "reward/mean" in r]
+        if not evals:
+            continue
+        tail = train_rows[-max(1, len(train_rows) // 10):] if train_rows else []
+
+        def tail_mean(key: str) -> float | None:
+            vals = [r[key] for r in tail if isinstance(r.get(key), (int, float))]
+            return sum(vals) / len(vals) if vals else None
+
+        per_cell.append({
+            "name": cell.name,
+            **{k: v for k, v in cell.values.items()},
+            "start_accuracy": evals[0]["eval/accuracy"],
+            "final_accuracy": evals[-1]["eval/accuracy"],
+            "best_accuracy": max(e["eval/accuracy"] for e in evals),
+            "final_step": evals[-1].get("step"),
+            "final_reward": tail_mean("reward/mean"),
+            "abs_log_w": tail_mean("is/abs_log_w_mean"),
+            "phi_mean": tail_mean("phi/mean"),
+            "phi_below_001": tail_mean("phi/frac_below_0.01"),
+            "clip_frac": tail_mean("loss/clip_frac"),
+            "entropy": tail_mean("policy/entropy"),
+            "response_length": tail_mean("response/length_mean"),
+            "wall_time_s": rows[-1].get("perf/elapsed_s") if rows else None,
+        })
+    return {"cells": per_cell}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return m, sd
+
+
+def group_cells(results: dict[str, Any], metric: str) -> dict[tuple[str, Any], list[float]]:
+    """{(loss, N): [metric over seeds and any other grid keys]}."""
+    groups: dict[tuple[str, Any], list[float]] = {}
+    for cell in results["cells"]:
+        value = cell.get(metric)
+        if value is None:
+            continue
+        key = (str(cell.get("algorithm.loss", "?")), cell.get("algorithm.staleness", "?"))
+        groups.setdefault(key, []).append(float(value))
+    return groups
+
+
+def results_table(results: dict[str, Any]) -> str:
+    """Markdown in the layout of the paper's Table 2: one row per (N, method)."""
+    final = group_cells(results, "final_accuracy")
+    best = group_cells(results, "best_accuracy")
+    start = group_cells(results, "start_accuracy")
+    phi_low = group_cells(results, "phi_below_001")
+    lines = ["| N | method | seeds | start acc | final acc (mean ± std) | best acc (mean ± std) | phi<0.01 share |",
+             "|---|---|---|---|---|---|---|"]
+    for (loss, n) in sorted(final, key=lambda k: (float(k[1]) if isinstance(k[1], (int, float)) else 0, k[0])):
+        fm, fs = _mean_std(final[(loss, n)])
+        bm, bs = _mean_std(best[(loss, n)])
+        sm, _ = _mean_std(start[(loss, n)])
+        pl = phi_low.get((loss, n))
+        pl_text = f"{_mean_std(pl)[0]:.2f}" if pl else "-"
+        lines.append(f"| {n} | {loss} | {len(final[(loss, n)])} | {sm:.3f} | {fm:.3f} ± {fs:.3f} | {bm:.3f} ± {bs:.3f} | {pl_text} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_sweep(out: Path, results: dict[str, Any]) -> list[Path]:
+    """reward curves (one panel per method, one line per N) and final accuracy vs N."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = results["cells"]
+    if not cells:
+        return []
+    methods = sorted({str(c.get("algorithm.loss")) for c in cells})
+    staleness = sorted({c.get("algorithm.staleness") for c in cells}, key=lambda v: float(v) if v is not None else 0)
+    paths = []
+    fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.4), squeeze=False, sharey=True)
+    cmap = plt.get_cmap("viridis")
+    for ax, method in zip(axes[0], methods):
+        for i, n in enumerate(staleness):
+            curves = [_read_rows(out / "cells" / c["name"]) for c in cells
+                      if str(c.get("algorithm.loss")) == method and c.get("algorithm.staleness") == n]
+            curves = [[r for r in rows if "reward/mean" in r] for rows in curves]
+            curves = [c for c in curves if c]
+            if not curves:
+                continue
+            length = min(len(c) for c in curves)
+            mean = [sum(c[j]["reward/mean"] for c in curves) / len(curves) for j in range(length)]
+            window = max(1, length // 25)
+            smooth = [sum(mean[max(0, j - window + 1): j + 1]) / len(mean[max(0, j - window + 1): j + 1]) for j in range(length)]
+            ax.plot([curves[0][j]["step"] for j in range(length)], smooth, color=cmap(i / max(1, len(staleness) - 1)), label=f"N={n}")
+        ax.set_title(method)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("training reward (mean over seeds)")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "reward_curves.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    paths.append(path)
+
+    final = group_cells(results, "final_accuracy")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in methods:
+        ns = [n for n in staleness if (method, n) in final]
+        if not ns:
+            continue
+        stats = [_mean_std(final[(method, n)]) for n in ns]
+        ax.errorbar([float(n) for n in ns], [m for m, _ in stats], yerr=[s for _, s in stats], marker="o",
+                    capsize=3, label=method, linewidth=2.5 if method == "vespo" else 1.2)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("staleness N (mini-batches per rollout batch)")
+    ax.set_ylabel("final eval accuracy (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "accuracy_vs_n.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    paths.append(path)
+    return paths
