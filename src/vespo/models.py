@@ -23,7 +23,6 @@ import os
 import shutil
 import string
 import tempfile
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -248,18 +247,18 @@ def _offline() -> bool:
 
 @contextlib.contextmanager
 def _quiet_hub():
-    """Silence the hub client's retry warnings while we try to resolve a model."""
-    loggers = [logging.getLogger(n) for n in ("huggingface_hub", "transformers")]
-    levels = [lg.level for lg in loggers]
+    """Silence the hub client's retry/offline warnings while a model is resolved.
+
+    Only the ``huggingface_hub`` logger is quietened; transformers' own warnings (e.g. weights that
+    were not in the checkpoint) still reach the user.
+    """
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
     try:
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
+        yield
     finally:
-        for lg, lv in zip(loggers, levels):
-            lg.setLevel(lv)
+        logger.setLevel(level)
 
 
 def _one_line(err: BaseException) -> str:
@@ -273,7 +272,7 @@ def load_pretrained(
     dtype: torch.dtype = torch.float32,
     gguf_file: str | None = None,
     trust_remote_code: bool = False,
-    attn_implementation: str | None = "sdpa",
+    attn_implementation: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` for any ``AutoModelForCausalLM`` by hub id or local directory.
 
@@ -281,8 +280,9 @@ def load_pretrained(
     cache is read. If the model cannot be found (missing directory, hub id not cached offline,
     network failure) a :class:`ModelLoadError` with one line naming the model is raised instead of
     the hub client's traceback. A GGUF file inside a directory is loaded (dequantised) with
-    ``gguf_file=``; that needs the ``gguf`` and ``accelerate`` packages. The model is returned in
-    eval mode; call ``.train()`` before training.
+    ``gguf_file=``; that needs the ``gguf`` and ``accelerate`` packages. ``attn_implementation=None``
+    lets transformers choose (SDPA where the model supports it). The model is returned in eval
+    mode; call ``.train()`` before training. A tokenizer without a pad token gets EOS as padding.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -313,7 +313,9 @@ def load_pretrained(
         kwargs["local_files_only"] = True
 
     if offline:
-        missing_msg = f"model {name!r} is not in the local cache (offline mode: HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set)"
+        missing_msg = (
+            f"model {name!r} is not in the local cache (offline mode: HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set)"
+        )
     else:
         missing_msg = f"model {name!r} is not in the local cache and could not be fetched from the hub"
     try:
