@@ -5,12 +5,17 @@
 
 What is measured, for each loss at a small (B=16, T=512) and a large (B=256, T=8192) batch:
 
-- **time**: wall time of one ``compute_policy_loss(...)`` call plus ``loss.backward()`` on the
+- **time**: CPU time of the process (``--clock wall`` for elapsed time) spent in one
+  ``compute_policy_loss(...)`` call plus ``loss.backward()`` on the
   same float32 tensors (log_prob with grad, old_log_prob, per-sequence advantages, a 0/1 float mask
   with random response lengths). Everything the call does is included: input validation, the
-  kernel, aggregation and the diagnostics dictionary. Losses are timed round-robin (one call of
-  each per round, after warm-up rounds) so that load from other processes hits all of them alike;
-  the figure is the median over rounds, reported as a ratio to ``grpo`` from the same run.
+  kernel, aggregation and the diagnostics dictionary. Each loss runs in blocks (warm-up calls,
+  then timed calls in a row, as in training); the blocks of all losses alternate over three rounds
+  so that load from other processes hits all of them alike. The figure is the median over all
+  timed calls, reported as a ratio to ``grpo`` from the same run. CPU
+  time is the default because on a shared machine elapsed time mostly measures how long the
+  process waited for a core; with one intra-op thread (the default) the two agree on an idle
+  machine.
 - **peak memory** (large batch only): the growth of the process's resident set during one forward
   + backward, in a fresh subprocess per loss. The inputs are created and one warm-up call is made,
   then the kernel's peak-RSS counter is reset (``/proc/self/clear_refs``) and the peak minus the
@@ -86,20 +91,33 @@ def step_fn(name: str, x: dict[str, torch.Tensor]):
     return run
 
 
-def time_all(names: list[str], batch: int, length: int, repeats: int, warmup: int) -> dict[str, float]:
-    """Median seconds per forward + backward, timed round-robin over ``names``."""
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
+
+
+def time_all(
+    names: list[str], batch: int, length: int, repeats: int, warmup: int, clock: str = "cpu", blocks: int = 3
+) -> dict[str, float]:
+    """Median seconds per forward + backward of each loss in ``names``.
+
+    Each loss runs in blocks: ``warmup`` untimed calls, then ``repeats`` timed calls in a row, as
+    it would run step after step in training. The blocks of all losses alternate (``blocks``
+    rounds, the order rotated each round), so that background load and the state left by the
+    previous loss (caches, freed memory) fall on every loss alike.
+    """
+    now = CLOCKS[clock]
     x = make_inputs(batch, length)
     fns = {name: step_fn(name, x) for name in names}
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
     samples: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        order = names[r % len(names):] + names[: r % len(names)]  # rotate who goes first
+    for r in range(blocks):
+        order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
-            t0 = time.perf_counter()
-            fns[name]()
-            samples[name].append(time.perf_counter() - t0)
+            fn = fns[name]
+            for _ in range(warmup):
+                fn()
+            for _ in range(repeats):
+                t0 = now()
+                fn()
+                samples[name].append(now() - t0)
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
@@ -163,10 +181,15 @@ def measure_memory(name: str, batch: int, length: int, threads: int) -> dict[str
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="few repeats (about a minute on 2 cores)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per size (default 9, quick 3)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed calls per block at the large size, 3 blocks per loss (default 7, quick 2); "
+                             "the small size uses 5x as many")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: on a shared machine, multi-threaded ops "
                              "stall when one of their threads is preempted, which swamps the ratios)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu",
+                        help="cpu: CPU time of the process (default; not inflated while other jobs hold "
+                             "the cores), wall: elapsed time")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     parser.add_argument("--losses", default=None, help="comma-separated subset (grpo and trl always run)")
     parser.add_argument("--memory-child", nargs=3, metavar=("NAME", "B", "T"), help=argparse.SUPPRESS)
@@ -189,12 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     names = sorted(list_losses()) if args.losses is None else sorted(set(args.losses.split(",")) | {BASELINE})
     if have_trl:
         names.append(TRL)
-    repeats = args.repeats or (3 if args.quick else 9)
-    small_repeats = max(repeats * 5, 15)
+    repeats = args.repeats or (2 if args.quick else 7)
+    small_repeats = repeats * 5
 
     times: dict[str, dict[str, float]] = {}
     for size, (b, t) in SIZES.items():
-        times[size] = time_all(names, b, t, small_repeats if size == "small" else repeats, warmup=2)
+        times[size] = time_all(names, b, t, small_repeats if size == "small" else repeats, warmup=2,
+                               clock=args.clock, blocks=3)
     memory: dict[str, dict[str, float]] = {}
     if not args.no_memory and sys.platform.startswith("linux"):
         b, t = SIZES["large"]
@@ -206,8 +230,8 @@ def main(argv: list[str] | None = None) -> int:
 
     cmd = "python " + " ".join(["benchmarks/losses.py"] + (argv if argv is not None else sys.argv[1:]))
     print(f"# Policy-loss forward+backward ({cmd}; torch {torch.__version__}, {args.threads} threads)\n")
-    print(f"median of {small_repeats} (small) / {repeats} (large) round-robin rounds after 2 warm-up rounds; "
-          f"ratios are to `{BASELINE}` in the same run\n")
+    print(f"{args.clock} time, median of 3 blocks x {small_repeats} (small) / 3 x {repeats} (large) calls, "
+          f"2 warm-up calls per block; ratios are to `{BASELINE}` in the same run\n")
     (sb, st), (lb, lt) = SIZES["small"], SIZES["large"]
     header = (f"| loss | B={sb},T={st} ms | vs {BASELINE} | B={lb},T={lt} ms | vs {BASELINE} |"
               + (f" peak MiB (large) | vs {BASELINE} | saved for backward MiB |" if memory else ""))

@@ -100,6 +100,19 @@ def _rollout_terms(
     )
 
 
+def _float_mask(response_mask: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(0/1 mask in ``dtype``, the bool mask if it came for free). Nonzero means valid.
+
+    Both conversions are written to run at memory speed: bool goes through a uint8 view (a plain
+    bool-to-float cast is several times slower on CPU), other dtypes through ``ne(0)`` written
+    straight into a float buffer (no intermediate bool tensor).
+    """
+    if response_mask.dtype == torch.bool:
+        return response_mask.view(torch.uint8).to(dtype), response_mask
+    out = torch.empty(response_mask.shape, dtype=dtype, device=response_mask.device)
+    return torch.ne(response_mask, 0, out=out), None
+
+
 def build_loss_batch(
     *,
     log_prob: torch.Tensor,
@@ -117,8 +130,7 @@ def build_loss_batch(
     response_mask = _check_2d("response_mask", response_mask, log_prob.shape)
     adv = _check_advantages(advantages, log_prob.shape)
     dtype = _compute_dtype(log_prob)
-    mask = response_mask if response_mask.dtype == torch.bool else response_mask.bool()
-    mask_f = mask.to(dtype)
+    mask_f, mask = _float_mask(response_mask, dtype)
     lengths = mask_f.sum(-1)  # [B]
     if not bool(lengths.sum() > 0):
         raise ValueError("response_mask has no valid token in the whole batch")
@@ -127,14 +139,25 @@ def build_loss_batch(
     lp = log_prob.to(dtype)
     olp = old_log_prob.detach().to(dtype)
     adv = adv.detach().to(dtype)
-    if not _all_finite(lp, olp):  # rare: garbage on padding (or an error on a valid token)
+    # the raw log-ratio doubles as the finiteness check of both inputs (NaN/Inf in either makes
+    # its sum non-finite) and, clamped, gives log W_stale
+    with torch.no_grad():
+        diff = lp.detach() - olp
+    if not _all_finite(diff):  # rare: garbage on padding (or an error on a valid token)
+        if mask is None:
+            mask = mask_f != 0
         _check_finite("log_prob", lp, mask)
         _check_finite("old_log_prob", olp, mask)
         zero = torch.zeros((), dtype=dtype, device=lp.device)
         lp = torch.where(mask, lp, zero)  # the gradient under the mask stays exactly 0
         olp = torch.where(mask, olp, zero)
+        with torch.no_grad():
+            diff = lp.detach() - olp
+    seq_log_ratio = diff.clamp_(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).mul_(mask_f).sum(-1)
     if adv.dim() == 2:
         if not _all_finite(adv):
+            if mask is None:
+                mask = mask_f != 0
             _check_finite("advantages", adv, mask)
             adv = masked_fill_zero(adv, mask)
         seq_adv = _first_valid(adv, mask_f, valid_seq)
@@ -149,18 +172,24 @@ def build_loss_batch(
     if rollout_is_weights is not None:
         if not isinstance(rollout_is_weights, torch.Tensor):
             raise ValueError("rollout_is_weights must be a torch.Tensor")
+        if mask is None:
+            mask = mask_f != 0
         rollout_weight, rollout_seq_log_w = _rollout_terms(rollout_is_weights, mask, mask_f, log_prob.shape, dtype)
-    return LossBatch(
+    batch = LossBatch(
         log_prob=lp,
         old_log_prob=olp,
         advantages=adv,
         seq_advantages=seq_adv,
-        mask=mask,
         mask_f=mask_f,
         lengths=lengths,
+        seq_log_ratio=seq_log_ratio,
         rollout_weight=rollout_weight,
         rollout_seq_log_w=rollout_seq_log_w,
+        scratch=diff,  # no longer needed: reused by the aggregation
     )
+    if mask is not None:
+        batch.__dict__["mask"] = mask  # prefill the cached bool mask
+    return batch
 
 
 def _run_kernel(name: str, batch: LossBatch, params: dict[str, Any]) -> KernelOutput:
@@ -185,13 +214,34 @@ def _masked_loss_mat(out: KernelOutput, batch: LossBatch) -> torch.Tensor:
     return coeff * (batch.log_prob * batch.mask_f)
 
 
+class _MaskedRowSum(torch.autograd.Function):
+    """[B] sum_t x[b, t] * m[b, t], differentiable in ``x`` only; the product goes to ``scratch``.
+
+    Same value as ``(x * m).sum(-1)`` without allocating a [B, T] temporary: the forward writes
+    into a buffer the caller no longer needs, and the backward is grad[b] * m[b, t].
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, m: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(m)
+        return torch.mul(x, m, out=scratch).sum(-1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (m,) = ctx.saved_tensors
+        return grad.unsqueeze(-1) * m, None, None
+
+
 def _seq_sums(out: KernelOutput, batch: LossBatch) -> torch.Tensor:
     """[B] sum over valid tokens of the per-token loss (with grad)."""
     if out.loss_mat is not None:
         return (out.loss_mat * batch.mask_f).sum(-1)
-    if out.logp_coeff.dim() == 1:  # c_b * sum_t log pi_bt m_bt: one dot product per row
-        return out.logp_coeff * torch.linalg.vecdot(batch.log_prob, batch.mask_f)
-    return torch.linalg.vecdot(batch.log_prob, out.logp_coeff * batch.mask_f)
+    if out.logp_coeff.dim() == 1:  # c_b * sum_t log pi_bt m_bt: one masked row sum
+        scratch = batch.scratch
+        if scratch is not None and scratch.shape == batch.log_prob.shape and scratch.dtype == batch.log_prob.dtype:
+            return out.logp_coeff * _MaskedRowSum.apply(batch.log_prob, batch.mask_f, scratch)
+        return out.logp_coeff * (batch.log_prob * batch.mask_f).sum(-1)
+    return (batch.log_prob * (out.logp_coeff * batch.mask_f)).sum(-1)
 
 
 def compute_loss_terms(
@@ -295,12 +345,13 @@ def compute_policy_loss(
         _seq_sums(out, batch),
         batch.lengths,
         loss_agg_mode,
-        response_length=batch.mask.shape[-1],
+        response_length=batch.mask_f.shape[-1],
         global_num_tokens=global_num_tokens,
         global_num_seqs=global_num_seqs,
         norm_length=norm_length,
     )
     loss = torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0)
+    object.__setattr__(batch, "scratch", None)  # the buffer is done with; do not keep it alive
 
     valid_seq = batch.lengths > 0
     total_log_w = out.seq_log_w
@@ -318,7 +369,7 @@ def compute_policy_loss(
             seq_advantages=batch.seq_advantages,
             valid_seq=valid_seq,
             token_log_ratio=None,
-            mask=batch.mask,
+            mask=None,
             kernel_mode=out.kernel_mode,
             stale_log_w=stale,
             mismatch_log_w=mismatch,
@@ -329,6 +380,6 @@ def compute_policy_loss(
     return LossOutput(
         loss=loss.to(log_prob.dtype) if log_prob.dtype == torch.float64 else loss,
         metrics=metrics,
-        mask=batch.mask,
+        mask_fn=lambda: batch.mask,
         loss_mat_fn=lambda: _masked_loss_mat(out, batch),
     )

@@ -20,9 +20,17 @@ import math
 
 import torch
 
-from vespo.losses.numerics import masked_mean, normalized_ess, normalized_ess_from_log
+from vespo.losses.numerics import masked_mean
 
 _QUANTILES = (0.1, 0.5, 0.9)
+
+
+def _quantile(sorted_values: list[float], level: float) -> float:
+    """Quantile with linear interpolation between order statistics (torch/numpy's default)."""
+    pos = level * (len(sorted_values) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (pos - lo) * (sorted_values[hi] - sorted_values[lo])
 
 
 @torch.no_grad()
@@ -33,7 +41,7 @@ def weight_diagnostics(
     seq_advantages: torch.Tensor,
     valid_seq: torch.Tensor,
     token_log_ratio: torch.Tensor | None,
-    mask: torch.Tensor,
+    mask: torch.Tensor | None,
     kernel_mode: torch.Tensor | None = None,
     stale_log_w: torch.Tensor | None = None,
     mismatch_log_w: torch.Tensor | None = None,
@@ -44,43 +52,76 @@ def weight_diagnostics(
     ``is/token_kl`` is the masked mean of ``-token_log_ratio``; a caller that already has the
     per-sequence sums of the log-ratio passes the value as ``token_kl`` (and may give
     ``token_log_ratio=None``) to skip that [B, T] pass.
+
+    The per-sequence inputs are stacked into one float64 [k, B] tensor and every statistic is
+    gathered into one vector, so the whole call costs a few dozen small ops and a single
+    device-to-host transfer.
     """
-    log_w = seq_log_w[valid_seq].double()
-    phi = seq_weight[valid_seq].double()
-    adv = seq_advantages[valid_seq]
-    n = log_w.numel()
-    stats: dict[str, torch.Tensor] = {
-        "is/log_w_mean": log_w.mean(),
-        "is/log_w_std": log_w.std(unbiased=False),
-        "is/log_w_min": log_w.min(),
-        "is/log_w_max": log_w.max(),
-        "is/abs_log_w_mean": log_w.abs().mean(),
-        "is/ess": normalized_ess_from_log(log_w),
-        "is/token_kl": (
-            masked_mean(-token_log_ratio.double(), mask) if token_kl is None else torch.as_tensor(token_kl)
-        ),
-        "phi/mean": phi.mean(),
-        "phi/min": phi.min(),
-        "phi/max": phi.max(),
-        "phi/ess": normalized_ess(phi),
-        "phi/frac_below_0.01": (phi < 0.01).double().mean(),
-    }
-    top = max(1, math.ceil(0.1 * n))
-    total = phi.sum()
-    stats["phi/top10_share"] = phi.topk(top).values.sum() / total if total > 0 else torch.tensor(0.0)
-    for sign, selector in (("pos", adv >= 0), ("neg", adv < 0)):
-        if selector.any():
-            q = torch.quantile(log_w[selector], torch.tensor(_QUANTILES, dtype=log_w.dtype, device=log_w.device))
-            for level, value in zip(_QUANTILES, q):
-                stats[f"is/log_w_{sign}_p{int(level * 100)}"] = value
+    device = seq_log_w.device
+    f64 = torch.float64
+    rows = [seq_log_w, seq_weight, seq_advantages]
     if kernel_mode is not None:
-        stats["is/frac_beyond_mode"] = (log_w > torch.log(kernel_mode[valid_seq].double())).double().mean()
-    for name, part in (("stale", stale_log_w), ("mismatch", mismatch_log_w)):
-        if part is not None:
-            part = part[valid_seq].double()
-            stats[f"is/log_w_{name}_mean"] = part.mean()
-            stats[f"is/log_w_{name}_abs_mean"] = part.abs().mean()
-    keys = list(stats)
-    # some fallbacks above are CPU scalars: put everything on one device before the single sync
-    values = torch.stack([torch.as_tensor(stats[k], dtype=torch.float64, device=log_w.device) for k in keys]).tolist()
-    return {k: float(v) for k, v in zip(keys, values)}
+        rows.append(kernel_mode)
+    parts = [(name, part) for name, part in (("stale", stale_log_w), ("mismatch", mismatch_log_w)) if part is not None]
+    rows.extend(part for _, part in parts)
+    x = torch.stack([r.detach().to(device=device, dtype=f64) for r in rows])  # [k, B]
+    if not bool(valid_seq.all()):
+        x = x[:, valid_seq.to(device)]
+    log_w, phi, adv = x[0], x[1], x[2]
+    n = x.shape[1]
+
+    if token_kl is None:
+        kl = masked_mean(-token_log_ratio.double(), mask).to(device)
+    else:
+        kl = torch.as_tensor(token_kl).to(device=device, dtype=f64)
+    std, mean = torch.std_mean(log_w, correction=0)
+    log_w_min, log_w_max = torch.aminmax(log_w)
+    phi_min, phi_max = torch.aminmax(phi)
+    w_rel = torch.exp(log_w - log_w_max)  # W / max W: ESS is scale-free, and this cannot overflow
+    top = phi.topk(max(1, math.ceil(0.1 * n))).values.sum()
+    positive = adv >= 0
+    nan = torch.full((), math.nan, dtype=f64, device=device)
+    # log W of each sign, sorted, NaN (sorted last) standing for the other sign's entries
+    by_sign = torch.stack([torch.where(positive, log_w, nan), torch.where(positive, nan, log_w)]).sort(dim=1).values
+
+    scalars = {
+        "is/log_w_mean": mean,
+        "is/log_w_std": std,
+        "is/log_w_min": log_w_min,
+        "is/log_w_max": log_w_max,
+        "is/abs_log_w_mean": log_w.abs().mean(),
+        "_w_sum": w_rel.sum(),
+        "_w_sq_sum": (w_rel * w_rel).sum(),
+        "is/token_kl": kl,
+        "phi/mean": phi.mean(),
+        "phi/min": phi_min,
+        "phi/max": phi_max,
+        "phi/frac_below_0.01": (phi < 0.01).to(f64).mean(),
+        "_phi_sum": phi.sum(),
+        "_phi_sq_sum": (phi * phi).sum(),
+        "_phi_top": top,
+        "_n_pos": positive.to(f64).sum(),
+    }
+    if kernel_mode is not None:
+        scalars["is/frac_beyond_mode"] = (log_w > torch.log(x[3])).to(f64).mean()
+    if parts:
+        split = x[len(rows) - len(parts):]
+        means, abs_means = split.mean(1), split.abs().mean(1)
+        for i, (name, _) in enumerate(parts):
+            scalars[f"is/log_w_{name}_mean"] = means[i]
+            scalars[f"is/log_w_{name}_abs_mean"] = abs_means[i]
+    keys = list(scalars)
+    values = torch.cat([torch.stack([scalars[k] for k in keys]), by_sign.reshape(-1)]).tolist()
+    out = dict(zip(keys, values[: len(keys)]))
+    sorted_by_sign = values[len(keys):]
+
+    w_sum, w_sq_sum = out.pop("_w_sum"), out.pop("_w_sq_sum")
+    out["is/ess"] = w_sum**2 / (n * w_sq_sum)  # w_rel's maximum is 1, so w_sq_sum >= 1
+    phi_sum, phi_sq_sum, phi_top, n_pos = (out.pop(k) for k in ("_phi_sum", "_phi_sq_sum", "_phi_top", "_n_pos"))
+    out["phi/ess"] = phi_sum**2 / (n * phi_sq_sum) if phi_sq_sum > 0 else 0.0
+    out["phi/top10_share"] = phi_top / phi_sum if phi_sum > 0 else 0.0
+    for j, (sign, count) in enumerate((("pos", int(n_pos)), ("neg", n - int(n_pos)))):
+        if count:
+            for level in _QUANTILES:
+                out[f"is/log_w_{sign}_p{int(level * 100)}"] = _quantile(sorted_by_sign[j * n : j * n + count], level)
+    return {k: float(v) for k, v in out.items()}

@@ -30,6 +30,8 @@ class LossBatch:
         mask: [B, T] bool, True on response tokens that count.
         mask_f: [B, T] the mask as 0/1 in the compute dtype.
         lengths: [B] float number of valid tokens per sequence.
+        seq_log_ratio: [B] log W_stale = sum over valid tokens of clamp(log_prob - old_log_prob,
+            -20, 20) (true product, no 1/T), detached.
         rollout_weight: [B, T] rollout IS weight (pi_old/mu) applied to each token (a per-sequence
             weight is broadcast), 1 where masked; ``None`` when no weights were given.
         rollout_seq_log_w: [B] log of the sequence's rollout IS weight: sum over valid tokens of
@@ -41,11 +43,19 @@ class LossBatch:
     old_log_prob: torch.Tensor
     advantages: torch.Tensor
     seq_advantages: torch.Tensor
-    mask: torch.Tensor
     mask_f: torch.Tensor
     lengths: torch.Tensor
+    seq_log_ratio: torch.Tensor
     rollout_weight: torch.Tensor | None
     rollout_seq_log_w: torch.Tensor | None
+    #: a free [B, T] buffer of the compute dtype that the aggregation may overwrite (saves one
+    #: allocation of the batch's size); ``None`` if there is none.
+    scratch: torch.Tensor | None = field(default=None, repr=False, compare=False)
+
+    @cached_property
+    def mask(self) -> torch.Tensor:
+        """[B, T] bool, True on valid tokens (the input mask itself when it was bool)."""
+        return self.mask_f != 0
 
     @cached_property
     def token_advantages(self) -> torch.Tensor:
@@ -58,20 +68,6 @@ class LossBatch:
         """[B, T] clamp(log_prob - old_log_prob, -20, 20), zero where masked (has grad)."""
         diff = (self.log_prob - self.old_log_prob).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
         return diff * self.mask_f
-
-    @cached_property
-    def seq_log_ratio(self) -> torch.Tensor:
-        """[B] log W_stale = sum_t log(pi_theta/pi_old) over valid tokens (true product, no 1/T).
-
-        Detached. Equal, bit for bit, to ``log_ratio.detach().sum(-1)``, but computed without
-        building the autograd graph of ``log_ratio`` when no kernel asked for it.
-        """
-        if "log_ratio" in self.__dict__:
-            return self.log_ratio.detach().sum(-1)
-        with torch.no_grad():
-            diff = self.log_prob.detach() - self.old_log_prob
-            diff.clamp_(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).mul_(self.mask_f)
-            return diff.sum(-1)
 
 
 @dataclass
@@ -131,14 +127,26 @@ class LossOutput:
         mask: torch.Tensor | None = None,
         *,
         loss_mat_fn: Callable[[], torch.Tensor] | None = None,
+        mask_fn: Callable[[], torch.Tensor] | None = None,
     ) -> None:
         if loss_mat is None and loss_mat_fn is None:
             raise ValueError("LossOutput needs loss_mat or loss_mat_fn")
+        if mask is None and mask_fn is None:
+            raise ValueError("LossOutput needs mask or mask_fn")
         self.loss = loss
         self.metrics = metrics
-        self.mask = mask
+        self._mask = mask
+        self._mask_fn = mask_fn
         self._loss_mat = loss_mat
         self._loss_mat_fn = loss_mat_fn
+
+    @property
+    def mask(self) -> torch.Tensor:
+        if self._mask is None:
+            assert self._mask_fn is not None
+            self._mask = self._mask_fn()
+            self._mask_fn = None
+        return self._mask
 
     @property
     def loss_mat(self) -> torch.Tensor:
