@@ -268,3 +268,35 @@ def test_loss_terms_path_matches_compute_policy_loss(name, per_token_adv):
         torch.testing.assert_close(lp1.grad, lp2.grad, rtol=1e-12, atol=1e-15)
         # the lazily built per-token loss of LossOutput is the same matrix
         torch.testing.assert_close(out.loss_mat, terms.loss_mat.detach(), rtol=1e-12, atol=1e-15)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mask dtypes and the fast finiteness check
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_any_mask_dtype_means_nonzero_is_valid(name):
+    lp, old, adv, mask = base_batch()
+    ref_loss, ref_grad = loss_and_grad(name, lp, old, adv, mask)
+    weird = mask.to(torch.float32) * torch.tensor([2.0, 0.5, -1.0, 1.0, 3.0])  # nonzero = valid
+    for m in (mask.long(), mask.to(torch.float16), mask.double(), weird):
+        lp1 = lp.clone().requires_grad_()
+        out = compute_policy_loss(name, log_prob=lp1, old_log_prob=old, advantages=adv, response_mask=m)
+        out.loss.backward()
+        assert out.loss.item() == pytest.approx(ref_loss.item(), rel=1e-12)
+        torch.testing.assert_close(lp1.grad, ref_grad, rtol=1e-12, atol=0)
+        assert out.mask.dtype == torch.bool and torch.equal(out.mask, mask)
+
+
+def test_huge_finite_values_are_not_mistaken_for_nan():
+    # the cheap check sums the log-ratios; an overflowing sum of finite values must fall back to
+    # the exact check (no error) and give the same finite result as the clamped computation
+    lp = torch.tensor([[-3e38, -1.0], [-1.0, -1.0]], requires_grad=True)
+    old = torch.tensor([[3e38, -1.0], [-1.0, -1.0]])
+    out = compute_policy_loss("vespo", log_prob=lp, old_log_prob=old, advantages=torch.tensor([1.0, 1.0]),
+                              response_mask=torch.ones(2, 2, dtype=torch.bool))
+    out.loss.backward()
+    assert out.metrics["is/log_w_min"] == -20.0  # row 0: clamped token log-ratio -20
+    assert torch.isfinite(lp.grad).all()
+    torch.testing.assert_close(lp.grad[1], torch.full((2,), -1.0 / 4))  # W = 1 -> phi = 1
