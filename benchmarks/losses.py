@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         return f"{value / base:.2f}x" if base > 0 else "n/a"
 
     cmd = "python " + " ".join(["benchmarks/losses.py"] + (argv if argv is not None else sys.argv[1:]))
-    print(f"# Policy-loss forward+backward ({cmd}; torch {torch.__version__}, {args.threads} threads)\n")
+    print(f"# Policy-loss forward+backward ({cmd}; torch {torch.__version__}, {args.threads} intra-op thread(s))\n")
     print(f"{args.clock} time, median of 3 blocks x {small_repeats} (small) / 3 x {repeats} (large) calls, "
           f"2 warm-up calls per block; ratios are to `{BASELINE}` in the same run\n")
     (sb, st), (lb, lt) = SIZES["small"], SIZES["large"]
