@@ -161,9 +161,14 @@ class AsyncConfig(_Section):
     sync_every: int = Field(4, ge=1, description="optimizer steps between weight pushes")
     staleness_threshold: float = Field(1.0, ge=0)
     partial_rollout: bool = True
-    queue_size: int = Field(8, ge=1, description="completed prompt groups the queue holds")
+    queue_size: int = Field(64, ge=1, description="prompt groups in flight or waiting (>= mini_batch_prompts)")
     ray_address: str | None = None
     worker_timeout_s: float = Field(300.0, gt=0)
+    chunk_prompts: int | None = Field(None, ge=1, description="prompts per worker request (default m / workers)")
+    max_worker_restarts: int = Field(3, ge=0, description="dead workers replaced before the run stops")
+    worker_threads: int = Field(1, ge=1, description="torch threads per rollout worker")
+    worker_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved per rollout worker")
+    measure_mismatch: bool = Field(True, description="trainer-precision log-probs of sampled tokens (metrics)")
 
 
 class TrainConfig(_Section):

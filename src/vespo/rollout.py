@@ -235,6 +235,11 @@ def split_minibatches(batch: MiniBatch, num_minibatches: int, group_size: int) -
 OldLogProbFn = Callable[[MiniBatch], torch.Tensor]
 
 
+class RolloutSourceError(RuntimeError):
+    """A rollout source failed between two optimizer steps (e.g. its async workers died); the
+    trainer's state is consistent, so the trainer checkpoints before stopping."""
+
+
 class SyncRolloutSource:
     """The paper's synchronous schedule: sample a rollout batch of N mini-batches with the current
     weights, recompute pi_old once (optional), then hand out the mini-batches one per step.

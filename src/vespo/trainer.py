@@ -44,7 +44,14 @@ from vespo.models import (
     load_pretrained,
     smollm2_checkpoint,
 )
-from vespo.rollout import MiniBatch, PromptStream, SyncRolloutSource, encode_prompts, minibatch_metrics
+from vespo.rollout import (
+    MiniBatch,
+    PromptStream,
+    RolloutSourceError,
+    SyncRolloutSource,
+    encode_prompts,
+    minibatch_metrics,
+)
 from vespo.sampling import Sampler, sequence_log_probs_and_entropy
 from vespo.tasks import Example, RewardRunner, build_task
 
@@ -216,7 +223,13 @@ class Trainer:
                 self.save()
             with _progress(cfg, self.step) as progress:
                 while self.step < cfg.run.total_steps and not stop.requested:
-                    row = self.train_step()
+                    try:
+                        row = self.train_step()
+                    except RolloutSourceError:  # raised between steps: checkpoint what we have
+                        self.elapsed_before += time.perf_counter() - start
+                        start = time.perf_counter()
+                        self.save()
+                        raise
                     if self.step % cfg.eval.every == 0 or self.step == cfg.run.total_steps:
                         row.update(self.evaluate())
                     row["perf/elapsed_s"] = self.elapsed_before + time.perf_counter() - start
@@ -301,11 +314,15 @@ class Trainer:
         sums: dict[str, float] = {}
         entropy_sum = 0.0
         use_correction = alg.correction != "none"
+        # sources that report pi_theta-vs-mu gaps (async) get the log-probs of this step's forward
+        seen = torch.zeros_like(mb.behaviour_log_prob) if hasattr(self.source, "log_prob_metrics") else None
         for a, b in self._micro_slices(mb.num_sequences):
             micro = mb.slice(a, b).to(self.device)
             if not micro.response_mask.any():
                 continue
             log_prob, entropy = self._log_probs(micro)
+            if seen is not None:
+                seen[a:b] = log_prob.detach().float().cpu()
             out = compute_policy_loss(
                 alg.loss,
                 log_prob=log_prob,
@@ -343,6 +360,8 @@ class Trainer:
         if mb.old_log_prob is not None:
             diff = (mb.old_log_prob - mb.behaviour_log_prob)[mask]
             sums["mismatch/old_vs_sampler_abs_diff"] = diff.abs().mean().item()
+        if seen is not None:
+            sums.update(self.source.log_prob_metrics(mb, seen))
         return sums
 
     # --------------------------------------------------------------------------- warm-up

@@ -1,0 +1,895 @@
+"""Fully asynchronous rollout on Ray: bounded staleness, weight syncs, partial rollouts.
+
+::
+
+    trainer process                                    Ray actors (one per worker)
+    ---------------                                    ---------------------------
+    AsyncRolloutSource                                 RolloutWorker k
+      prompt stream --chunks of prompts--------------->  Sampler (own model copy, sampler dtype)
+      staleness budget  (dispatch-ordered,               generate G responses per prompt,
+      bounded queue  <---completed prompt groups------   mu + version per token, rewards, A
+      next_minibatch(): the m oldest groups              reference pass (trainer dtype): mismatch
+      after_optimizer_step(): every K steps ---weights-> set_weights (interrupts generation
+                              (ray.put state_dict)       when partial_rollout, resumes it)
+
+Semantics follow verl's ``fully_async_policy`` (``trigger_parameter_sync_step`` = ``sync_every`` = K,
+``staleness_threshold`` = s, ``ppo_mini_batch_size`` = ``mini_batch_prompts`` = m, counted in
+prompt groups):
+
+* Every optimizer step consumes the m *oldest dispatched* prompt groups (oldest-first, so a slow
+  worker cannot starve a group into unbounded staleness).
+* Weights are pushed to every worker after each K-th optimizer step (version = step count).
+* Between two syncs the workers may start at most ``B = floor((1 + s) * K * m)`` groups, counting
+  the groups already in flight or waiting in the queue at the sync (verl's ``staleness_samples``).
+  With s = 0 the workers produce exactly what the trainer consumes until the next sync.
+* Hence every token the trainer sees is at most ``L = ceil(B / m) - 1`` versions old (proof in
+  docs/async.md); L is logged as ``stale/bound`` and checked at every step.
+* ``partial_rollout``: a sync interrupts the generation in flight; the partial responses are
+  resumed under the new weights, so one response may carry tokens of several versions. Without it
+  a worker finishes its current chunk with the old weights and loads the new ones before the next.
+* mu is always the log-prob the worker's sampler assigned to the token it drew; each token carries
+  the version of the weights that drew it.
+
+Faults: a worker that dies (or hangs longer than ``worker_timeout_s``) is replaced and its prompts
+are dispatched again, up to ``max_worker_restarts`` times; after that the source raises
+:class:`RolloutWorkerError` and the trainer checkpoints and stops. ``close`` (also at exit) shuts
+down the Ray instance it started and verifies its processes are gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vespo.advantages import group_advantages
+from vespo.config import ConfigError, TrainConfig
+from vespo.rollout import (
+    MiniBatch,
+    OldLogProbFn,
+    PromptStream,
+    RolloutSourceError,
+    encode_prompts,
+)
+from vespo.sampling import Rollout, Sampler, sequence_log_probs
+from vespo.tasks import Example, RewardRunner
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+#: Chunks queued on one worker at a time: one running, one ready to start the moment it ends.
+CHUNKS_PER_WORKER = 2
+#: Lag histogram buckets logged per step (``stale/lag_frac_0`` ... ``stale/lag_frac_7``, then ``_ge8``).
+LAG_BUCKETS = 8
+PROCESS_FILE = "ray_processes.json"
+
+
+class RolloutWorkerError(RolloutSourceError):
+    """Rollout workers failed beyond repair; the message says what happened and how to resume."""
+
+
+def staleness_budget(sync_every: int, staleness_threshold: float, mini_batch_prompts: int) -> int:
+    """Groups the workers may start between two weight syncs: floor((1 + s) * K * m) (verl)."""
+    return math.floor((1.0 + staleness_threshold) * sync_every * mini_batch_prompts + 1e-9)
+
+
+def staleness_bound(sync_every: int, staleness_threshold: float, mini_batch_prompts: int) -> int:
+    """Largest lag (optimizer steps) any consumed token can have: ceil(B / m) - 1."""
+    budget = staleness_budget(sync_every, staleness_threshold, mini_batch_prompts)
+    return -(-budget // mini_batch_prompts) - 1
+
+
+# ======================================================================================
+# Worker (runs inside a Ray actor; plain class so that it also runs in-process in tests)
+# ======================================================================================
+@dataclass
+class WorkerSpec:
+    """Everything a rollout worker needs; shipped once to each actor through the object store."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    task: Any
+    group_size: int
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    sampler_dtype: str
+    trainer_dtype: str
+    normalize_adv_std: bool
+    reward_timeout_s: float
+    threads: int
+    partial_rollout: bool
+    measure_mismatch: bool
+
+
+class RolloutWorker:
+    """One rollout worker: a sampler with its own weights, a reward runner and a generator.
+
+    ``generate`` calls are served in ticket order (``request["ticket"]`` = 0, 1, 2, ...) and only
+    once weights of at least ``request["min_version"]`` have arrived. ``set_weights`` may arrive
+    while a chunk is being generated (the actor runs several calls concurrently); with partial
+    rollouts it interrupts the generation at the next token, which then resumes under the new
+    weights.
+    """
+
+    def __init__(self, spec: WorkerSpec, index: int = 0):
+        torch.set_num_threads(max(1, spec.threads))
+        self.spec = spec
+        self.index = index
+        self.sampler = Sampler(spec.model, dtype=DTYPES[spec.sampler_dtype], policy_version=-1)
+        # The trainer-precision copy: log-probs of the sampled tokens under the sampling weights.
+        self.reference = Sampler(spec.model, dtype=DTYPES[spec.trainer_dtype]) if spec.measure_mismatch else None
+        self.tokenizer = spec.tokenizer
+        self.runner = RewardRunner(spec.task, timeout_s=spec.reward_timeout_s)
+        self.generator = torch.Generator()
+        self.config = getattr(self.sampler.model, "config", None)
+        self.num_experts_per_tok = getattr(self.config, "num_experts_per_tok", None)
+        self.is_moe = bool(getattr(self.config, "num_experts", None) or getattr(self.config, "num_local_experts", None))
+        self._cond = threading.Condition()
+        self._pending: tuple[dict[str, torch.Tensor], int, int | None] | None = None
+        self._interrupt = threading.Event()
+        self._ticket = 0
+        self.version = -1
+        self.busy_s = 0.0
+        self.started = time.time()
+
+    # -- control -------------------------------------------------------------------------
+    def ready(self) -> dict[str, Any]:
+        """Process facts: pid and host name."""
+        import socket
+
+        return {"pid": os.getpid(), "host": socket.gethostname(), "index": self.index}
+
+    def set_weights(self, state_dict: dict[str, torch.Tensor], version: int, seed: int | None = None) -> int:
+        """Queue new weights (loaded before the next chunk, or at once with partial rollouts)."""
+        with self._cond:
+            if self._pending is None or version >= self._pending[1]:
+                keep_seed = self._pending[2] if self._pending is not None and seed is None else seed
+                self._pending = (state_dict, int(version), keep_seed)
+            if self.spec.partial_rollout:
+                self._interrupt.set()
+            self._cond.notify_all()
+        return version
+
+    def stats(self) -> dict[str, float]:
+        return {"busy_s": self.busy_s, "alive_s": time.time() - self.started, "version": float(self.version)}
+
+    def _load_pending(self) -> None:
+        with self._cond:
+            pending, self._pending = self._pending, None
+            self._interrupt.clear()
+        if pending is None:
+            return
+        state_dict, version, seed = pending
+        self.sampler.load_state_dict(state_dict, version=version)
+        if self.reference is not None:
+            self.reference.load_state_dict(state_dict, version=version)
+        if seed is not None:
+            self.generator.manual_seed(int(seed))
+        self.version = version
+
+    def _has_version(self, min_version: int) -> bool:
+        return self.version >= min_version or (self._pending is not None and self._pending[1] >= min_version)
+
+    # -- generation ------------------------------------------------------------------------
+    def generate(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Sample, score and return the prompt groups of one chunk (see :meth:`_run_chunk`)."""
+        ticket, min_version = int(request["ticket"]), int(request["min_version"])
+        timeout = float(request.get("wait_timeout_s", 600.0))
+        with self._cond:
+            ok = self._cond.wait_for(lambda: self._ticket == ticket and self._has_version(min_version), timeout)
+            if not ok:
+                raise TimeoutError(f"worker {self.index}: chunk {ticket} waited {timeout}s for its turn/weights")
+        try:
+            return self._run_chunk(request)
+        finally:
+            with self._cond:
+                self._ticket += 1
+                self._cond.notify_all()
+
+    def _run_chunk(self, request: dict[str, Any]) -> dict[str, Any]:
+        spec, tok = self.spec, self.tokenizer
+        examples: list[Example] = request["examples"]
+        g = spec.group_size
+        t0 = time.perf_counter()
+        self._load_pending()
+        version_start = self.version
+        prompts = encode_prompts(tok, examples)
+        repeated = [p for p in prompts for _ in range(g)]
+        n = len(repeated)
+        reference: list[list[float]] = [[] for _ in range(n)]
+        flips: list[float] = []
+        interrupted: set[int] = set()
+        segments = 0
+        rollout: Rollout | None = None
+        stop_flag = self._interrupt.is_set if spec.partial_rollout else None
+        while True:
+            before = [0] * n if rollout is None else [len(r) for r in rollout.response_ids]
+            rollout = self.sampler.generate(
+                repeated,
+                max_new_tokens=spec.max_new_tokens,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+                temperature=spec.temperature,
+                top_p=spec.top_p,
+                generator=self.generator,
+                continuations=None if segments == 0 else rollout.response_ids,
+                continuation_log_probs=None if segments == 0 else rollout.behaviour_log_probs,
+                continuation_versions=None if segments == 0 else rollout.token_versions,
+                stop_flag=stop_flag,
+            )
+            segments += 1
+            if self.reference is not None:
+                flips.extend(self._reference_pass(rollout, before, reference))
+            open_rows = [i for i in range(n) if not rollout.finished[i]
+                         and len(rollout.response_ids[i]) < spec.max_new_tokens]
+            if not open_rows:
+                break
+            # interrupted by a weight sync: continue these responses under the new weights
+            interrupted.update(open_rows)
+            self._load_pending()
+        gen_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        responses = [tok.decode(r, skip_special_tokens=True) for r in rollout.response_ids]
+        scores, reward_stats = self.runner.score_batch(responses, [ex for ex in examples for _ in range(g)])
+        rewards = torch.tensor(scores, dtype=torch.float32)
+        advantages = group_advantages(rewards, g, normalize_std=spec.normalize_adv_std)
+        score_s = time.perf_counter() - t1
+        busy = time.perf_counter() - t0
+        self.busy_s += busy
+        groups = []
+        for k in range(len(examples)):
+            rows = range(k * g, (k + 1) * g)
+            groups.append({
+                "prompt_ids": [rollout.prompt_ids[i] for i in rows],
+                "response_ids": [rollout.response_ids[i] for i in rows],
+                "mu": [rollout.behaviour_log_probs[i] for i in rows],
+                "versions": [rollout.token_versions[i] for i in rows],
+                "finished": [rollout.finished[i] for i in rows],
+                "reference": [reference[i] for i in rows] if self.reference is not None else None,
+                "rewards": rewards[k * g : (k + 1) * g].tolist(),
+                "advantages": advantages[k * g : (k + 1) * g].tolist(),
+            })
+        stats = {
+            "busy_s": busy,
+            "generate_s": gen_s,
+            "score_s": score_s,
+            "tokens": float(sum(len(r) for r in rollout.response_ids)),
+            "segments": float(segments),
+            "interrupted_rows": float(len(interrupted)),
+            "rows": float(n),
+            "version_start": float(version_start),
+            "version_end": float(self.version),
+            **{k: float(v) for k, v in reward_stats.items() if k != "reward/scoring_time_s"},
+        }
+        if flips:
+            stats["routing_flip_frac"] = sum(flips) / len(flips)
+        return {"groups": groups, "stats": stats, "worker": self.index}
+
+    @torch.no_grad()
+    def _reference_pass(self, rollout: Rollout, before: list[int], out: list[list[float]]) -> list[float]:
+        """Trainer-precision log-probs of the tokens added in the last segment, under the weights that
+        sampled them; for MoE models also the share of (token, layer) routings that differ between
+        the sampler's and the trainer's precision. Appends to ``out``; returns the flip fractions."""
+        rows = [i for i in range(len(rollout)) if len(rollout.response_ids[i]) > before[i]]
+        if not rows:
+            return []
+        sub = rollout.select(rows)
+        padded = sub.to_padded(self.tokenizer.pad_token_id or 0)
+        t = padded.response_length
+        logp = sequence_log_probs(self.reference.model, padded.input_ids, padded.attention_mask, t)
+        for j, i in enumerate(rows):
+            out[i].extend(logp[j, before[i] : len(rollout.response_ids[i])].tolist())
+        if not self.is_moe:
+            return []
+        try:
+            return [self._routing_flips(padded, [before[i] for i in rows])]
+        except Exception:  # noqa: BLE001  # pragma: no cover - a model without router outputs
+            self.is_moe = False
+            return []
+
+    def _routing_flips(self, padded, starts: list[int]) -> float:
+        """Fraction of (new token, layer) pairs whose top-k experts differ between the sampler's
+        precision and the trainer's, on the same inputs (full forward passes)."""
+        from vespo.sampling import position_ids_from_mask
+
+        ids, mask = padded.input_ids, padded.attention_mask
+        kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids_from_mask(mask),
+                  "output_router_logits": True, "use_cache": False}
+        routed_ref = self.reference.model(**kwargs).router_logits
+        routed_smp = self.sampler.model(**kwargs).router_logits
+        b, width = ids.shape
+        p = padded.prompt_length
+        # responses tokens [p, width); this segment's new tokens start at p + starts[j]
+        new = torch.zeros((b, width), dtype=torch.bool)
+        for j, s in enumerate(starts):
+            new[j, p + s :] = True
+        new &= mask.bool()
+        # router position j decides the hidden state that predicts token j+1; use positions of new tokens
+        sel = new.reshape(-1)
+        if not sel.any():
+            return 0.0
+        k = self.num_experts_per_tok or 1
+        total = flipped = 0.0
+        for r_ref, r_smp in zip(routed_ref, routed_smp):
+            a = r_ref.float().reshape(b * width, -1)[sel].topk(k, -1).indices.sort(-1).values
+            c = r_smp.float().reshape(b * width, -1)[sel].topk(k, -1).indices.sort(-1).values
+            flipped += float((a != c).any(-1).sum())
+            total += float(a.shape[0])
+        return flipped / max(total, 1.0)
+
+
+# ======================================================================================
+# Driver side
+# ======================================================================================
+@dataclass
+class _Group:
+    """One prompt group in the pipeline (dispatched, not yet trained on)."""
+
+    order: int  # dispatch order: the trainer consumes groups in this order
+    position: int  # index in the prompt stream (for resume)
+    example: Example
+    chunk: int | None = None  # chunk in flight, None when waiting for (re)dispatch
+    result: dict[str, Any] | None = None
+
+
+@dataclass
+class _Chunk:
+    id: int
+    slot: int
+    ref: Any
+    groups: list[_Group]
+    dispatched_at: float
+
+
+@dataclass
+class _Slot:
+    """A worker position: the current actor, its ticket counter and outstanding chunks."""
+
+    index: int
+    handle: Any
+    ticket: int = 0
+    chunks: list[int] = field(default_factory=list)
+    last_progress: float = field(default_factory=time.monotonic)
+    pid: int | None = None
+    busy_s: float = 0.0
+
+
+class AsyncRolloutSource:
+    """Rollout source of ``run.mode: async`` (see the module docstring).
+
+    Implements the trainer's source interface: ``next_minibatch``, ``commit``,
+    ``after_optimizer_step``, ``log_prob_metrics``, ``state``/``load_state`` and ``close``.
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        model: torch.nn.Module,
+        tokenizer,
+        task,
+        train_examples: Sequence[Example],
+        old_log_prob_fn: OldLogProbFn | None = None,
+    ):
+        from vespo import ray_utils
+
+        if not ray_utils.ray_installed():
+            raise ConfigError("run.mode=async needs Ray: pip install 'vespo[async]' (or pip install ray)")
+        acfg, alg = cfg.async_, cfg.algorithm
+        self.cfg = cfg
+        self.m = alg.mini_batch_prompts
+        self.group_size = cfg.sampling.group_size
+        self.sync_every = acfg.sync_every
+        if acfg.queue_size < self.m:
+            raise ConfigError(
+                f"async.queue_size={acfg.queue_size} must be >= algorithm.mini_batch_prompts={self.m} "
+                "(one optimizer step needs that many completed groups)"
+            )
+        self.queue_size = acfg.queue_size
+        self.budget = staleness_budget(acfg.sync_every, acfg.staleness_threshold, self.m)
+        self.bound = staleness_bound(acfg.sync_every, acfg.staleness_threshold, self.m)
+        self.chunk_prompts = acfg.chunk_prompts or -(-self.m // acfg.num_workers)
+        self.partial = acfg.partial_rollout
+        self.max_restarts = acfg.max_worker_restarts
+        self.timeout_s = acfg.worker_timeout_s
+        self.tokenizer = tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.old_log_prob_fn = old_log_prob_fn
+        self.stream = PromptStream(train_examples, seed=cfg.run.seed)
+        self.run_dir = Path(cfg.run.out_dir)
+
+        # threads: each worker gets acfg.worker_threads, the trainer keeps the rest of a local machine
+        if cfg.run.threads is None and not acfg.ray_address:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) - acfg.num_workers * acfg.worker_threads))
+
+        # a run killed with SIGKILL may have left Ray agents behind: reap them before starting anew
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.process_file = self.run_dir / PROCESS_FILE
+        self.reaped = ray_utils.reap_stale_processes(self.process_file)
+
+        import ray
+
+        self._ray = ray
+        model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        self.session = ray_utils.start_ray(
+            acfg.ray_address,
+            num_cpus=max(os.cpu_count() or 1, math.ceil(acfg.num_workers * acfg.worker_cpus)),
+            object_store_bytes=8 * model_bytes,
+        )
+        on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+        spec = WorkerSpec(
+            model=model if on_cpu else copy.deepcopy(model).cpu(), tokenizer=tokenizer, task=task,
+            group_size=self.group_size, max_new_tokens=cfg.sampling.max_new_tokens,
+            temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
+            sampler_dtype=cfg.sampling.sampler_dtype, trainer_dtype=cfg.model.dtype,
+            normalize_adv_std=alg.normalize_adv_std, reward_timeout_s=cfg.task.reward_timeout_s,
+            threads=acfg.worker_threads, partial_rollout=self.partial, measure_mismatch=acfg.measure_mismatch,
+        )
+        # reward functions loaded from a .py file live in a module the workers cannot import:
+        # ship their code by value
+        import ray.cloudpickle
+
+        for name, module in list(sys.modules.items()):
+            if name.startswith("vespo_user_reward_"):
+                ray.cloudpickle.register_pickle_by_value(module)
+        self._spec_ref = ray.put(spec)
+        self._actor_cls = ray.remote(num_cpus=acfg.worker_cpus, max_concurrency=CHUNKS_PER_WORKER + 2)(RolloutWorker)
+        self._slots = [_Slot(i, self._spawn(i)) for i in range(acfg.num_workers)]
+
+        # pipeline state
+        self._groups: deque[_Group] = deque()  # every dispatched, unconsumed group, in dispatch order
+        self._redispatch: deque[_Group] = deque()  # groups of failed chunks, still counted in the window
+        self._replay: deque[int] = deque()  # stream positions to dispatch before new ones (resume)
+        self._chunks: dict[int, _Chunk] = {}
+        self._next_order = 0
+        self._next_chunk = 0
+        self._window_count = 0
+        self._version = 0
+        self._weights_ref = None
+        self._started = False
+        self._start_step = 0
+        self._closed = False
+        self._taken: list[_Group] = []
+        self._current: tuple[MiniBatch, torch.Tensor | None] | None = None
+        # accounting
+        self.restarts = 0
+        self.consumed_groups = 0
+        self.violations = 0
+        self._t_start: float | None = None
+        self._wait_total = 0.0
+        self._last_return: float | None = None
+        self._chunk_stats: list[dict[str, float]] = []
+
+    # ------------------------------------------------------------------------- workers
+    def _spawn(self, index: int):
+        return self._actor_cls.remote(self._spec_ref, index)
+
+    def _worker_seed(self, index: int) -> int:
+        """Worker 0 of a fresh run samples with ``run.seed`` itself (as the sync trainer does)."""
+        seed = self.cfg.run.seed
+        return seed + 1_000_003 * index + 7_919 * self._start_step + 104_729 * self.restarts
+
+    def _start(self, model: torch.nn.Module, policy_version: int) -> None:
+        """First call: wait for the workers, record their processes, push the current weights."""
+        ray = self._ray
+        self._start_step = policy_version
+        try:
+            infos = ray.get([s.handle.ready.remote() for s in self._slots], timeout=self.timeout_s)
+        except Exception as exc:  # noqa: BLE001 - a timeout or a worker that died while starting
+            raise RolloutWorkerError(f"rollout workers did not start within {self.timeout_s}s: {exc}") from None
+        for slot, info in zip(self._slots, infos):
+            slot.pid = info["pid"]
+        self._record_processes()
+        self._push_weights(model, policy_version, reseed=True)
+        self._started = True
+        self._t_start = time.perf_counter()
+
+    def _record_processes(self) -> None:
+        from vespo import ray_utils
+
+        if self.session.owned:
+            self.session.refresh_processes()
+            ray_utils.write_process_file(self.process_file, self.session)
+
+    def _push_weights(self, model: torch.nn.Module, version: int, reseed: bool = False) -> None:
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        self._weights_ref = self._ray.put(state)
+        self._version = version
+        for slot in self._slots:
+            seed = self._worker_seed(slot.index) if reseed else None
+            slot.handle.set_weights.remote(self._weights_ref, version, seed)
+        # verl: the new window counts the groups still in flight or queued
+        self._window_count = len(self._groups)
+
+    def _replace(self, slot: _Slot, reason: str) -> None:
+        """Replace a dead or hung worker, or raise when the restart budget is spent."""
+        ray = self._ray
+        with contextlib.suppress(Exception):  # already gone
+            ray.kill(slot.handle, no_restart=True)
+        for cid in slot.chunks:
+            chunk = self._chunks.pop(cid)
+            for grp in chunk.groups:
+                grp.chunk, grp.result = None, None
+                self._redispatch.append(grp)
+        # keep dispatch order among re-dispatched groups
+        self._redispatch = deque(sorted(self._redispatch, key=lambda g: g.order))
+        slot.chunks = []
+        if self.restarts >= self.max_restarts:
+            from vespo.checkpoint import latest_checkpoint
+
+            ckpt = latest_checkpoint(self.run_dir)
+            where = f"the last checkpoint is {ckpt}" if ckpt else "no checkpoint was written yet"
+            raise RolloutWorkerError(
+                f"rollout worker {slot.index} failed ({reason}) and async.max_worker_restarts="
+                f"{self.max_restarts} replacements are used up; stopping: {where}. "
+                f"Continue with: vespo train --resume {self.run_dir}"
+            )
+        self.restarts += 1
+        slot.handle = self._spawn(slot.index)
+        slot.ticket = 0
+        slot.pid = None
+        slot.last_progress = time.monotonic()
+        slot.handle.set_weights.remote(self._weights_ref, self._version, self._worker_seed(slot.index))
+
+    # ------------------------------------------------------------------------ dispatch
+    def _completed_unconsumed(self) -> int:
+        return sum(1 for g in self._groups if g.result is not None)
+
+    def _take_positions(self, n: int) -> list[int]:
+        out = []
+        while self._replay and len(out) < n:
+            out.append(self._replay.popleft())
+        if len(out) < n:
+            start = self.stream.position
+            self.stream.take(n - len(out))
+            out.extend(range(start, self.stream.position))
+        return out
+
+    def _example_at(self, position: int) -> Example:
+        size = len(self.stream.examples)
+        epoch, offset = divmod(position, size)
+        cache = getattr(self, "_order_cache", None)
+        if cache is None or cache[0] != epoch:
+            cache = (epoch, self.stream._order(epoch))
+            self._order_cache = cache
+        return self.stream.examples[cache[1][offset]]
+
+    def _dispatch(self) -> None:
+        """Send chunks to workers while the staleness budget and the queue bound allow."""
+        for slot in sorted(self._slots, key=lambda s: len(s.chunks)):
+            while len(slot.chunks) < CHUNKS_PER_WORKER:
+                groups = []
+                while self._redispatch and len(groups) < self.chunk_prompts:
+                    groups.append(self._redispatch.popleft())
+                if not groups:
+                    room = min(self.budget - self._window_count, self.queue_size - len(self._groups))
+                    n = min(self.chunk_prompts, room)
+                    if n <= 0:
+                        return
+                    for pos in self._take_positions(n):
+                        grp = _Group(self._next_order, pos, self._example_at(pos))
+                        self._next_order += 1
+                        self._groups.append(grp)
+                        groups.append(grp)
+                    self._window_count += n
+                self._submit(slot, groups)
+
+    def _submit(self, slot: _Slot, groups: list[_Group]) -> None:
+        cid = self._next_chunk
+        self._next_chunk += 1
+        request = {
+            "ticket": slot.ticket,
+            "min_version": self._version,
+            "examples": [g.example for g in groups],
+            "wait_timeout_s": self.timeout_s,
+        }
+        slot.ticket += 1
+        if not slot.chunks:
+            slot.last_progress = time.monotonic()
+        ref = slot.handle.generate.remote(request)
+        for g in groups:
+            g.chunk = cid
+        self._chunks[cid] = _Chunk(cid, slot.index, ref, groups, time.monotonic())
+        slot.chunks.append(cid)
+
+    # ------------------------------------------------------------------------- collect
+    def _collect(self, timeout: float) -> None:
+        """Store results of finished chunks (waiting up to ``timeout`` for the first one)."""
+        ray = self._ray
+        refs = [c.ref for c in self._chunks.values()]
+        if not refs:
+            return
+        ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+        if ready:
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        by_ref = {c.ref: c for c in self._chunks.values()}
+        for ref in ready:
+            chunk = by_ref[ref]
+            slot = self._slots[chunk.slot]
+            if chunk.id not in self._chunks:  # dropped with its worker earlier in this loop
+                continue
+            try:
+                result = ray.get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
+                    ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError) as exc:
+                self._replace(slot, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+                continue
+            except ray.exceptions.RayTaskError as exc:
+                raise RolloutWorkerError(
+                    f"rollout worker {slot.index} raised an error while generating: {exc}"
+                ) from None
+            self._chunks.pop(chunk.id)
+            slot.chunks.remove(chunk.id)
+            slot.last_progress = time.monotonic()
+            slot.busy_s += result["stats"]["busy_s"]
+            self._chunk_stats.append(result["stats"])
+            for grp, data in zip(chunk.groups, result["groups"]):
+                grp.result, grp.chunk = data, None
+
+    def _check_timeouts(self) -> None:
+        now = time.monotonic()
+        for slot in self._slots:
+            if slot.chunks and now - slot.last_progress > self.timeout_s:
+                self._replace(slot, f"no chunk finished for {self.timeout_s:.0f}s (async.worker_timeout_s)")
+
+    # ---------------------------------------------------------------- source interface
+    def next_minibatch(self, model: torch.nn.Module, policy_version: int) -> MiniBatch:
+        """The m oldest dispatched groups, as one mini-batch (waits until they are complete)."""
+        if self._closed:
+            raise RolloutSourceError("the async rollout source is closed")
+        if not self._started:
+            self._start(model, policy_version)
+        t0 = time.perf_counter()
+        while True:
+            self._dispatch()
+            head = [g for _, g in zip(range(self.m), self._groups)]
+            if len(head) == self.m and all(g.result is not None for g in head):
+                break
+            if not self._chunks and not self._redispatch:
+                raise RolloutSourceError("no rollout work is in flight and the queue cannot fill (a scheduler bug)")
+            self._collect(timeout=0.5)
+            self._check_timeouts()
+        wait = time.perf_counter() - t0
+        self._wait_total += wait
+        queue_depth = self._completed_unconsumed()
+        in_flight = sum(len(c.groups) for c in self._chunks.values())
+        self._taken = head
+        mb = self._assemble(head, policy_version)
+        t1 = time.perf_counter()
+        if self.old_log_prob_fn is not None:
+            mb.old_log_prob = self.old_log_prob_fn(mb)
+            mb.metrics["perf/old_log_prob_time_s"] = time.perf_counter() - t1
+        else:
+            mb.old_log_prob = mb.behaviour_log_prob
+        now = time.perf_counter()
+        elapsed = now - (self._t_start or now)
+        interval = now - self._last_return if self._last_return is not None else None
+        self._last_return = now
+        mb.metrics.update({
+            "perf/wait_time_s": wait,
+            "perf/queue_depth": float(queue_depth),
+            "perf/in_flight_groups": float(in_flight),
+            "perf/trainer_util": 1.0 - self._wait_total / elapsed if elapsed > 0 else 0.0,
+            "perf/worker_util": self._worker_util(elapsed),
+            "async/worker_restarts": float(self.restarts),
+            "async/window_groups": float(self._window_count),
+            "async/budget_groups": float(self.budget),
+        })
+        if interval:
+            mb.metrics["perf/samples_per_s"] = self.m * self.group_size / interval
+        mb.metrics.update(self._chunk_metrics())
+        return mb
+
+    def commit(self) -> None:
+        """The groups handed out by :meth:`next_minibatch` were trained on: drop them."""
+        for _ in self._taken:
+            self._groups.popleft()
+        self.consumed_groups += len(self._taken)
+        self._taken = []
+        self._dispatch()
+
+    def after_optimizer_step(self, model: torch.nn.Module, step: int) -> dict[str, float]:
+        """Every ``sync_every`` steps: push the weights (version = ``step``) to all workers."""
+        if step % self.sync_every:
+            return {}
+        t0 = time.perf_counter()
+        self._push_weights(model, step)
+        self._dispatch()
+        return {"perf/sync_time_s": time.perf_counter() - t0, "async/weight_version": float(step)}
+
+    def log_prob_metrics(self, mb: MiniBatch, log_prob: torch.Tensor) -> dict[str, float]:
+        """Gap between the trainer's log-probs at consumption (``log_prob [b, T]``) and mu, and log W
+        split into its staleness and mismatch parts (see docs/async.md)."""
+        if self._current is None or self._current[0] is not mb:
+            return {}
+        return gap_metrics(mb, log_prob, self._current[1])
+
+    def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """Prompt positions of every group not yet trained on (dispatched again after a resume)."""
+        pending = [g.position for g in self._groups] + list(self._replay)
+        meta = {
+            "stream_position": self.stream.position,
+            "replay": pending,
+            "restarts": self.restarts,
+            "consumed_groups": self.consumed_groups,
+        }
+        return meta, {}
+
+    def load_state(self, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+        if self._started:
+            raise RolloutSourceError("load_state must come before the first next_minibatch")
+        self.stream.position = int(meta["stream_position"])
+        self._replay = deque(int(p) for p in meta.get("replay", []))
+        self.consumed_groups = int(meta.get("consumed_groups", 0))
+
+    def close(self) -> None:
+        """Stop the workers and the Ray instance started here; leaves no processes behind."""
+        if self._closed:
+            return
+        self._closed = True
+        ray = self._ray
+        for slot in self._slots:
+            with contextlib.suppress(Exception):  # already gone
+                ray.kill(slot.handle, no_restart=True)
+        self._chunks.clear()
+        self.session.stop()
+        if self.session.owned:
+            self.process_file.unlink(missing_ok=True)
+
+    # --------------------------------------------------------------------- internals
+    def _assemble(self, groups: list[_Group], policy_version: int) -> MiniBatch:
+        res = [g.result for g in groups]
+        rollout = Rollout(
+            prompt_ids=[p for r in res for p in r["prompt_ids"]],
+            response_ids=[x for r in res for x in r["response_ids"]],
+            behaviour_log_probs=[x for r in res for x in r["mu"]],
+            token_versions=[x for r in res for x in r["versions"]],
+            finished=[x for r in res for x in r["finished"]],
+        )
+        padded = rollout.to_padded(self.pad_id)
+        reference = None
+        if all(r["reference"] is not None for r in res):
+            refs = [x for r in res for x in r["reference"]]
+            reference = torch.zeros_like(padded.behaviour_log_prob)
+            for i, lp in enumerate(refs):
+                if lp:
+                    reference[i, : len(lp)] = torch.tensor(lp, dtype=torch.float32)
+        mask = padded.response_mask.bool()
+        lag = (policy_version - padded.token_version).masked_fill(~mask, 0)
+        max_lag = int(lag[mask].max()) if mask.any() else 0
+        mb = MiniBatch(
+            input_ids=padded.input_ids,
+            attention_mask=padded.attention_mask,
+            response_mask=padded.response_mask,
+            behaviour_log_prob=padded.behaviour_log_prob,
+            old_log_prob=None,
+            token_version=padded.token_version,
+            advantages=torch.tensor([a for r in res for a in r["advantages"]], dtype=torch.float32),
+            rewards=torch.tensor([x for r in res for x in r["rewards"]], dtype=torch.float32),
+            prompt_length=padded.prompt_length,
+            stale_index=max_lag,
+            finished=padded.finished,
+        )
+        if max_lag > self.bound:
+            self.violations += 1
+        mb.metrics = staleness_metrics(mb, policy_version, self.bound)
+        mb.metrics["stale/bound_violations"] = float(self.violations)
+        if reference is not None:
+            mb.metrics.update(engine_mismatch_metrics(mb, reference))
+        self._current = (mb, reference)
+        return mb
+
+    def _worker_util(self, elapsed: float) -> float:
+        if elapsed <= 0:
+            return 0.0
+        return sum(s.busy_s for s in self._slots) / (len(self._slots) * elapsed)
+
+    def _chunk_metrics(self) -> dict[str, float]:
+        """Averages over the chunks that finished since the last step."""
+        stats, self._chunk_stats = self._chunk_stats, []
+        if not stats:
+            return {}
+        out: dict[str, float] = {}
+        busy = sum(s["busy_s"] for s in stats)
+        out["perf/sample_time_s"] = sum(s["generate_s"] for s in stats) / len(stats)
+        out["perf/sample_tokens_per_s"] = sum(s["tokens"] for s in stats) / max(sum(s["generate_s"] for s in stats), 1e-9)
+        out["perf/reward_time_s"] = sum(s["score_s"] for s in stats) / len(stats)
+        out["async/chunks_done"] = float(len(stats))
+        out["async/interrupted_rows_frac"] = sum(s["interrupted_rows"] for s in stats) / max(sum(s["rows"] for s in stats), 1.0)
+        for key in ("reward/errors", "reward/timeouts", "reward/nonfinite", "reward/clipped"):
+            if any(key in s for s in stats):
+                out[key] = sum(s.get(key, 0.0) for s in stats)
+        flips = [s["routing_flip_frac"] for s in stats if "routing_flip_frac" in s]
+        if flips:
+            out["mismatch/routing_flip_frac"] = sum(flips) / len(flips)
+        out["perf/worker_busy_s"] = busy
+        return out
+
+
+# ======================================================================================
+# Metrics
+# ======================================================================================
+def staleness_metrics(mb: MiniBatch, policy_version: int, bound: int) -> dict[str, float]:
+    """Token-weighted lag distribution, per-response oldest lag and partial-rollout statistics."""
+    mask = mb.response_mask.bool()
+    lag = (policy_version - mb.token_version).masked_fill(~mask, 0)
+    tokens = lag[mask].float()
+    out: dict[str, float] = {"stale/bound": float(bound)}
+    if tokens.numel() == 0:
+        return out
+    for k in range(LAG_BUCKETS):
+        out[f"stale/lag_frac_{k}"] = (tokens == k).float().mean().item()
+    out[f"stale/lag_frac_ge{LAG_BUCKETS}"] = (tokens >= LAG_BUCKETS).float().mean().item()
+    out["stale/lag_p50"] = tokens.quantile(0.5).item()
+    out["stale/lag_p90"] = tokens.quantile(0.9).item()
+    has = mask.any(-1)
+    big = torch.iinfo(torch.long).max
+    vmax = mb.token_version.masked_fill(~mask, -1).max(-1).values
+    vmin = mb.token_version.masked_fill(~mask, big).min(-1).values
+    span = (vmax - vmin)[has]
+    out["stale/seq_oldest_lag_mean"] = (policy_version - vmin[has]).float().mean().item()
+    out["stale/partial_frac"] = (span > 0).float().mean().item()
+    out["stale/partial_span_max"] = float(span.max().item())
+    return out
+
+
+def _k3(log_r: torch.Tensor) -> torch.Tensor:
+    """k3 estimator of KL(mu || pi) from samples of mu: r - 1 - log r with r = pi/mu."""
+    log_r = log_r.clamp(-20.0, 20.0)
+    return log_r.exp() - 1.0 - log_r
+
+
+def engine_mismatch_metrics(mb: MiniBatch, reference: torch.Tensor) -> dict[str, float]:
+    """Sampler (mu) against trainer precision under the *same* weights: pure engine mismatch."""
+    mask = mb.response_mask.bool()
+    diff = (reference - mb.behaviour_log_prob)[mask]
+    if diff.numel() == 0:
+        return {}
+    return {
+        "mismatch/engine_log_prob_diff_mean": diff.mean().item(),
+        "mismatch/engine_log_prob_diff_abs_mean": diff.abs().mean().item(),
+        "mismatch/engine_log_prob_diff_abs_max": diff.abs().max().item(),
+        "mismatch/engine_k3_kl": _k3(diff).mean().item(),
+    }
+
+
+def gap_metrics(mb: MiniBatch, log_prob: torch.Tensor, reference: torch.Tensor | None) -> dict[str, float]:
+    """pi_theta at consumption against mu per token, and the sequence log W split.
+
+    ``log W = sum_t (log pi_theta - log mu)`` = staleness part ``sum_t (log pi_theta - log pi_v)``
+    + mismatch part ``sum_t (log pi_v - log mu)``, where ``pi_v`` is the trainer-precision policy
+    of the weights that sampled each token (``reference``; the split needs it).
+    """
+    mask = mb.response_mask.bool()
+    if not mask.any():
+        return {}
+    logp = log_prob.detach().float()
+    token = (logp - mb.behaviour_log_prob)[mask]
+    has = mask.any(-1)
+    fm = mask.float()
+    out = {
+        "mismatch/pi_mu_log_prob_diff_mean": token.mean().item(),
+        "mismatch/pi_mu_log_prob_diff_abs_mean": token.abs().mean().item(),
+        "mismatch/pi_mu_k3_kl": _k3(token).mean().item(),
+    }
+    total = ((logp - mb.behaviour_log_prob) * fm).sum(-1)[has]
+    out["is/log_w_pi_mu_mean"] = total.mean().item()
+    out["is/log_w_pi_mu_abs_mean"] = total.abs().mean().item()
+    if reference is not None:
+        stale = ((logp - reference) * fm).sum(-1)[has]
+        engine = ((reference - mb.behaviour_log_prob) * fm).sum(-1)[has]
+        out["stale/log_w_mean"] = stale.mean().item()
+        out["stale/log_w_abs_mean"] = stale.abs().mean().item()
+        out["mismatch/log_w_mean"] = engine.mean().item()
+        out["mismatch/log_w_abs_mean"] = engine.abs().mean().item()
+    return out
