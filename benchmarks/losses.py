@@ -13,9 +13,10 @@ What is measured, for each loss at a small (B=16, T=512) and a large (B=256, T=8
   then timed calls in a row, as in training); the blocks of all losses alternate over three rounds
   so that load from other processes hits all of them alike. The figure is the median over all
   timed calls, reported as a ratio to ``grpo`` from the same run. CPU
-  time is the default because on a shared machine elapsed time mostly measures how long the
-  process waited for a core; with one intra-op thread (the default) the two agree on an idle
-  machine.
+  time is the default with one intra-op thread (the default) because on a shared machine elapsed
+  time mostly measures how long the process waited for a core; on an idle machine the two agree.
+  With ``--threads`` > 1 the clock defaults to wall time, since worker threads that spin while
+  waiting for work would count as CPU time.
 - **peak memory** (large batch only): the growth of the process's resident set during one forward
   + backward, in a fresh subprocess per loss. The inputs are created and one warm-up call is made,
   then the kernel's peak-RSS counter is reset (``/proc/self/clear_refs``) and the peak minus the
@@ -180,21 +181,24 @@ def measure_memory(name: str, batch: int, length: int, threads: int) -> dict[str
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="few repeats (about a minute on 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="fewer timed calls (~75 s on 2 shared cores, most of it the memory subprocesses)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed calls per block at the large size, 3 blocks per loss (default 7, quick 2); "
                              "the small size uses 5x as many")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: on a shared machine, multi-threaded ops "
                              "stall when one of their threads is preempted, which swamps the ratios)")
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu",
-                        help="cpu: CPU time of the process (default; not inflated while other jobs hold "
-                             "the cores), wall: elapsed time")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default=None,
+                        help="cpu: CPU time of the process (default with one thread; not inflated while "
+                             "other jobs hold the cores), wall: elapsed time (default with several threads, "
+                             "whose idle-spinning would count as CPU time)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     parser.add_argument("--losses", default=None, help="comma-separated subset (grpo and trl always run)")
     parser.add_argument("--memory-child", nargs=3, metavar=("NAME", "B", "T"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.clock is None:
+        args.clock = "cpu" if args.threads == 1 else "wall"
 
     if args.memory_child:
         name, b, t = args.memory_child
