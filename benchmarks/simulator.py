@@ -12,8 +12,11 @@ Parts (``--parts``, default all):
 - ``main``: learning curves of every loss at N in {1, 4, 16, 64}, with and without a
   sampler/trainer mismatch, equal total samples for every N.
 - ``ablation``: VESPO length normalisation, symmetric (c1, c2), and a scale sweep of (c1, c2).
-- ``tsweep``: response length T at N in {4, 64}.
-- ``entropy``: the same comparison with a high-entropy initial policy.
+- ``tsweep``: response length T (32 and 256 next to the main 128).
+- ``context``: the same comparison with a context-free policy (independent positions).
+- ``entropy``: the same comparison with a high-entropy initial policy (init_scale 1).
+- ``lr``: the same comparison at a quarter of the tuned learning rate (smaller drift per step).
+  These four "sensitivity" parts run every core loss at N = 64 and VESPO and CISPO at N = 4.
 - ``mismatch_fix``: where the ratio is taken when the sampler differs (pi_old, mu, token TIS).
 - ``gradient``: bias and variance of each loss's mini-batch gradient against the exact grad J, as
   functions of T and of the staleness k of the data.
@@ -43,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "simulator.json"
 DEFAULT_IMG = ROOT / "docs" / "img"
 DEFAULT_DOC = ROOT / "docs" / "results_simulator.md"
-ALL_PARTS = ("tune", "main", "ablation", "tsweep", "entropy", "mismatch_fix", "gradient")
+ALL_PARTS = ("tune", "main", "ablation", "tsweep", "context", "entropy", "lr", "mismatch_fix", "gradient")
 BASELINES = ("grpo", "gspo", "sapo", "cispo", "reinforce", "topr")
 
 #: losses of the gradient study: label -> (registered loss, parameters)
@@ -67,7 +70,7 @@ class Config:
     spec: TaskSpec = field(default_factory=TaskSpec)
     policy: PolicySpec = field(default_factory=PolicySpec)
     steps: int = 512
-    eval_every: int = 16
+    eval_every: int = 32
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     tune_seeds: tuple[int, ...] = (100, 101, 102, 103, 104)
     lr_grid: tuple[float, ...] = (0.003, 0.005, 0.007, 0.01)
@@ -77,17 +80,20 @@ class Config:
     core: tuple[str, ...] = ("vespo", "grpo", "gspo", "sapo", "cispo")
     mismatch: Mismatch = field(default_factory=lambda: Mismatch("noise", 0.1))
     mismatch_losses: tuple[str, ...] = ("vespo", "grpo", "gspo", "sapo", "cispo")
-    ablation_ns: tuple[int, ...] = (16, 64)
+    ablation_ns: tuple[int, ...] = (64,)
     c_scales: tuple[float, ...] = (0.5, 2.0, 4.0)
+    c_sweep_ns: tuple[int, ...] = (16, 64)
+    sens_n: int = 64  # sensitivity parts: every core loss at this N ...
+    sens_ref_n: int = 4  # ... and these losses at this N (for the N = 64 / N = 4 ratio)
+    sens_ref_losses: tuple[str, ...] = ("vespo", "cispo")
     t_values: tuple[int, ...] = (32, 256)
-    t_ns: tuple[int, ...] = (4, 64)
     entropy_scale: float = 1.0
-    entropy_ns: tuple[int, ...] = (4, 64)
+    lr_factor: float = 0.25
     fix_ns: tuple[int, ...] = (64,)
     study_t: tuple[int, ...] = (8, 32, 128, 256)
     study_k: tuple[int, ...] = (4, 16)
     study_k_extra: tuple[int, ...] = (1, 64)  # at the main T only
-    study_batches: int = 512
+    study_batches: int = 384
     study_chunk: int = 128
     lr: float | None = None  # set by ``tune`` (or by hand)
     quick: bool = False
@@ -103,8 +109,9 @@ def quick_config(losses: tuple[str, ...] = ("vespo", "grpo"), ns: tuple[int, ...
     return Config(
         spec=spec, policy=PolicySpec("mlp", embed=8, hidden=16), steps=16, eval_every=4, seeds=(0, 1),
         tune_seeds=(100,), lr_grid=(0.005, 0.01), tune_losses=losses[:1], ns=ns, losses=losses,
-        core=losses, mismatch_losses=losses, ablation_ns=ns[-1:], c_scales=(2.0,), t_values=(8,),
-        t_ns=ns[-1:], entropy_ns=ns[-1:], fix_ns=ns[-1:], study_t=(8, 16), study_k=(2,),
+        core=losses, mismatch_losses=losses, ablation_ns=ns[-1:], c_scales=(2.0,), c_sweep_ns=ns[-1:],
+        sens_n=ns[-1], sens_ref_n=ns[0], sens_ref_losses=losses[:1], t_values=(8,), fix_ns=ns[-1:],
+        study_t=(8, 16), study_k=(2,),
         study_k_extra=(), study_batches=64, study_chunk=32, quick=True,
     )
 
@@ -165,6 +172,8 @@ def run_one(cfg: Config, experiment: str, loss: str, n: int, *, lr: float, label
                                  if k in ("phi/frac_below_0.01", "is/abs_log_w_mean", "is/token_kl", "phi/mean")},
         "grad_norm_max": max(res.grad_norm),
         "seconds": round(res.seconds, 2),
+        "cpu_seconds": round(res.cpu_seconds, 2),
+        "context": spec.context,
     }
     return rec
 
@@ -176,7 +185,7 @@ def _log(msg: str) -> None:
 def _fmt_run(r: dict[str, Any]) -> str:
     return (f"  {r['experiment']:<12} {r['label']:<14} N={r['n']:<3} T={r['T']:<4} mm={r['mismatch']:<5} "
             f"final {_mean(r['final']):.3f}±{_std(r['final']):.3f}  best {_mean(r['best']):.3f}  "
-            f"phi<.01 {r['metrics'].get('phi/frac_below_0.01') or 0:.3f}  ({r['seconds']:.1f}s)")
+            f"phi<.01 {r['metrics'].get('phi/frac_below_0.01') or 0:.3f}  ({r['seconds']:.1f}s, cpu {r['cpu_seconds']:.1f}s)")
 
 
 def tune(cfg: Config) -> dict[str, Any]:
@@ -232,17 +241,18 @@ def gradient_part(cfg: Config, lr: float) -> list[dict[str, Any]]:
     return rows
 
 
-def run(cfg: Config, parts: tuple[str, ...] = ALL_PARTS) -> dict[str, Any]:
-    """Run the requested parts; returns the JSON-ready results."""
-    t_start = time.perf_counter()
+def run(cfg: Config, parts: tuple[str, ...] = ALL_PARTS, save_to: Path | None = None) -> dict[str, Any]:
+    """Run the requested parts; returns the JSON-ready results (also saved after each part)."""
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     results: dict[str, Any] = {"config": _config_dict(cfg), "runs": [], "gradient": [], "timing": {}}
     lr = cfg.lr
     if "tune" in parts or lr is None:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         _log("[tune]")
         results["tune"] = tune(cfg)
         lr = results["tune"]["lr"]
         results["timing"]["tune"] = time.perf_counter() - t0
+        results["timing"]["tune_cpu"] = time.process_time() - c0
     results["lr"] = lr
     assert lr is not None
 
@@ -252,28 +262,44 @@ def run(cfg: Config, parts: tuple[str, ...] = ALL_PARTS) -> dict[str, Any]:
         _log(f"[{part}]")
         t0 = time.perf_counter()
         for job in jobs:
-            rec = run_one(cfg, part, lr=lr, **job)
+            job = dict(job)
+            rec = run_one(cfg, part, lr=job.pop("lr", lr), **job)
             results["runs"].append(rec)
             _log(_fmt_run(rec))
         results["timing"][part] = time.perf_counter() - t0
+        results["timing"][part + "_cpu"] = sum(r["cpu_seconds"] for r in results["runs"] if r["experiment"] == part)
+        if save_to is not None:
+            save(results, save_to)
 
     main_jobs = [dict(loss=loss, n=n) for loss in cfg.losses for n in cfg.ns]
     main_jobs += [dict(loss=loss, n=n, mismatch=cfg.mismatch) for loss in cfg.mismatch_losses for n in cfg.ns]
     do("main", main_jobs)
-    do("ablation", [dict(loss="vespo", n=n, label=label, loss_params=params)
-                    for label, params in ablation_configs(cfg) for n in cfg.ablation_ns])
-    do("tsweep", [dict(loss=loss, n=n, spec=replace(cfg.spec, length=t, keys=min(cfg.spec.keys, t)))
-                  for t in cfg.t_values for loss in cfg.core for n in cfg.t_ns])
-    do("entropy", [dict(loss=loss, n=n, spec=replace(cfg.spec, init_scale=cfg.entropy_scale))
-                   for loss in cfg.core for n in cfg.entropy_ns])
+    abl = [dict(loss="vespo", n=n, label=label, loss_params=params)
+           for label, params in ablation_configs(cfg) for n in cfg.ablation_ns]
+    abl += [dict(loss="vespo", n=n, label=label, loss_params=params)
+            for label, params in ablation_configs(cfg) if label.startswith("c_x")
+            for n in cfg.c_sweep_ns if n not in cfg.ablation_ns]
+    do("ablation", abl)
+
+    def sensitivity(**kw: Any) -> list[dict[str, Any]]:
+        jobs = [dict(loss=loss, n=cfg.sens_n, **kw) for loss in cfg.core]
+        return jobs + [dict(loss=loss, n=cfg.sens_ref_n, **kw) for loss in cfg.sens_ref_losses]
+
+    do("tsweep", [job for t in cfg.t_values
+                  for job in sensitivity(spec=replace(cfg.spec, length=t, keys=min(cfg.spec.keys, t)))])
+    do("context", sensitivity(spec=replace(cfg.spec, context="none")))
+    do("entropy", sensitivity(spec=replace(cfg.spec, init_scale=cfg.entropy_scale)))
+    do("lr", sensitivity(lr=lr * cfg.lr_factor))
     do("mismatch_fix", [dict(loss=loss, n=n, mismatch=cfg.mismatch, is_source=src, label=f"{loss}/{src}")
                         for loss in ("vespo", "grpo") for src in ("trainer", "tis") for n in cfg.fix_ns])
     if "gradient" in parts:
         _log("[gradient]")
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         results["gradient"] = gradient_part(cfg, lr)
         results["timing"]["gradient"] = time.perf_counter() - t0
+        results["timing"]["gradient_cpu"] = time.process_time() - c0
     results["timing"]["total"] = time.perf_counter() - t_start
+    results["timing"]["total_cpu"] = time.process_time() - cpu_start
     return results
 
 
@@ -509,7 +535,7 @@ def plot_ablation(results: dict[str, Any], path: Path) -> None:
     ax1.set_title("VESPO ablations (default = 'vespo')")
     ax1.legend(fontsize=8)
     # c sweep: share of phi < 0.01 vs final reward
-    for n in ns:
+    for n in cfg["c_sweep_ns"]:
         pts = []
         for s_label, scale in [("vespo", 1.0)] + [(f"c_x{s:g}", s) for s in cfg["c_scales"]]:
             r = one(results, "main", loss="vespo", n=n, mismatch="none") if s_label == "vespo" else one(results, "ablation", label=s_label, n=n)
@@ -528,33 +554,41 @@ def plot_ablation(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_tsweep(results: dict[str, Any], path: Path) -> None:
+def sensitivity_settings(results: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(label, experiment, match) of each setting compared at N = sens_n: the main one first."""
+    cfg = results["config"]
+    out = [(f"main (T={cfg['spec']['length']})", "main", {"mismatch": "none"})]
+    out += [(f"T={t}", "tsweep", {"T": t}) for t in cfg["t_values"]]
+    out += [("no context", "context", {}), (f"init_scale={cfg['entropy_scale']:g}", "entropy", {}),
+            (f"lr x{cfg['lr_factor']:g}", "lr", {})]
+    return [o for o in out if runs_of(results, o[1], **o[2])]
+
+
+def plot_sensitivity(results: dict[str, Any], path: Path) -> None:
     plt = _plt()
     cfg = results["config"]
-    if not runs_of(results, "tsweep"):
-        return
-    ts = sorted(set(cfg["t_values"]) | {cfg["spec"]["length"]})
-    fig, axes = plt.subplots(1, len(cfg["t_ns"]), figsize=(5.4 * len(cfg["t_ns"]), 3.8), sharey=True, squeeze=False)
-    for ax, n in zip(axes[0], cfg["t_ns"]):
-        for loss in cfg["core"]:
-            xs, ys, es = [], [], []
-            for t in ts:
-                r = (one(results, "main", loss=loss, n=n, mismatch="none") if t == cfg["spec"]["length"]
-                     else one(results, "tsweep", loss=loss, n=n, T=t))
-                if r:
-                    xs.append(t)
-                    ys.append(_mean(r["final"]))
-                    es.append(_std(r["final"]))
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=loss, color=COLORS.get(loss),
-                        lw=2.2 if loss == "vespo" else 1.3)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(ts, [str(t) for t in ts])
-        ax.set_xlabel("response length T")
-        ax.set_title(f"N={n}")
-        ax.set_ylim(0, 1)
-    axes[0][0].set_ylabel("final exact reward J")
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle("Final reward vs response length (K = 8 reward-relevant positions, the rest filler)")
+    settings = sensitivity_settings(results)
+    n = cfg["sens_n"]
+    fig, ax = plt.subplots(figsize=(11, 4.0))
+    width = 0.8 / len(cfg["core"])
+    for i, loss in enumerate(cfg["core"]):
+        ys, es = [], []
+        for _, exp, match in settings:
+            r = one(results, exp, loss=loss, n=n, **match)
+            ys.append(_mean(r["final"]) if r else float("nan"))
+            es.append(_std(r["final"]) if r else 0.0)
+        ax.bar([x + i * width for x in range(len(settings))], ys, width, yerr=es, capsize=2, label=loss,
+               color=COLORS.get(loss), edgecolor="k" if loss == "vespo" else None)
+        if loss in cfg["sens_ref_losses"]:  # the same loss at N = sens_ref_n: a tick
+            ref = [one(results, exp, loss=loss, n=cfg["sens_ref_n"], **match) for _, exp, match in settings]
+            ax.scatter([x + i * width for x in range(len(settings))],
+                       [_mean(r["final"]) if r else float("nan") for r in ref], marker="_", s=220, color="k", zorder=5)
+    ax.set_xticks([x + width * (len(cfg["core"]) - 1) / 2 for x in range(len(settings))], [s[0] for s in settings])
+    ax.set_ylabel(f"final exact reward J at N={n}")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"Sensitivity of the N={n} comparison (black ticks: the same loss at N={cfg['sens_ref_n']}; "
+                 f"mean ± std over {len(cfg['seeds'])} seeds)", fontsize=10)
+    ax.legend(fontsize=8, ncol=len(cfg["core"]), loc="upper center", bbox_to_anchor=(0.5, -0.1))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -580,9 +614,9 @@ def make_plots(results: dict[str, Any], img_dir: Path) -> list[Path]:
         p = img_dir / "sim_ablation.png"
         plot_ablation(results, p)
         out.append(p)
-    if runs_of(results, "tsweep"):
-        p = img_dir / "sim_t_sweep.png"
-        plot_tsweep(results, p)
+    if len(sensitivity_settings(results)) > 1:
+        p = img_dir / "sim_sensitivity.png"
+        plot_sensitivity(results, p)
         out.append(p)
     return out
 
@@ -627,12 +661,12 @@ def main(argv: list[str] | None = None) -> int:
         unknown = set(parts) - set(ALL_PARTS)
         if unknown:
             parser.error(f"unknown parts: {', '.join(sorted(unknown))}")
-        results = run(cfg, parts)
+        out = args.out or (DEFAULT_OUT.with_name("simulator_quick.json") if args.quick else DEFAULT_OUT)
+        results = run(cfg, parts, save_to=out)
         results["command"] = "python benchmarks/simulator.py " + " ".join(argv if argv is not None else sys.argv[1:])
         results["threads"] = args.threads
-        out = args.out or (DEFAULT_OUT.with_name("simulator_quick.json") if args.quick else DEFAULT_OUT)
         save(results, out)
-        print(f"wrote {out} ({results['timing']['total']:.0f}s)")
+        print(f"wrote {out} ({results['timing']['total']:.0f}s wall, {results['timing']['total_cpu']:.0f}s cpu)")
     print_summary(results)
     quick = results["config"].get("quick", False)
     if not args.no_plots and not quick:
