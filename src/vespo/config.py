@@ -24,7 +24,7 @@ class _Section(BaseModel):
 class RunConfig(_Section):
     out_dir: str = "runs/default"
     seed: int = 0
-    total_steps: int = Field(240, ge=1, description="optimizer steps, the same for every N")
+    total_steps: int = Field(160, ge=1, description="optimizer steps, the same for every N")
     threads: int | None = Field(None, ge=1, description="torch threads (default: torch's choice)")
     device: str = Field("auto", description="auto (cuda when available), cpu, cuda, cuda:1, ...")
     mode: Literal["sync", "async"] = "sync"
@@ -61,7 +61,9 @@ class ModelConfig(_Section):
 class TaskConfig(_Section):
     kind: Literal["reasoning_gym", "verl_file"] = "reasoning_gym"
     name: str = "chain_sum"
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(
+        default_factory=lambda: {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 1}
+    )
     prompt_style: Literal["plain", "instruct"] = "plain"
     train_path: str | None = None
     eval_path: str | None = None
@@ -89,7 +91,7 @@ class TaskConfig(_Section):
 
 class SamplingConfig(_Section):
     group_size: int = Field(8, ge=2, description="G responses per prompt")
-    max_new_tokens: int = Field(48, ge=1)
+    max_new_tokens: int = Field(32, ge=1)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     sampler_dtype: Literal["float32", "bfloat16"] = "float32"
@@ -134,7 +136,7 @@ class OptimConfig(_Section):
 class WarmupConfig(_Section):
     """Supervised warm-up on task demonstrations, for models that start from random weights."""
 
-    steps: int = Field(0, ge=0)
+    steps: int = Field(600, ge=0)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(3e-3, gt=0)
 
@@ -147,7 +149,7 @@ class EvalConfig(_Section):
 
 
 class CheckpointConfig(_Section):
-    every: int = Field(40, ge=1)
+    every: int = Field(20, ge=1)
     keep_last: int = Field(2, ge=1)
 
 
@@ -172,6 +174,8 @@ class AsyncConfig(_Section):
 
 
 class TrainConfig(_Section):
+    """Every setting of a run. The field defaults are the offline default, configs/default.yaml."""
+
     run: RunConfig = Field(default_factory=RunConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     task: TaskConfig = Field(default_factory=TaskConfig)

@@ -213,8 +213,12 @@ def build_rollout_batch(
         "perf/sample_time_s": sample_time,
         "perf/reward_time_s": reward_time,
         "perf/sample_tokens_per_s": new_tokens / max(sample_time, 1e-9),
-        **{k if "/" in k else f"reward/{k}": float(v) for k, v in stats.items()},
     }
+    for key, value in stats.items():  # reward/errors, reward/timeouts, ...; timings go under perf/
+        name = key if "/" in key else f"reward/{key}"
+        if name.endswith("_time_s"):
+            name = "perf/" + name.split("/", 1)[1]
+        info[name] = float(value)
     return batch, info
 
 

@@ -1,0 +1,80 @@
+"""Configuration: defaults, overrides and one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vespo.config import ConfigError, load_config, parse_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_packaged_default_equals_code_defaults():
+    """configs/default.yaml documents the defaults; they must not drift apart."""
+    assert load_config(REPO / "configs" / "default.yaml").to_dict() == load_config(None).to_dict()
+
+
+@pytest.mark.parametrize("name", ["default.yaml", "smollm2.yaml", "paper_qwen3_dapo.yaml"])
+def test_shipped_configs_validate(name):
+    cfg = load_config(REPO / "configs" / name)
+    assert cfg.algorithm.loss == "vespo"
+
+
+def test_paper_template_numbers():
+    cfg = load_config(REPO / "configs" / "paper_qwen3_dapo.yaml")
+    assert cfg.algorithm.staleness == 8 and cfg.run.total_steps == 1500
+    assert cfg.optim.lr == 1e-6 and cfg.sampling.group_size == 8
+    assert cfg.rollout_prompts == 2048  # gbs = N x mbs = 8 x 256 prompts
+
+
+def test_overrides_are_typed_and_nested():
+    tree = parse_overrides(["a.b=1", "a.c=true", "d=[1, 2]", "e={x: 1}", "f=text"])
+    assert tree == {"a": {"b": 1, "c": True}, "d": [1, 2], "e": {"x": 1}, "f": "text"}
+    cfg = load_config(None, ["algorithm.loss=grpo", "algorithm.loss_params={eps_high: 0.3}"])
+    assert cfg.algorithm.loss == "grpo" and cfg.algorithm.loss_params == {"eps_high": 0.3}
+
+
+def test_task_params_override_replaces_the_mapping():
+    cfg = load_config(None, ["task.params={min_terms: 2, max_terms: 2}"])
+    assert cfg.task.params == {"min_terms": 2, "max_terms": 2}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["algorithm.lossx=1"], "unknown config key 'algorithm.lossx'"),
+        (["nosection.key=1"], "unknown config key 'nosection'"),
+        (["algorithm.loss=foo"], "unknown policy loss 'foo'"),
+        (["algorithm.loss_params={lambda_pos: 0}"], "lambda_pos"),
+        (["algorithm.loss=grpo", "algorithm.loss_params={k_pos: 2}"], "has no parameter 'k_pos'"),
+        (["algorithm.staleness=0"], "algorithm.staleness"),
+        (["optim.lr=-1"], "optim.lr"),
+        (["model.kind=pretrained"], "needs model.name_or_path"),
+        (["model.hidden_size=30", "model.num_heads=4"], "not divisible"),
+        (["algorithm.correction=token_tis", "algorithm.old_log_prob=sampler"], "old_log_prob=recompute"),
+        (["algorithm.loss_agg_mode=mean"], "loss_agg_mode"),
+        (["task.kind=verl_file"], "task.train_path"),
+        (["sampling.top_p=1.5"], "sampling.top_p"),
+        (["justakey"], "key=value"),
+    ],
+)
+def test_bad_values_raise_one_line(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    text = str(info.value)
+    assert message in text and "\n" not in text
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("3\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(scalar)

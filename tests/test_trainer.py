@@ -1,0 +1,215 @@
+"""End-to-end tests of the trainer on a very small model (seconds each)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from vespo.advantages import group_advantages
+from vespo.config import ConfigError, load_config
+from vespo.losses import list_losses
+from vespo.trainer import Trainer, train
+
+TINY = [
+    "model.hidden_size=32",
+    "model.num_layers=2",
+    "model.num_heads=2",
+    "task.params={min_terms: 2, max_terms: 2, min_digits: 1, max_digits: 1}",
+    "task.train_size=200",
+    "sampling.group_size=4",
+    "sampling.max_new_tokens=8",
+    "algorithm.mini_batch_prompts=2",
+    "eval.num_prompts=4",
+    "eval.avg_k=1",
+    "eval.every=100",
+    "checkpoint.every=100",
+    "logging.progress=false",
+    "logging.tensorboard=false",
+    "warmup.steps=0",
+    "run.threads=1",
+]
+
+
+def tiny_config(tmp_path: Path, *extra: str):
+    return load_config(None, [*TINY, f"run.out_dir={tmp_path / 'run'}", *extra])
+
+
+def read_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def test_group_advantages_by_hand():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    adv = group_advantages(rewards, 4)
+    std = torch.tensor([1.0, 0.0, 0.0, 0.0]).std()
+    expected_first = torch.tensor([0.75, -0.25, -0.25, -0.25]) / (std + 1e-6)
+    assert torch.allclose(adv[:4], expected_first, atol=1e-6)
+    assert torch.equal(adv[4:], torch.zeros(4))  # a group with equal rewards has no signal
+    centred = group_advantages(rewards, 4, normalize_std=False)
+    assert torch.allclose(centred[:4], torch.tensor([0.75, -0.25, -0.25, -0.25]))
+    with pytest.raises(ValueError, match="groups of 3"):
+        group_advantages(rewards, 3)
+
+
+def test_staleness_bookkeeping(tmp_path):
+    """Mini-batch k of a rollout batch is trained k optimizer steps after it was sampled."""
+    cfg = tiny_config(tmp_path, "algorithm.staleness=3", "run.total_steps=6")
+    train(cfg)
+    rows = [r for r in read_rows(tmp_path / "run") if "stale/index" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["stale/index"] for r in rows] == [0, 1, 2, 0, 1, 2]
+    assert [r["stale/versions_behind_mean"] for r in rows] == [0, 1, 2, 0, 1, 2]
+    assert [r["rollout/index"] for r in rows] == [0, 0, 0, 1, 1, 1]
+    # the first mini-batch is on-policy: pi_old was recomputed with the same weights
+    assert rows[0]["is/log_w_max"] == 0.0 and rows[0]["is/log_w_min"] == 0.0
+    assert rows[2]["is/abs_log_w_mean"] > 0.0
+
+
+def test_on_policy_weight_is_exactly_one(tmp_path):
+    cfg = tiny_config(tmp_path, "algorithm.staleness=1", "run.total_steps=3")
+    train(cfg)
+    rows = [r for r in read_rows(tmp_path / "run") if "stale/index" in r]
+    for row in rows:
+        assert row["is/log_w_max"] == 0.0 and row["is/log_w_min"] == 0.0
+        assert row["phi/mean"] == 1.0
+    assert rows[-1]["step"] == 3
+
+
+@pytest.mark.parametrize("loss", sorted(list_losses()))
+def test_every_loss_trains_a_few_steps(tmp_path, loss):
+    cfg = tiny_config(tmp_path, f"algorithm.loss={loss}", "algorithm.staleness=2", "run.total_steps=2")
+    trainer = Trainer(cfg)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    rows = [r for r in read_rows(tmp_path / "run") if "stale/index" in r]
+    assert len(rows) == 2
+    for row in rows:
+        assert row["grad/skipped"] == 0.0
+        assert all(v is None or isinstance(v, (int, float)) for v in row.values())
+    changed = any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    # with all-equal rewards in every group the gradient is exactly zero; otherwise weights move
+    informative = any(r["reward/informative_group_frac"] > 0 for r in rows)
+    assert changed or not informative
+
+
+def _train_rows(run_dir: Path) -> list[dict]:
+    skip = ("perf/", "optim/lr")
+    return [
+        {k: v for k, v in r.items() if not k.startswith(skip)}
+        for r in read_rows(run_dir)
+    ]
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path):
+    extra = ["algorithm.staleness=3", "checkpoint.every=2", "eval.every=2", "sampling.sampler_dtype=float32"]
+    full = load_config(None, [*TINY, f"run.out_dir={tmp_path / 'full'}", "run.total_steps=6", *extra])
+    train(full)
+    # stop after 4 steps (mid rollout batch: step 4 is mini-batch 1 of 3), then resume to 6
+    part = load_config(None, [*TINY, f"run.out_dir={tmp_path / 'part'}", "run.total_steps=4", *extra])
+    train(part)
+    resumed = load_config(tmp_path / "part" / "config.yaml", ["run.total_steps=6"])
+    train(resumed, resume=True)
+    assert _train_rows(tmp_path / "full") == _train_rows(tmp_path / "part")
+
+
+def test_resume_after_a_kill_loses_at_most_the_steps_since_the_checkpoint(tmp_path):
+    """kill -9 in the middle of a run: the newest checkpoint loads and the run continues."""
+    run_dir = tmp_path / "killed"
+    overrides = [*TINY, f"run.out_dir={run_dir}", "run.total_steps=200", "checkpoint.every=1", "algorithm.staleness=2"]
+    proc = subprocess.Popen([sys.executable, "-m", "vespo.cli", "train", *overrides],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    import time
+
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if len(list((run_dir / "checkpoints").glob("step_*"))) >= 2 and (run_dir / "metrics.jsonl").exists():
+            if len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 4:
+                break
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    from vespo.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(run_dir)
+    assert ckpt is not None
+    saved_step = json.loads((ckpt / "state.json").read_text())["step"]
+    resumed = load_config(run_dir / "config.yaml", [f"run.total_steps={saved_step + 2}"])
+    train(resumed, resume=True)
+    steps = [r["step"] for r in read_rows(run_dir) if "stale/index" in r]
+    assert steps == list(range(1, saved_step + 3))
+
+
+def test_raising_reward_function_is_contained(tmp_path, monkeypatch):
+    module = tmp_path / "bad_reward.py"
+    module.write_text(textwrap.dedent("""
+        calls = 0
+        def reward(response, example):
+            global calls
+            calls += 1
+            if calls % 2:
+                raise RuntimeError("flaky verifier")
+            return 1.0
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = tiny_config(tmp_path, "task.reward_fn=bad_reward:reward", "algorithm.staleness=1", "run.total_steps=2")
+    train(cfg)
+    rows = [r for r in read_rows(tmp_path / "run") if "stale/index" in r]
+    assert len(rows) == 2
+    assert all(r["reward/errors"] > 0 for r in rows)
+    assert all(0.0 < r["reward/mean"] < 1.0 for r in rows)
+
+
+def test_refuses_to_overwrite_a_run(tmp_path):
+    cfg = tiny_config(tmp_path, "run.total_steps=1", "algorithm.staleness=1")
+    train(cfg)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        Trainer(cfg)
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vespo.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "algorithm.lossx=vespo"], "unknown config key 'algorithm.lossx'"),
+        (["train", "algorithm.loss=nope"], "unknown policy loss 'nope'"),
+        (["train", "algorithm.staleness=zero"], "algorithm.staleness"),
+        (["train", "algorithm.loss_params={k_pos: 0.5}"], "variance bound"),
+        (["train", "missing.yaml"], "does not exist"),
+        (["train", "task.kind=verl_file", "task.train_path=nowhere.jsonl"], "nowhere.jsonl"),
+        (["train", "--resume", "no_such_run"], "no_such_run"),
+        (["plot", "no_such_run"], "no_such_run"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+    result = _cli(*args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert message in lines[0]
+
+
+def test_cli_bad_data_file(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": [{"role": "user", "content": "1+1?"}], "data_source": "x"}\n')
+    result = _cli("train", "task.kind=verl_file", f"task.train_path={bad}", f"run.out_dir={tmp_path / 'r'}",
+                  "logging.progress=false", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "bad.jsonl" in result.stderr and "reward_model" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_plot_of_a_run(tmp_path):
+    cfg = tiny_config(tmp_path, "run.total_steps=2", "algorithm.staleness=1", "eval.every=1")
+    train(cfg)
+    result = _cli("plot", str(tmp_path / "run"), "--out", str(tmp_path / "curves.png"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
