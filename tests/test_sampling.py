@@ -19,8 +19,8 @@ from vespo.sampling import (
 
 VOCAB = 48
 PAD, EOS = 0, 2
-# Two "EOS" ids so that random policies stop at different steps (about 1 in 20 per step).
-EOS_SET = [2, 5]
+# Three "EOS" ids so that random policies stop at different steps (a few percent per step).
+EOS_SET = [2, 5, 6]
 
 
 def tiny(arch: str = "llama", seed: int = 0, init_std: float = 0.2):
