@@ -16,7 +16,7 @@ Parts (``--parts``, default all):
 - ``context``: the same comparison with a context-free policy (independent positions).
 - ``entropy``: the same comparison with a high-entropy initial policy (init_scale 1).
 - ``lr``: the same comparison at a quarter of the tuned learning rate (smaller drift per step).
-  These four "sensitivity" parts run every core loss at N = 64 and VESPO and CISPO at N = 4.
+  These four "sensitivity" parts run the core losses and TOPR at N = 64, VESPO and CISPO at N = 4.
 - ``mismatch_fix``: where the ratio is taken when the sampler differs (pi_old, mu, token TIS).
 - ``gradient``: bias and variance of each loss's mini-batch gradient against the exact grad J, as
   functions of T and of the staleness k of the data.
@@ -83,7 +83,8 @@ class Config:
     ablation_ns: tuple[int, ...] = (64,)
     c_scales: tuple[float, ...] = (0.5, 2.0, 4.0)
     c_sweep_ns: tuple[int, ...] = (16, 64)
-    sens_n: int = 64  # sensitivity parts: every core loss at this N ...
+    sens_losses: tuple[str, ...] = ("vespo", "grpo", "gspo", "sapo", "cispo", "topr")
+    sens_n: int = 64  # sensitivity parts: every loss of sens_losses at this N ...
     sens_ref_n: int = 4  # ... and these losses at this N (for the N = 64 / N = 4 ratio)
     sens_ref_losses: tuple[str, ...] = ("vespo", "cispo")
     t_values: tuple[int, ...] = (32, 256)
@@ -110,7 +111,7 @@ def quick_config(losses: tuple[str, ...] = ("vespo", "grpo"), ns: tuple[int, ...
         spec=spec, policy=PolicySpec("mlp", embed=8, hidden=16), steps=16, eval_every=4, seeds=(0, 1),
         tune_seeds=(100,), lr_grid=(0.005, 0.01), tune_losses=losses[:1], ns=ns, losses=losses,
         core=losses, mismatch_losses=losses, ablation_ns=ns[-1:], c_scales=(2.0,), c_sweep_ns=ns[-1:],
-        sens_n=ns[-1], sens_ref_n=ns[0], sens_ref_losses=losses[:1], t_values=(8,), fix_ns=ns[-1:],
+        sens_losses=losses, sens_n=ns[-1], sens_ref_n=ns[0], sens_ref_losses=losses[:1], t_values=(8,), fix_ns=ns[-1:],
         study_t=(8, 16), study_k=(2,),
         study_k_extra=(), study_batches=64, study_chunk=32, quick=True,
     )
@@ -167,9 +168,10 @@ def run_one(cfg: Config, experiment: str, loss: str, n: int, *, lr: float, label
         "curve_std": [round(_std(r), 4) for r in rewards],
         "entropy_final": round(_mean(res.entropy[-1]), 4),
         "metrics": {k: _finite_mean(v) for k, v in res.metrics.items()},
-        "metrics_by_staleness": {k: [None if x != x else round(x, 5) for x in v]
+        "metrics_by_staleness": {k: [None if x != x else round(x, 4) for x in v]
                                  for k, v in res.metrics_by_staleness.items()
-                                 if k in ("phi/frac_below_0.01", "is/abs_log_w_mean", "is/token_kl", "phi/mean")},
+                                 if k in ("phi/frac_below_0.01", "is/abs_log_w_mean", "phi/mean")
+                                 and loss == "vespo" and experiment == "main"},
         "grad_norm_max": max(res.grad_norm),
         "seconds": round(res.seconds, 2),
         "cpu_seconds": round(res.cpu_seconds, 2),
@@ -236,6 +238,7 @@ def gradient_part(cfg: Config, lr: float) -> list[dict[str, Any]]:
             row.update({key: val for key, val in asdict(st).items() if key != "metrics"})
             row["phi_frac_below_0.01"] = st.metrics.get("phi/frac_below_0.01")
             row["abs_log_w_mean"] = st.metrics.get("is/abs_log_w_mean")
+            row["ess_w"] = st.metrics.get("is/ess")  # normalised ESS of the true W over the pooled batches
             rows.append(row)
         _log(f"  gradient T={t:<4} k={k:<3} KL/token {res.token_kl:.4f}  ({time.perf_counter() - t0:.1f}s)")
     return rows
@@ -282,7 +285,7 @@ def run(cfg: Config, parts: tuple[str, ...] = ALL_PARTS, save_to: Path | None = 
     do("ablation", abl)
 
     def sensitivity(**kw: Any) -> list[dict[str, Any]]:
-        jobs = [dict(loss=loss, n=cfg.sens_n, **kw) for loss in cfg.core]
+        jobs = [dict(loss=loss, n=cfg.sens_n, **kw) for loss in cfg.sens_losses]
         return jobs + [dict(loss=loss, n=cfg.sens_ref_n, **kw) for loss in cfg.sens_ref_losses]
 
     do("tsweep", [job for t in cfg.t_values
@@ -314,14 +317,14 @@ def save(results: dict[str, Any], path: Path) -> None:
 
     def clean(x: Any) -> Any:
         if isinstance(x, float):
-            return None if not math.isfinite(x) else round(x, 6)
+            return None if not math.isfinite(x) else float(f"{x:.5g}")
         if isinstance(x, dict):
             return {k: clean(v) for k, v in x.items()}
         if isinstance(x, (list, tuple)):
             return [clean(v) for v in x]
         return x
 
-    path.write_text(json.dumps(clean(results), indent=1) + "\n")
+    path.write_text(json.dumps(clean(results), separators=(",", ":")) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -492,7 +495,8 @@ def plot_gradient(results: dict[str, Any], path: Path) -> None:
             ax = axes[i][j]
             for label in labels:
                 pts = sorted([r for r in rows if r["k"] == k and r["loss"] == label], key=lambda r: r["T"])
-                ys = [r[key] if r[key] is not None else float("nan") for r in pts]
+                # a debiased bias of 0 means "below the Monte-Carlo noise floor": not drawn on a log axis
+                ys = [float("nan") if r[key] is None or (logy and r[key] <= 0) else r[key] for r in pts]
                 ax.plot([r["T"] for r in pts], ys, marker="o", ms=3, color=COLORS.get(label), label=label,
                         lw=2.2 if label == "vespo" else 1.2, ls="--" if label in ("seq_is", "tok_is", "reinforce") else "-")
             if key == "rel_var":
@@ -503,11 +507,11 @@ def plot_gradient(results: dict[str, Any], path: Path) -> None:
                 ax.set_yscale("log")
             if key == "cosine_debiased":
                 ax.set_ylim(-0.2, 1.05)
-            kl = _mean([r["token_kl"] for r in rows if r["k"] == k])
-            ax.set_title(f"{name}\nstaleness k={k} (KL/token ~{kl:.3g})", fontsize=9)
+            ax.set_title(f"{name}\ndata k={k} steps stale", fontsize=9)
             ax.set_xlabel("response length T")
     axes[0][-1].legend(fontsize=7, ncol=2)
-    fig.suptitle("Mini-batch gradient vs the exact on-policy gradient (data k steps stale; debiased for MC noise)")
+    fig.suptitle("Mini-batch gradient vs the exact gradient at pi (cos and bias debiased for Monte-Carlo noise; "
+                 "missing bias points are below the noise floor; per-token KL of each point in the doc's tables)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=105)
     plt.close(fig)
@@ -570,8 +574,9 @@ def plot_sensitivity(results: dict[str, Any], path: Path) -> None:
     settings = sensitivity_settings(results)
     n = cfg["sens_n"]
     fig, ax = plt.subplots(figsize=(11, 4.0))
-    width = 0.8 / len(cfg["core"])
-    for i, loss in enumerate(cfg["core"]):
+    losses = cfg.get("sens_losses", cfg["core"])
+    width = 0.8 / len(losses)
+    for i, loss in enumerate(losses):
         ys, es = [], []
         for _, exp, match in settings:
             r = one(results, exp, loss=loss, n=n, **match)
@@ -583,12 +588,12 @@ def plot_sensitivity(results: dict[str, Any], path: Path) -> None:
             ref = [one(results, exp, loss=loss, n=cfg["sens_ref_n"], **match) for _, exp, match in settings]
             ax.scatter([x + i * width for x in range(len(settings))],
                        [_mean(r["final"]) if r else float("nan") for r in ref], marker="_", s=220, color="k", zorder=5)
-    ax.set_xticks([x + width * (len(cfg["core"]) - 1) / 2 for x in range(len(settings))], [s[0] for s in settings])
+    ax.set_xticks([x + width * (len(losses) - 1) / 2 for x in range(len(settings))], [s[0] for s in settings])
     ax.set_ylabel(f"final exact reward J at N={n}")
     ax.set_ylim(0, 1)
     ax.set_title(f"Sensitivity of the N={n} comparison (black ticks: the same loss at N={cfg['sens_ref_n']}; "
                  f"mean ± std over {len(cfg['seeds'])} seeds)", fontsize=10)
-    ax.legend(fontsize=8, ncol=len(cfg["core"]), loc="upper center", bbox_to_anchor=(0.5, -0.1))
+    ax.legend(fontsize=8, ncol=len(losses), loc="upper center", bbox_to_anchor=(0.5, -0.1))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -626,9 +631,639 @@ def make_plots(results: dict[str, Any], img_dir: Path) -> list[Path]:
 # ---------------------------------------------------------------------------------------------
 
 
+def _f(x: float | None, digits: int = 3) -> str:
+    return "n/a" if x is None or x != x else f"{x:.{digits}f}"
+
+
+def _cell(r: dict[str, Any] | None, key: str = "final") -> str:
+    return ms(r[key]) if r else "—"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _metric(r: dict[str, Any] | None, key: str, digits: int = 3) -> str:
+    return _f(r["metrics"].get(key), digits) if r else "—"
+
+
+def main_table(results: dict[str, Any], mismatch: str, key: str = "final") -> str:
+    cfg = results["config"]
+    rows = []
+    losses = list(dict.fromkeys(r["loss"] for r in runs_of(results, "main", mismatch=mismatch)))
+    for loss in losses:
+        cells = [f"**{loss}**" if loss == "vespo" else loss]
+        base = one(results, "main", loss=loss, n=1, mismatch=mismatch)
+        for n in cfg["ns"]:
+            r = one(results, "main", loss=loss, n=n, mismatch=mismatch)
+            cells.append(_cell(r, key))
+        r64 = one(results, "main", loss=loss, n=64, mismatch=mismatch)
+        r4 = one(results, "main", loss=loss, n=4, mismatch=mismatch)
+        cells.append(_f(_mean(r64[key]) / _mean(r4[key]), 2) if r64 and r4 else "—")
+        cells.append(_f(_mean(r64[key]) / _mean(base[key]), 2) if r64 and base else "—")
+        rows.append(cells)
+    return _table(["loss"] + [f"N={n}" for n in cfg["ns"]] + ["N=64 / N=4", "N=64 / N=1"], rows)
+
+
+def diag_table(results: dict[str, Any], mismatch: str = "none") -> str:
+    cfg = results["config"]
+    rows = []
+    for loss in cfg["core"]:
+        for n in cfg["ns"]:
+            r = one(results, "main", loss=loss, n=n, mismatch=mismatch)
+            if r is None or n == 1 and mismatch == "none":
+                continue
+            rows.append([loss, str(n), _metric(r, "is/token_kl", 4), _metric(r, "is/abs_log_w_mean", 2),
+                         _metric(r, "is/log_w_pos_p50", 2), _metric(r, "is/log_w_neg_p50", 2),
+                         _metric(r, "phi/frac_below_0.01") if loss == "vespo" else "",
+                         _metric(r, "phi/mean") if loss == "vespo" else "",
+                         _metric(r, "loss/clip_frac") if loss in ("grpo", "gspo", "cispo") else "",
+                         _f(r["entropy_final"], 3)])
+    return _table(["loss", "N", "token KL(pi_old‖pi)", "mean abs log W", "median log W, A>0",
+                   "median log W, A<0", "phi<0.01", "mean phi", "clip frac", "final entropy"], rows)
+
+
+def staleness_table(results: dict[str, Any], n: int = 64) -> str:
+    r = one(results, "main", loss="vespo", n=n, mismatch="none")
+    if not r or "phi/frac_below_0.01" not in r["metrics_by_staleness"]:
+        return ""
+    ks = [k for k in (0, 1, 2, 4, 8, 16, 32, n - 1) if k < n]
+    rows = []
+    for key, name in (("is/abs_log_w_mean", "mean abs log W"), ("phi/frac_below_0.01", "share phi < 0.01"),
+                      ("phi/mean", "mean phi")):
+        vals = r["metrics_by_staleness"].get(key)
+        if vals:
+            rows.append([name] + [_f(vals[k], 3) for k in ks])
+    return _table([f"VESPO, N={n}: staleness k"] + [str(k) for k in ks], rows)
+
+
+def gradient_table_k(results: dict[str, Any], t: int) -> str:
+    rows_in = [r for r in results["gradient"] if r["T"] == t]
+    ks = sorted({r["k"] for r in rows_in if r["k"] > 0})
+    labels = list(dict.fromkeys(r["loss"] for r in rows_in if r["k"] > 0))
+    header = ["loss"] + [f"k={k}: cos / bias / var / scale" for k in ks]
+    rows = []
+    for label in labels:
+        cells = [label]
+        for k in ks:
+            g = next((r for r in rows_in if r["k"] == k and r["loss"] == label), None)
+            cells.append(f"{_f(g['cosine_debiased'], 2)} / {_f(g['rel_bias_debiased'], 2)} / {g['rel_var']:.3g} / "
+                         f"{_f(g['scale'], 2)}" if g else "—")
+        rows.append(cells)
+    ref = next((r for r in rows_in if r["k"] == 0), None)
+    kl = " · ".join(f"k={k}: KL/token {_f(next(r['token_kl'] for r in rows_in if r['k'] == k), 4)}, "
+                    f"J(mu)={_f(next(r['reward_mu'] for r in rows_in if r['k'] == k), 3)}, "
+                    f"J(pi)={_f(next(r['reward_pi'] for r in rows_in if r['k'] == k), 3)}" for k in ks)
+    note = f"\n\nDistance: {kl}. On-policy (k=0) variance of the same estimator: {ref['rel_var']:.3g}." if ref else ""
+    return _table(header, rows) + note
+
+
+def gradient_table_t(results: dict[str, Any], k: int, key: str) -> str:
+    rows_in = [r for r in results["gradient"] if r["k"] == k]
+    ts = sorted({r["T"] for r in rows_in})
+    labels = list(dict.fromkeys(r["loss"] for r in rows_in))
+    rows = []
+    for label in labels:
+        cells = [label]
+        for t in ts:
+            g = next((r for r in rows_in if r["T"] == t and r["loss"] == label), None)
+            v = g.get(key) if g else None
+            cells.append("—" if v is None else (f"{v:.3g}" if key == "rel_var" else _f(v, 2)))
+        rows.append(cells)
+    kl = [_f(next(r["token_kl"] for r in rows_in if r["T"] == t), 4) for t in ts]
+    rows.append(["(KL/token)"] + kl)
+    return _table([f"k={k}: {key}"] + [f"T={t}" for t in ts], rows)
+
+
+def ablation_table(results: dict[str, Any]) -> str:
+    cfg = results["config"]
+    labels = ["vespo"] + list(dict.fromkeys(r["label"] for r in runs_of(results, "ablation")))
+    ns = sorted(set(cfg["ablation_ns"]) | set(cfg["c_sweep_ns"]))
+    rows = []
+    for lab in labels:
+        cells = [lab]
+        params = None
+        for n in ns:
+            r = (one(results, "main", loss="vespo", n=n, mismatch="none") if lab == "vespo"
+                 else one(results, "ablation", label=lab, n=n))
+            cells.append(f"{_cell(r)} (phi<0.01: {_metric(r, 'phi/frac_below_0.01', 2)})" if r else "—")
+            params = params or (r["params"] if r else None)
+        p = params or {}
+        cells.insert(1, "default (2,3)/(3,2)" if lab == "vespo" else ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.items()))
+        rows.append(cells)
+    return _table(["variant", "parameters"] + [f"final J at N={n}" for n in ns], rows)
+
+
+def sensitivity_table(results: dict[str, Any]) -> str:
+    cfg = results["config"]
+    n, n_ref = cfg["sens_n"], cfg["sens_ref_n"]
+    losses = cfg.get("sens_losses", cfg["core"])
+    rows = []
+    for label, exp, match in sensitivity_settings(results):
+        cells = [label]
+        for loss in losses:
+            r = one(results, exp, loss=loss, n=n, **match)
+            cells.append(_cell(r))
+        for loss in cfg["sens_ref_losses"]:
+            r, r4 = one(results, exp, loss=loss, n=n, **match), one(results, exp, loss=loss, n=n_ref, **match)
+            cells.append(_f(_mean(r["final"]) / _mean(r4["final"]), 2) if r and r4 else "—")
+        v = one(results, exp, loss="vespo", n=n, **match)
+        cells.append(_metric(v, "phi/frac_below_0.01", 2))
+        rows.append(cells)
+    return _table(["setting"] + [f"{loss} N={n}" for loss in losses]
+                  + [f"{loss} N={n}/N={n_ref}" for loss in cfg["sens_ref_losses"]] + ["VESPO phi<0.01"], rows)
+
+
+def fix_table(results: dict[str, Any]) -> str:
+    cfg = results["config"]
+    rows = []
+    for n in cfg["fix_ns"]:
+        for loss in ("vespo", "grpo"):
+            for src, exp in (("sampler", "main"), ("trainer", "mismatch_fix"), ("tis", "mismatch_fix")):
+                r = (one(results, "main", loss=loss, n=n, mismatch=cfg["mismatch"]["kind"]) if exp == "main"
+                     else one(results, "mismatch_fix", label=f"{loss}/{src}", n=n))
+                clean = one(results, "main", loss=loss, n=n, mismatch="none")
+                diff = _mean(r["final"]) - _mean(clean["final"]) if r and clean else None
+                rows.append([loss, str(n), src, _cell(r), _f(diff, 3),
+                             _metric(r, "sim/mismatch_abs", 4) if r else "—"])
+    return _table(["loss", "N", "ratio taken against", "final J", "minus the no-mismatch run",
+                   "mean abs log(pi_old/mu) per token"], rows)
+
+
+def tune_table(results: dict[str, Any]) -> str:
+    t = results.get("tune")
+    if not t:
+        return f"(lr {results['lr']} given by hand)"
+    rows = [[g["loss"], f"{g['lr']:g}", _f(g["auc"], 4), _f(g["final"], 4)] for g in t["grid"]]
+    return _table(["loss", "lr", "mean J over the curve (criterion)", "final J"], rows)
+
+
 def render_doc(results: dict[str, Any]) -> str:
-    """docs/results_simulator.md from the results (placeholder until the full run exists)."""
-    return "# Tier-1 simulator results\n"
+    """docs/results_simulator.md, every number read from ``results``."""
+    from string import Template
+
+    cfg = results["config"]
+    spec, pol, mm = cfg["spec"], cfg["policy"], cfg["mismatch"]
+    tm = results["timing"]
+    v = {k: one(results, "main", loss="vespo", n=k, mismatch="none") for k in cfg["ns"]}
+    tg, tgm = targets(results, "none"), targets(results, mm["kind"])
+    n_hi = max(cfg["ns"])
+    at_hi = sorted(runs_of(results, "main", n=n_hi, mismatch="none"), key=lambda r: -_mean(r["final"]))
+    rank = [r["loss"] for r in at_hi].index("vespo") + 1 if at_hi else 0
+    behind = [row for row in tg["vs_baselines"] if not row["ok"]]
+    ahead = [row for row in tg["vs_baselines"] if row["ok"]]
+    grad = results.get("gradient", [])
+
+    def g(t: int, k: int, label: str, key: str) -> float | None:
+        row = next((r for r in grad if r["T"] == t and r["k"] == k and r["loss"] == label), None)
+        return row.get(key) if row else None
+
+    t_main, k_hi = spec["length"], max(cfg["study_k"])
+    t_lo, t_hi = min(cfg["study_t"]), max(cfg["study_t"])
+    seq_var_growth = (g(t_hi, k_hi, "seq_is", "rel_var") or float("nan")) / (g(t_lo, k_hi, "seq_is", "rel_var") or float("nan"))
+    ref_var_growth = (g(t_hi, k_hi, "reinforce", "rel_var") or float("nan")) / (g(t_lo, k_hi, "reinforce", "rel_var") or float("nan"))
+    v_hi = v.get(n_hi)
+    fields = dict(
+        cmd=results.get("command", "python benchmarks/simulator.py"),
+        wall=f"{tm.get('total', 0) / 60:.1f}", cpu=f"{tm.get('total_cpu', 0) / 60:.1f}",
+        timing=", ".join(f"{k} {tm[k + '_cpu'] / 60:.1f}" for k in ALL_PARTS if k + "_cpu" in tm),
+        V=spec["vocab"], T=spec["length"], P=spec["prompts"], G=spec["group_size"], K=spec["keys"],
+        J0=spec["init_success"], scale=spec["init_scale"], D=pol["embed"], H=pol["hidden"],
+        steps=cfg["steps"], seeds=len(cfg["seeds"]), lr=results["lr"], grid=", ".join(f"{x:g}" for x in cfg["lr_grid"]),
+        tune_losses=", ".join(cfg["tune_losses"]), mm_scale=mm["scale"], B=spec["prompts"] * spec["group_size"],
+        ratio=_f(tg.get("vespo_ratio_64_4"), 3), ratio_verdict="met" if tg.get("ratio_ok") else "**not met**",
+        ratio_m=_f(tgm.get("vespo_ratio_64_4"), 3), ratio_m_verdict="met" if tgm.get("ratio_ok") else "**not met**",
+        all_verdict="met" if tg["all_ok"] else "**not met**", all_m_verdict="met" if tgm["all_ok"] else "**not met**",
+        behind=", ".join(f"{r['baseline']} at N={r['n']} ({r['diff_mean']:+.3f} ± {r['diff_std']:.3f})" for r in behind) or "none",
+        ahead=", ".join(f"{r['baseline']} at N={r['n']} ({r['diff_mean']:+.3f})" for r in ahead) or "none",
+        n_hi=n_hi, rank=rank, n_losses=len(at_hi), study_batches=cfg["study_batches"],
+        order=" > ".join(f"{r['loss']} {_mean(r['final']):.3f}" for r in at_hi),
+        v_drop=_metric(v_hi, "phi/frac_below_0.01", 3), v_logw=_metric(v_hi, "is/abs_log_w_mean", 2),
+        v_pos=_metric(v_hi, "is/log_w_pos_p50", 2), v_neg=_metric(v_hi, "is/log_w_neg_p50", 2),
+        t_main=t_main, k_hi=k_hi, t_lo=t_lo, t_hi=t_hi,
+        seq_var_growth=_f(seq_var_growth, 1), ref_var_growth=_f(ref_var_growth, 1),
+        tok_cos_lo=_f(g(t_lo, k_hi, "tok_is", "cosine_debiased"), 3), tok_cos_hi=_f(g(t_hi, k_hi, "tok_is", "cosine_debiased"), 3),
+        tok_bias_lo=_f(g(t_lo, k_hi, "tok_is", "rel_bias_debiased"), 2), tok_bias_hi=_f(g(t_hi, k_hi, "tok_is", "rel_bias_debiased"), 2),
+        ves_cos_lo=_f(g(t_lo, k_hi, "vespo", "cosine_debiased"), 3), ves_cos_hi=_f(g(t_hi, k_hi, "vespo", "cosine_debiased"), 3),
+        ves_scale_lo=_f(g(t_lo, k_hi, "vespo", "scale"), 2), ves_scale_hi=_f(g(t_hi, k_hi, "vespo", "scale"), 2),
+        ves_var_hi=_f(g(t_hi, k_hi, "vespo", "rel_var"), 1), seq_var_hi=_f(g(t_hi, k_hi, "seq_is", "rel_var"), 1),
+        ref_var_hi=_f(g(t_hi, k_hi, "reinforce", "rel_var"), 1),
+        ves_drop_hi=_f(g(t_hi, k_hi, "vespo", "phi_frac_below_0.01"), 2), logw_hi=_f(g(t_hi, k_hi, "vespo", "abs_log_w_mean"), 2),
+        main_table=main_table(results, "none"), best_table=main_table(results, "none", "best"),
+        mm_table=main_table(results, mm["kind"]), diag_table=diag_table(results), stale_table=staleness_table(results, n_hi),
+        grad_k=gradient_table_k(results, t_main) if grad else "", grad_t_cos=gradient_table_t(results, k_hi, "cosine_debiased") if grad else "",
+        grad_t_bias=gradient_table_t(results, k_hi, "rel_bias_debiased") if grad else "",
+        grad_t_var=gradient_table_t(results, k_hi, "rel_var") if grad else "",
+        grad_t_toward=gradient_table_t(results, k_hi, "toward_mu") if grad and "toward_mu" in grad[0] else "(not in this JSON)",
+        ablation_table=ablation_table(results), sens_table=sensitivity_table(results), fix_table=fix_table(results),
+        tune_table=tune_table(results),
+        targets_rows=_table(["N", "baseline", "VESPO − baseline (paired, mean ± std over seeds)", "verdict"],
+                            [[str(r["n"]), r["baseline"], f"{r['diff_mean']:+.3f} ± {r['diff_std']:.3f}",
+                              "VESPO ahead or equal" if r["ok"] else "VESPO behind"] for r in tg["vs_baselines"]]),
+    )
+    fields.update(reading_fields(results))
+    return Template(DOC_TEMPLATE).safe_substitute(fields)
+
+
+def _spearman_sign(pairs: list[tuple[float, float]]) -> float:
+    """Spearman rank correlation of (x, y) pairs (no ties expected)."""
+    n = len(pairs)
+    if n < 3:
+        return float("nan")
+    rx = {x: i for i, x in enumerate(sorted(p[0] for p in pairs))}
+    ry = {y: i for i, y in enumerate(sorted(p[1] for p in pairs))}
+    d2 = sum((rx[x] - ry[y]) ** 2 for x, y in pairs)
+    return 1 - 6 * d2 / (n * (n * n - 1))
+
+
+def reading_fields(results: dict[str, Any]) -> dict[str, str]:
+    """Sentences and numbers of the reading section, computed from ``results``."""
+    cfg = results["config"]
+    n_hi, n_ref = cfg["sens_n"], cfg["sens_ref_n"]
+    out: dict[str, str] = {}
+    # sensitivity: VESPO's rank and ratio in every setting
+    lines = []
+    for label, exp, match in sensitivity_settings(results):
+        rs = [r for r in (one(results, exp, loss=loss, n=n_hi, **match)
+                          for loss in cfg.get("sens_losses", cfg["core"])) if r]
+        if not rs:
+            continue
+        rs.sort(key=lambda r: -_mean(r["final"]))
+        names = [r["loss"] for r in rs]
+        v, v4 = one(results, exp, loss="vespo", n=n_hi, **match), one(results, exp, loss="vespo", n=n_ref, **match)
+        ratio = _mean(v["final"]) / _mean(v4["final"]) if v and v4 else float("nan")
+        lines.append(f"| {label} | {names.index('vespo') + 1} of {len(names)} | {names[0]} ({_mean(rs[0]['final']):.3f}) | "
+                     f"{_mean(v['final']):.3f} | {_f(ratio, 2)} | {_metric(v, 'phi/frac_below_0.01', 2)} | "
+                     f"{_metric(v, 'is/abs_log_w_mean', 2)} |")
+    out["sens_rank"] = "\n".join(["| setting | VESPO rank at N=%d | best loss | VESPO J | VESPO J(N=%d)/J(N=%d) | "
+                                   "VESPO phi<0.01 | VESPO mean abs log W |" % (n_hi, n_hi, n_ref),
+                                   "|---|---|---|---|---|---|---|"] + lines)
+    # where VESPO starts to drop most of a mini-batch
+    v = one(results, "main", loss="vespo", n=n_hi, mismatch="none")
+    k_half = None
+    if v:
+        by_k = v["metrics_by_staleness"].get("phi/frac_below_0.01", [])
+        k_half = next((k for k, x in enumerate(by_k) if x is not None and x >= 0.5), None)
+        lw = v["metrics_by_staleness"].get("is/abs_log_w_mean", [])
+        out["k_half"] = str(k_half) if k_half is not None else f"(never within N={n_hi})"
+        out["logw_at_k_half"] = _f(lw[k_half], 2) if k_half is not None and lw else "n/a"
+    # ablations
+    abl = runs_of(results, "ablation", n=max(cfg["ablation_ns"]))
+    if abl and v:
+        best = max(abl, key=lambda r: _mean(r["final"]))
+        out["abl_best"] = f"{best['label']} ({_mean(best['final']):.3f} vs default {_mean(v['final']):.3f})"
+    rhos = []
+    for n in cfg["c_sweep_ns"]:
+        pts = []
+        for lab in ["vespo"] + [f"c_x{x:g}" for x in cfg["c_scales"]]:
+            r = one(results, "main", loss="vespo", n=n, mismatch="none") if lab == "vespo" else one(results, "ablation", label=lab, n=n)
+            if r and r["metrics"].get("phi/frac_below_0.01") is not None:
+                pts.append((r["metrics"]["phi/frac_below_0.01"], _mean(r["final"])))
+        rhos.append(f"N={n}: {_f(_spearman_sign(pts), 2)}")
+    out["c_rho"] = ", ".join(rhos)
+    # mismatch
+    mm = cfg["mismatch"]["kind"]
+    for loss in ("vespo", "grpo", "cispo"):
+        a, b = one(results, "main", loss=loss, n=1, mismatch=mm), one(results, "main", loss=loss, n=1, mismatch="none")
+        out[f"mm1_{loss}"] = f"{_mean(a['final']) - _mean(b['final']):+.3f}" if a and b else "n/a"
+    a = one(results, "main", loss="vespo", n=1, mismatch=mm)
+    out["mm1_drop"] = _metric(a, "phi/frac_below_0.01", 3)
+    # sensitivity statements
+    first, ratio_ok = [], []
+    for label, exp, match in sensitivity_settings(results):
+        rs = [r for r in (one(results, exp, loss=loss, n=n_hi, **match)
+                          for loss in cfg.get("sens_losses", cfg["core"])) if r]
+        if rs and max(rs, key=lambda r: _mean(r["final"]))["loss"] == "vespo":
+            first.append(label)
+        v64, v4 = one(results, exp, loss="vespo", n=n_hi, **match), one(results, exp, loss="vespo", n=n_ref, **match)
+        if v64 and v4 and _mean(v64["final"]) >= 0.9 * _mean(v4["final"]):
+            ratio_ok.append(label)
+    out["sens_first"] = ", ".join(first) or "none"
+    out["sens_ratio_ok"] = ", ".join(ratio_ok) or "none"
+    # kernel windows, from the library's phi
+    from vespo.losses import vespo_phi
+
+    def window(c1: float, c2: float, level: float) -> str:
+        grid = [x / 100 for x in range(-1500, 501)]
+        ok = [x for x in grid if float(vespo_phi(math.exp(x), c1, c2)) >= level]
+        return f"{min(ok):.2f}, {max(ok):.2f}" if ok else "empty"
+
+    out["win_pos"], out["win_neg"] = window(2.0, 3.0, 0.01), window(3.0, 2.0, 0.01)
+    out["win_pos1"], out["win_neg1"] = window(2.0, 3.0, 0.1), window(3.0, 2.0, 0.1)
+    out["v_kl"] = _metric(v, "is/token_kl", 4)
+    for loss in ("topr", "cispo", "reinforce"):
+        r = one(results, "main", loss=loss, n=n_hi, mismatch="none")
+        out[f"{loss}_hi"] = _cell(r)
+    out["cispo_kl"] = _metric(one(results, "main", loss="cispo", n=n_hi, mismatch="none"), "is/token_kl", 4)
+    lr_runs = runs_of(results, "lr", n=n_hi)
+    if lr_runs:
+        vl = next((r for r in lr_runs if r["loss"] == "vespo"), None)
+        bl = max((r for r in lr_runs if r["loss"] != "vespo"), key=lambda r: _mean(r["final"]))
+        out["lr_drop"] = _metric(vl, "phi/frac_below_0.01", 3)
+        out["lr_vespo"] = _cell(vl)
+        out["lr_best_name"], out["lr_best"] = bl["loss"], _cell(bl)
+    # gradient study numbers
+    grad = results.get("gradient", [])
+    if grad:
+        ts = sorted({r["T"] for r in grad})
+        t2 = min([t for t in ts if t > cfg["spec"]["keys"]] or ts)
+        t_hi, k_lo, k_hi = max(ts), min(cfg["study_k"]), max(cfg["study_k"])
+
+        def g(t: int, k: int, label: str, key: str) -> float | None:
+            row = next((r for r in grad if r["T"] == t and r["k"] == k and r["loss"] == label), None)
+            return row.get(key) if row else None
+
+        def ratio(t: int, k: int) -> str:
+            a_, b_ = g(t, k, "seq_is", "rel_var"), g(t, k, "reinforce", "rel_var")
+            return _f(a_ / b_, 1) if a_ and b_ else "n/a"
+
+        out.update(t_lo2=str(t2), k_lo=str(k_lo), seq_ratio_lo=ratio(t2, k_lo), seq_ratio_hi=ratio(t_hi, k_lo),
+                   ess_lo=_f(g(t2, k_lo, "seq_is", "ess_w"), 3), ess_hi=_f(g(t_hi, k_lo, "seq_is", "ess_w"), 3),
+                   tok_cos_lo=_f(g(t2, k_hi, "tok_is", "cosine_debiased"), 3),
+                   tok_cos_hi=_f(g(t_hi, k_hi, "tok_is", "cosine_debiased"), 3),
+                   ves_cos_lo=_f(g(t2, k_hi, "vespo", "cosine_debiased"), 3),
+                   ves_cos_hi=_f(g(t_hi, k_hi, "vespo", "cosine_debiased"), 3),
+                   ves_scale_lo=_f(g(t2, k_hi, "vespo", "scale"), 2), ves_scale_hi=_f(g(t_hi, k_hi, "vespo", "scale"), 2))
+        t_main = cfg["spec"]["length"]
+        for label in ("grpo", "gspo", "topr", "vespo", "tok_is"):
+            key = "tok" if label == "tok_is" else label
+            out[f"toward_{key}"] = _f(g(t_main, k_hi, label, "toward_mu"), 2)
+            out[f"scale_{key}"] = _f(g(t_main, k_hi, label, "scale"), 2)
+        cos_tok = [g(t, k_hi, "tok_is", "cosine_debiased") for t in ts]
+        out["tok_cos_min"] = _f(min(c for c in cos_tok if c is not None), 2) if any(c is not None for c in cos_tok) else "n/a"
+    out["mm_abs"] = _metric(a, "sim/mismatch_abs", 4)
+    out["mm_seq"] = _metric(a, "is/abs_log_w_mean", 2)
+    n_fix = max(cfg["fix_ns"])
+    tis, trn = one(results, "mismatch_fix", label="vespo/tis", n=n_fix), one(results, "mismatch_fix", label="vespo/trainer", n=n_fix)
+    out["tis_verdict"] = ("ends lower" if _mean(tis["final"]) < _mean(trn["final"]) else "ends no lower") if tis and trn else "was not run"
+    for loss, key in (("vespo", "v"), ("grpo", "g")):
+        out[f"fix_{key}_sampler"] = _cell(one(results, "main", loss=loss, n=n_fix, mismatch=mm))
+        for src in ("trainer", "tis"):
+            out[f"fix_{key}_{src}"] = _cell(one(results, "mismatch_fix", label=f"{loss}/{src}", n=n_fix))
+    return out
+
+
+DOC_TEMPLATE = """# Tier-1 simulator: staleness, mismatch and the product-vs-sum argument
+
+Everything below is generated by `benchmarks/simulator.py` from `benchmarks/results/simulator.json`;
+no number in this file is typed by hand. The simulator is `vespo.simulator` (torch only); every
+loss is `vespo.losses.compute_policy_loss` with its registered defaults unless a table says otherwise.
+
+## What was run
+
+```
+OMP_NUM_THREADS=1 $cmd
+```
+
+One thread (`torch.set_num_threads(1)`) on a machine shared with other jobs: **$cpu CPU-minutes**
+in total ($wall minutes wall clock). CPU minutes per part: $timing.
+`python benchmarks/simulator.py --quick` is the CI-sized variant (seconds; it writes
+`benchmarks/results/simulator_quick.json` and no figures), and
+`python benchmarks/simulator.py --from-json benchmarks/results/simulator.json` redraws the figures
+and this page without training.
+
+**Task.** $P prompts, each with its own hidden target. A response has T = $T tokens over a
+vocabulary of V = $V. Each token is drawn from pi(y_t | prompt, t, y_{t-1}), a first-order
+autoregressive policy (the first token sees a BOS context). The reward is a verifier-style 0/1:
+R = 1 when all K = $K *key* positions, spread evenly over the response, carry the target token.
+The other T − K positions are filler. They never enter R, but they set the context of the next
+token, and each of them contributes a factor to W = prod_t pi/mu. Because the state is just the
+previous token, the success probability J = E_pi[R] and its gradient are **exact**: a forward pass
+over (previous token, keys correct so far), differentiated with autograd. J is the "accuracy" in
+every table.
+
+The initial policy is random logits of scale $scale, which gives about 0.6 nats per token: mostly
+peaked rows plus some high-entropy forks. The target logit at every key is then calibrated so that
+J = $J0 at the start, and all methods and all N start from this same point.
+
+**Policy.** Trainable logits are added to the fixed initial ones:
+delta(p, t, c) = tanh((e_p + f_t) W1 + b1) W2 + g_c W3, with embedding width $D and $H hidden
+units. All prompts, positions and contexts share these weights, so an update aimed at a key also
+moves the filler tokens, as an LLM's shared weights do. W2 and W3 start at 0.
+
+**Training.** Adam (0.9, 0.999), gradient clipping at 1.0 (verl's default), no weight decay,
+constant lr. G = $G responses per prompt and group advantages (R − mean)/(std + 1e-6).
+Token-mean aggregation. $steps optimizer steps on mini-batches of $B responses.
+
+**Staleness.** One rollout of N mini-batches is drawn from the current weights and trained
+sequentially, so mini-batch k is k steps stale and W = pi_theta/pi_old. Every N uses the same
+$steps × $B responses, as in the paper. $seeds seeds throughout (0–4). A seed fixes the task
+instance, the initial weights and the sampling noise, so runs with the same seed are paired.
+
+**Mismatch.** The sampler adds N(0, $mm_scale²) noise to every logit it samples from (fresh per
+response and position), and mu is the probability it really drew the token with. In the main
+mismatch runs the ratio is taken against mu (`old_log_prob = mu`, the fully-async setting). W then
+contains staleness and mismatch together.
+
+**Learning rate.** Tuned on-policy (N = 1, no mismatch) on a grid {$grid}. The tuning used seeds
+100–104, which are not the evaluation seeds. The criterion was the mean exact J over the learning
+curve. At N = 1 without mismatch W = 1, so all the losses compute the same update: `test_simulator`
+checks this bit for bit for VESPO vs REINFORCE, and the grid below shows it for $tune_losses. The
+chosen **lr = $lr** is kept for every loss, N and setting. The `lr` sensitivity part reruns the
+N = 64 comparison at a quarter of it.
+
+$tune_table
+
+## 1. Learning curves versus staleness N (T = $T)
+
+Final exact reward J after $steps steps, mean ± std over seeds, **no mismatch**:
+
+$main_table
+
+Best J along the curve (same runs):
+
+$best_table
+
+With the sampler mismatch (ratio against mu):
+
+$mm_table
+
+![learning curves](img/sim_curves.png)
+![learning curves with mismatch](img/sim_curves_mismatch.png)
+![final reward vs N](img/sim_final_vs_n.png)
+
+**Targets** (final J, mean over seeds):
+
+- VESPO J(N=64) / J(N=4) ≥ 0.90. No mismatch: **$ratio**, $ratio_verdict. With mismatch:
+  **$ratio_m**, $ratio_m_verdict.
+- VESPO ≥ every baseline at every N ≥ 16. No mismatch: $all_verdict. With mismatch: $all_m_verdict.
+  Paired differences (no mismatch):
+
+$targets_rows
+
+At N = $n_hi without mismatch the order is $order. VESPO ranks $rank of $n_losses.
+
+## 2. What the weights do: drift, |log W| and the share VESPO drops
+
+Mean over training; the "median log W" columns are split by the sign of the advantage:
+
+$diag_table
+
+VESPO at N = $n_hi, by the staleness k of the mini-batch:
+
+$stale_table
+
+## 3. Gradient bias and variance against the exact gradient
+
+For a loss L and a mini-batch b, the gradient estimate is g_b = −T · dL_b/dθ, in the MLP's
+parameter space. With token-mean aggregation this makes on-policy REINFORCE with leave-one-out
+advantages exactly unbiased: E g_b = ∇J.
+
+The setup:
+
+- mu is the initial policy; pi is mu after k on-policy Adam steps at the tuned lr. These are the
+  weights a mini-batch that is k steps stale meets.
+- The same $study_batches mini-batches from mu feed every loss.
+- Reported: the cosine of E g with ∇J, ‖E g − ∇J‖/‖∇J‖, tr Cov(g_b)/‖∇J‖² and the step length
+  along ∇J (`scale`).
+- The first two are corrected for the Monte-Carlo noise of the mean. A debiased cosine can
+  therefore come out slightly above 1, and "nan" means the mean is pure noise.
+
+Extra estimators:
+
+- `seq_is`: the true product W, unclipped (`seq_clip` with c = 1e8).
+- `tok_is`: the per-token ratio rho_t, unclipped (`cispo` with eps_high = 1e8). This is App. A's
+  first-order surrogate.
+- `reinforce`: no ratio at all.
+
+One task instance, seed 0.
+
+At T = $t_main, by staleness k (cos / bias / var / scale):
+
+$grad_k
+
+Versus T at k = $k_hi:
+
+$grad_t_cos
+
+$grad_t_bias
+
+$grad_t_var
+
+Direction of the bias at k = $k_hi, cos(E g − ∇J, θ_mu − θ_pi); positive means it pulls pi back towards mu:
+
+$grad_t_toward
+
+![gradient bias and variance vs T](img/sim_gradient_vs_T.png)
+
+## 4. VESPO ablations
+
+$ablation_table
+
+![ablations](img/sim_ablation.png)
+
+## 5. Sensitivity of the N = 64 comparison
+
+$sens_table
+
+$sens_rank
+
+![sensitivity](img/sim_sensitivity.png)
+
+## 6. Where the mismatch enters the ratio
+
+$fix_table
+
+## Reading
+
+**Do the targets hold?**
+
+- Main setting (T = $T, lr tuned on-policy), without mismatch:
+  - VESPO keeps $ratio of its N = 4 reward at N = 64, against a target of 0.90 ($ratio_verdict).
+  - It is behind these baselines at N ≥ 16: $behind.
+  - It is ahead of or equal to: $ahead.
+- With mismatch the ratio is $ratio_m ($ratio_m_verdict).
+- Section 5 reruns the N = 64 comparison in other settings. VESPO ranks first at N = 64 in:
+  $sens_first. Its N = 64 / N = 4 ratio is at least 0.90 in: $sens_ratio_ok.
+
+**Why VESPO loses reward at large N × T: the product.**
+
+- W = prod_t rho_t over T tokens. Its logarithm is a sum, and its typical value drifts like
+  −T × (per-token KL):
+  - In the main N = $n_hi run the per-token KL between the behaviour and the trained policy is
+    small ($v_kl on average).
+  - But the median log W of the stale sequences is $v_pos (A > 0) and $v_neg (A < 0). It is
+    negative for both signs: a sequence drawn from mu is simply less likely under the moved pi.
+  - Its mean |log W| is $v_logw.
+- The kernel only passes a narrow window of log W (computed here from `vespo_phi`):
+  - phi ≥ 0.01 for log W ∈ [$win_pos] when A > 0, and [$win_neg] when A < 0.
+  - phi ≥ 0.1 for log W ∈ [$win_pos1] and [$win_neg1].
+- So **$v_drop of all sequences get phi < 0.01** and contribute nothing. Once a mini-batch is
+  k = $k_half steps stale, more than half of it is dropped (mean |log W| there: $logw_at_k_half).
+- What this costs, and who is hurt by it:
+  - The dropped share is most of the stale data, and stale data are still informative here:
+    re-weighted per token they point along the exact gradient of the moved policy (`tok_is`
+    debiased cosine at k = $k_hi is at least $tok_cos_min at every T, section 3). Losses that
+    keep them learn more.
+  - TOPR keeps every positive sample at weight 1: $topr_hi at N = $n_hi.
+  - CISPO keeps every token with a clipped token weight, and moves the policy much further per
+    rollout (mean per-token KL $cispo_kl): $cispo_hi.
+  - REINFORCE, with no ratio at all, collapses ($reinforce_hi). Some correction is needed; VESPO's
+    soft sequence-level cut-off at the default (c1, c2) is more than this task needs.
+- The ablations say the same:
+  - A wider window keeps more and ends higher: (c1, c2) × 0.5, and length normalisation, which
+    with equal-length responses only divides log W by a constant.
+  - A narrower window (× 2, × 4) drops more and ends lower.
+  - Spearman correlation between the share with phi < 0.01 and final J over the c-sweep: $c_rho.
+  - Best variant at N = 64: $abl_best.
+- Drops are not the whole story. At a quarter of the lr (section 5) VESPO drops only
+  $lr_drop of sequences, and it still ends at $lr_vespo against $lr_best_name $lr_best.
+  - In this toy the smooth sequence weight acts like a trust region, as GRPO's clip does: the
+    gradient study shows the shortened, tilted step.
+  - Here a trust region costs progress, because stale updates are not harmful in this task.
+
+**The product-vs-sum argument, seen directly** (section 3; T = $t_lo has no filler, so T ≥ $t_lo2 is compared):
+
+- The true-product IS weight (`seq_is`) is unbiased, but its variance relative to REINFORCE's
+  grows with T: at k = $k_lo it is $seq_ratio_lo× REINFORCE's at T = $t_lo2 and $seq_ratio_hi× at
+  T = $t_hi.
+  - The normalised ESS of W falls from $ess_lo to $ess_hi.
+  - At k = $k_hi W is so heavy-tailed that $study_batches mini-batches no longer see its tail.
+    The "variance" there is an underestimate.
+- The token-level first-order surrogate (`tok_is`) keeps REINFORCE's variance. Its debiased cosine
+  with ∇J at k = $k_hi is $tok_cos_lo at T = $t_lo2 and $tok_cos_hi at T = $t_hi.
+  - The bias App. A predicts (dropped cross-token terms) is present in this autoregressive toy.
+  - It is small next to everything else, and not monotone in T on a single task instance.
+- VESPO's variance at T = $t_hi, k = $k_hi is $ves_var_hi, against $seq_var_hi (true product) and
+  $ref_var_hi (REINFORCE).
+  - It pays with the step: its length along ∇J (`scale`) goes from $ves_scale_lo at T = $t_lo2 to
+    $ves_scale_hi at T = $t_hi (debiased cosine $ves_cos_lo and $ves_cos_hi).
+  - There, $ves_drop_hi of sequences have phi < 0.01 (mean |log W| $logw_hi).
+- GRPO, GSPO and TOPR show a large "bias" that grows with T. It points back from pi to mu: the cosine
+  between E g − ∇J and θ_mu − θ_pi at T = $t_main, k = $k_hi is $toward_grpo (GRPO), $toward_gspo
+  (GSPO), $toward_topr (TOPR) and $toward_vespo (VESPO), against $toward_tok for `tok_is`.
+  - This is a trust region's restoring force, mostly spread over the many filler parameters,
+    added to a `scale` along ∇J of $scale_grpo, $scale_gspo, $scale_topr and $scale_vespo.
+  - It is not an error in the reward direction, and it is what keeps these losses slow but stable
+    at large N.
+
+**Mismatch.**
+
+- At N = $n_hi: VESPO with the ratio against mu ends at $fix_v_sampler, against pi_old (mismatch
+  ignored, the sync default) at $fix_v_trainer, with token-TIS folded into W at $fix_v_tis.
+  GRPO ends at $fix_g_sampler, $fix_g_trainer and $fix_g_tis respectively.
+- At N = 1 the injected sampler noise alone changes final J by $mm1_vespo for VESPO, $mm1_grpo
+  for GRPO and $mm1_cispo for CISPO (each against its own no-mismatch run).
+- Per token the noise is a mean |log pi_old − log mu| of $mm_abs. Summed into W over T tokens it is
+  a mean |log W| of $mm_seq at N = 1, and VESPO already drops $mm1_drop of sequences with no
+  staleness at all.
+- Folding the token-TIS weights into W adds the mismatch to log W before phi. In this toy it
+  $tis_verdict for VESPO than ignoring the mismatch.
+
+**What does not transfer from this toy.**
+
+- Every response has exactly T tokens. The paper's length-normalisation failure (Fig. 6: long
+  responses dominate the batch) cannot happen here. Normalisation only widens the kernel, which is
+  why it helps here.
+- The context is one previous token; there is no response-length dynamics and no MoE routing.
+- The drift per step is whatever the tuned lr gives. The conclusion turns on T × drift: VESPO wins
+  at N = 64 where T × drift keeps |log W| inside its window (section 5), and loses where it does not.
+- In the paper's LLM runs the same N evidently keeps |log W| small enough. Nothing here says
+  otherwise. What the toy shows is the failure mode when it is not: the soft sequence-level drop
+  removes most of the stale data, and methods that keep the data learn faster.
+"""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -638,6 +638,7 @@ TRACKED_METRICS = (
     "mismatch/log_prob_diff_abs_mean",
     "is/log_w_pos_p50",
     "is/log_w_neg_p50",
+    "sim/mismatch_abs",  # mean |log pi_old - log mu| per token of the mini-batch
 )
 
 
@@ -751,10 +752,12 @@ def train(
                             loss_agg_mode=loss_agg_mode)
         grads = torch.autograd.grad(out.loss * s_count, theta)
         gnorms.append(float(opt.step(grads).mean()))
+        step_metrics = dict(out.metrics)
+        step_metrics["sim/mismatch_abs"] = float((batch.old_log_prob - batch.sampler_log_prob).abs().mean())
         for name in TRACKED_METRICS:
-            if name in out.metrics:
-                window[name].append(out.metrics[name])
-                by_k[name][k].append(out.metrics[name])
+            if name in step_metrics:
+                window[name].append(step_metrics[name])
+                by_k[name][k].append(step_metrics[name])
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             j, h = evaluate()
             eval_steps.append(step + 1)
@@ -828,6 +831,9 @@ class GradientStats:
         rel_var: C / ||grad J||^2, the variance of one mini-batch gradient.
         rel_mse: E||g_b - grad J||^2 / ||grad J||^2 (about rel_bias^2 + rel_var).
         scale: <mean g, grad J> / ||grad J||^2, the length of the step along the true gradient.
+        toward_mu: cos(mean g - grad J, params_mu - params_pi): how much of the bias points from
+            the current weights back to the behaviour weights (a trust region's restoring force);
+            0 when pi = mu.
         n_batches: R.
         metrics: the loss's diagnostics averaged over the chunks of batches.
     """
@@ -840,6 +846,7 @@ class GradientStats:
     rel_var: float
     rel_mse: float
     scale: float
+    toward_mu: float
     n_batches: int
     metrics: dict[str, float]
 
@@ -911,7 +918,7 @@ class _Moments:
             self.metrics[k] = self.metrics.get(k, 0.0) + v
         self.chunks += 1
 
-    def stats(self, true_grad: torch.Tensor) -> GradientStats:
+    def stats(self, true_grad: torch.Tensor, back: torch.Tensor | None = None) -> GradientStats:
         if self.s1 is None or self.s2 is None or self.n < 2:
             raise ValueError("need at least two mini-batches")
         r = self.n
@@ -922,6 +929,10 @@ class _Moments:
         diff2 = float((mean - tg) @ (mean - tg))
         dot = float(mean @ tg)
         m2_deb = float(mean @ mean) - tr_cov / r
+        toward = 0.0
+        if back is not None and float(back.norm()) > 0:
+            bias = mean - tg
+            toward = float(bias @ back.double()) / (float(bias.norm()) * float(back.norm()) + 1e-300)
         return GradientStats(
             cosine=dot / (math.sqrt(float(mean @ mean) * tn2) + 1e-300),
             cosine_debiased=dot / math.sqrt(m2_deb * tn2) if m2_deb > 0 else float("nan"),
@@ -931,6 +942,7 @@ class _Moments:
             rel_var=tr_cov / tn2,
             rel_mse=self.sq_err / r / tn2,
             scale=dot / tn2,
+            toward_mu=toward,
             n_batches=r,
             metrics={k: v / self.chunks for k, v in self.metrics.items()},
         )
@@ -996,6 +1008,7 @@ def gradient_study(
         return torch.cat([x.reshape(x.shape[0], -1) for x in parts], 1)
 
     true_grad = pull_back(exact_gradient(pi_logits, task))[0]
+    back = torch.cat([(m - q).reshape(-1) for m, q in zip(mu_params, pi_params)])  # params_mu - params_pi
     acc = {label: _Moments() for label in losses}
     done = 0
     while done < n_batches:
@@ -1008,7 +1021,7 @@ def gradient_study(
         done += n
     with torch.no_grad():
         return StudyResult(
-            stats={label: m.stats(true_grad) for label, m in acc.items()},
+            stats={label: m.stats(true_grad, back) for label, m in acc.items()},
             token_kl=float(trajectory_kl(mu_logits, pi_logits, task)[0]),
             reward_mu=float(expected_reward(mu_logits, task)[0]),
             reward_pi=float(expected_reward(pi_logits, task)[0]),
