@@ -109,7 +109,7 @@ def test_tiny_model_options(tok):
     assert count_parameters(m) == sum(p.numel() for p in m.parameters())
     # seeded: same weights from the same seed, different from another seed; global RNG untouched
     state = torch.get_rng_state()
-    small = dict(vocab_size=32, hidden_size=32, num_layers=1, num_heads=2)
+    small = {"vocab_size": 32, "hidden_size": 32, "num_layers": 1, "num_heads": 2}
     a, b, c = (build_tiny_model("mixtral", seed=s, **small) for s in (0, 0, 1))
     assert torch.equal(torch.get_rng_state(), state)
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
@@ -204,7 +204,7 @@ def test_smollm2_checkpoint_greedy_answer(tmp_path_factory):
 
 
 def test_smollm2_missing_package_message(monkeypatch, tmp_path):
-    import vespo.models as models
+    from vespo import models
 
     real = importlib.util.find_spec
     monkeypatch.setattr(

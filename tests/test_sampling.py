@@ -94,7 +94,7 @@ def test_equal_length_prompts_match_full_forward(model):
 
 def test_logprobs_match_without_pruning(model, prompts):
     """The in-loop batch pruning of finished rows changes neither the samples nor mu."""
-    kw = dict(max_new_tokens=12, generator=None, eos_token_id=EOS_SET, pad_token_id=PAD)
+    kw = {"max_new_tokens": 12, "generator": None, "eos_token_id": EOS_SET, "pad_token_id": PAD}
     a = Sampler(model).generate(prompts, **{**kw, "generator": gen(5)}, prune_finished=True)
     b = Sampler(model).generate(prompts, **{**kw, "generator": gen(5)}, prune_finished=False)
     assert a.response_ids == b.response_ids
@@ -185,7 +185,7 @@ def test_greedy_is_argmax_and_deterministic(model, prompts):
 
 
 def test_seeded_generator_is_deterministic(model, prompts):
-    kw = dict(max_new_tokens=10, temperature=1.0, top_p=0.95, eos_token_id=EOS, pad_token_id=PAD)
+    kw = {"max_new_tokens": 10, "temperature": 1.0, "top_p": 0.95, "eos_token_id": EOS, "pad_token_id": PAD}
     a = Sampler(model).generate(prompts, generator=gen(7), **kw)
     b = Sampler(model).generate(prompts, generator=gen(7), **kw)
     c = Sampler(model).generate(prompts, generator=gen(8), **kw)

