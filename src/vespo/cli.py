@@ -177,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Idle OpenMP threads sleep instead of spinning: on a busy machine spinning threads made a
+    # 2-thread run up to 10x slower (docs/benchmarks_trainer.md). Must be set before torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("MPLCONFIGDIR", str(Path.home() / ".cache" / "vespo" / "matplotlib"))
     parser = build_parser()
     args = parser.parse_args(argv if argv is not None else sys.argv[1:])

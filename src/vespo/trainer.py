@@ -381,7 +381,7 @@ class Trainer:
             raise ConfigError(f"warmup.steps > 0 but task '{self.cfg.task.name}' has no demonstrations")
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=wcfg.lr, weight_decay=0.0)
         rng = random.Random(self.cfg.run.seed + 17)
-        log = open(self.run_dir / "warmup.jsonl", "w")
+        log = open(self.run_dir / "warmup.jsonl", "w", buffering=1)
         pad = self.tokenizer.pad_token_id
         with _progress(self.cfg, 0, total=wcfg.steps, label="warm-up") as progress:
             for step in range(1, wcfg.steps + 1):
