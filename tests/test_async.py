@@ -202,6 +202,24 @@ def test_partial_rollout_tokens_carry_the_weights_that_sampled_them():
     assert out["stats"]["interrupted_rows"] > 0
 
 
+def test_bf16_sampler_flips_moe_routing():
+    """A tiny Qwen3-MoE: the bf16 sampler and the fp32 reference route some tokens differently."""
+    tok = build_char_tokenizer()
+    model = build_tiny_model("qwen3_moe", vocab_size=len(tok), hidden_size=32, num_layers=2, num_heads=2,
+                             num_experts=4, num_experts_per_tok=2, seed=0, pad_token_id=tok.pad_token_id,
+                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    task = build_task({"kind": "reasoning_gym", "name": "chain_sum"})
+    spec = WorkerSpec(model=model, tokenizer=tok, task=task, group_size=4, max_new_tokens=12, temperature=1.0,
+                      top_p=1.0, sampler_dtype="bfloat16", trainer_dtype="float32", normalize_adv_std=True,
+                      reward_timeout_s=5.0, threads=1, partial_rollout=False, measure_mismatch=True)
+    worker = RolloutWorker(spec)
+    worker.set_weights(copy.deepcopy(model.state_dict()), 0, seed=0)
+    out = worker.generate({"ticket": 0, "min_version": 0, "examples": task.train_examples(4, seed=0)})
+    assert out["stats"]["routing_flip_frac"] > 0
+    diffs = [abs(r - m) for g in out["groups"] for rr, mm in zip(g["reference"], g["mu"]) for r, m in zip(rr, mm)]
+    assert max(diffs) > 1e-3  # bf16 sampling against fp32: a real log-prob gap
+
+
 # ------------------------------------------------------------------------------ async runs
 def test_async_run_bounded_staleness_and_exact_mu_with_partial_rollouts(tmp_path, ray_session):
     cfg = async_config(tmp_path / "run", "run.total_steps=8", "async.sync_every=2",
@@ -243,10 +261,13 @@ def test_async_run_bounded_staleness_and_exact_mu_with_partial_rollouts(tmp_path
         assert key in rows[-1], key
 
 
-def test_async_two_workers_without_partial_rollouts(tmp_path, ray_session):
-    """Responses are never split; prompts are trained in stream order, none skipped or repeated."""
+def test_async_two_workers_bf16_moe_without_partial_rollouts(tmp_path, ray_session):
+    """Responses are never split; prompts are trained in stream order, none skipped or repeated.
+    The policy is a tiny Qwen3-MoE sampled in bf16 and trained in fp32: the mismatch is real."""
     cfg = async_config(tmp_path / "run", "run.total_steps=6", "async.num_workers=2", "async.sync_every=2",
-                       "async.staleness_threshold=0.5", "async.partial_rollout=false")
+                       "async.staleness_threshold=0.5", "async.partial_rollout=false",
+                       "model.arch=qwen3_moe", "model.num_experts=4", "model.num_experts_per_tok=2",
+                       "sampling.sampler_dtype=bfloat16", "algorithm.old_log_prob=sampler")
     trainer = Trainer(cfg)
     rec = Recorder(trainer)
     expected = trainer.source.stream
@@ -265,6 +286,10 @@ def test_async_two_workers_without_partial_rollouts(tmp_path, ray_session):
             ids = mb.input_ids[row, : mb.prompt_length][mb.attention_mask[row, : mb.prompt_length].bool()]
             seen.append(ids.tolist())
     assert seen == prompts
+    rows = read_rows(tmp_path / "run")
+    assert all(r["mismatch/engine_log_prob_diff_abs_mean"] > 1e-4 for r in rows)  # bf16 vs fp32
+    assert all(r["mismatch/engine_k3_kl"] >= 0 for r in rows)
+    assert any("mismatch/routing_flip_frac" in r for r in rows)
 
 
 def _run_rows(run_dir: Path) -> list[dict]:
@@ -290,38 +315,35 @@ def test_zero_staleness_async_reproduces_the_sync_trainer(tmp_path, ray_session)
         assert a["grad/norm"] == pytest.approx(s["grad/norm"], rel=1e-4)
 
 
-def test_dead_worker_is_replaced_and_the_run_goes_on(tmp_path, ray_session):
+def test_dead_workers_are_replaced_then_the_run_stops_with_a_checkpoint(tmp_path, ray_session):
+    """The first crash is repaired (one replacement allowed); the second stops the run cleanly with
+    a checkpoint of the current step and a message saying how to resume; the resume completes."""
     import ray
 
-    cfg = async_config(tmp_path / "run", "run.total_steps=5", "async.sync_every=1")
+    # K=1, s=0: the chunk of the next step is always in flight when the worker is killed after a step
+    cfg = async_config(tmp_path / "run", "run.total_steps=6", "async.sync_every=1", "async.max_worker_restarts=1",
+                       "async.staleness_threshold=0", "async.partial_rollout=false")
     trainer = Trainer(cfg)
     rec = Recorder(trainer)
 
-    def kill(step):
-        if step == 2:
-            ray.kill(trainer.source._slots[0].handle, no_restart=True)
+    def kill_worker(step: int) -> None:
+        if step in (2, 4):
+            handle = trainer.source._slots[0].handle
+            ray.kill(handle, no_restart=True)
+            with pytest.raises(ray.exceptions.RayActorError):  # wait until Ray knows it is dead
+                ray.get(handle.ready.remote(), timeout=60)
 
-    rec.on_step = kill
-    trainer.train()
-    rows = read_rows(tmp_path / "run")
-    assert len(rows) == 5
-    assert rows[-1]["async/worker_restarts"] == 1.0
-
-
-def test_dead_worker_beyond_the_restart_budget_stops_with_a_checkpoint(tmp_path, ray_session):
-    import ray
-
-    cfg = async_config(tmp_path / "run", "run.total_steps=6", "async.sync_every=1", "async.max_worker_restarts=0")
-    trainer = Trainer(cfg)
-    rec = Recorder(trainer)
-    rec.on_step = lambda step: step == 3 and ray.kill(trainer.source._slots[0].handle, no_restart=True)
+    rec.on_step = kill_worker
     with pytest.raises(RolloutWorkerError, match="--resume"):
         trainer.train()
-    assert latest_checkpoint(tmp_path / "run").name == "step_000003"
+    rows = read_rows(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[-1]["async/worker_restarts"] == 1.0
+    assert latest_checkpoint(tmp_path / "run").name == "step_000004"
     resumed = Trainer(async_config(tmp_path / "run", "run.total_steps=6", "async.sync_every=1"), resume=True)
-    assert resumed.step == 3
+    assert resumed.step == 4
     resumed.train()
-    assert [r["step"] for r in read_rows(tmp_path / "run")][-3:] == [4, 5, 6]
+    assert [r["step"] for r in read_rows(tmp_path / "run")] == [1, 2, 3, 4, 5, 6]
 
 
 # ----------------------------------------------------------------------- processes, kill -9

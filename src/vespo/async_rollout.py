@@ -111,6 +111,26 @@ class WorkerSpec:
     measure_mismatch: bool
 
 
+def _rebuilt(model: torch.nn.Module) -> torch.nn.Module:
+    """A transformers model rebuilt from its config with the same weights.
+
+    A model unpickled in a fresh process skips transformers' construction-time setup; among other
+    things its forward then returns no router logits (MoE). Building it again from its config in
+    the worker's process restores that; anything that is not a transformers model is kept as is.
+    """
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "post_init"):
+        return model
+    from transformers import AutoModelForCausalLM
+
+    try:
+        fresh = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
+        fresh.load_state_dict(model.state_dict())
+    except (ValueError, RuntimeError, KeyError, TypeError):  # an unusual model class: keep the unpickled one
+        return model
+    return fresh
+
+
 class RolloutWorker:
     """One rollout worker: a sampler with its own weights, a reward runner and a generator.
 
@@ -125,9 +145,10 @@ class RolloutWorker:
         torch.set_num_threads(max(1, spec.threads))
         self.spec = spec
         self.index = index
-        self.sampler = Sampler(spec.model, dtype=DTYPES[spec.sampler_dtype], policy_version=-1)
+        model = _rebuilt(spec.model)
+        self.sampler = Sampler(model, dtype=DTYPES[spec.sampler_dtype], policy_version=-1)
         # The trainer-precision copy: log-probs of the sampled tokens under the sampling weights.
-        self.reference = Sampler(spec.model, dtype=DTYPES[spec.trainer_dtype]) if spec.measure_mismatch else None
+        self.reference = Sampler(model, dtype=DTYPES[spec.trainer_dtype]) if spec.measure_mismatch else None
         self.tokenizer = spec.tokenizer
         self.runner = RewardRunner(spec.task, timeout_s=spec.reward_timeout_s)
         self.generator = torch.Generator()
@@ -650,15 +671,17 @@ class AsyncRolloutSource:
         if not self._started:
             self._start(model, policy_version)
         t0 = time.perf_counter()
+        poll = 0.0  # first look at what finished (or failed) since the last step without waiting
         while True:
+            self._collect(timeout=poll)
+            self._check_timeouts()
             self._dispatch()
             head = [g for _, g in zip(range(self.m), self._groups)]
             if len(head) == self.m and all(g.result is not None for g in head):
                 break
             if not self._chunks and not self._redispatch:
                 raise RolloutSourceError("no rollout work is in flight and the queue cannot fill (a scheduler bug)")
-            self._collect(timeout=0.5)
-            self._check_timeouts()
+            poll = 0.5
         wait = time.perf_counter() - t0
         self._wait_total += wait
         queue_depth = self._completed_unconsumed()
