@@ -217,7 +217,7 @@ class Trainer:
         stop = _StopFlag()
         try:
             if not self.resumed:
-                self.warm_up()
+                self.warm_up(stop)
                 if cfg.eval.at_start:
                     writer.write({"step": 0, **self.evaluate()})
                 self.save()
@@ -365,8 +365,12 @@ class Trainer:
         return sums
 
     # --------------------------------------------------------------------------- warm-up
-    def warm_up(self) -> None:
-        """Supervised steps on task demonstrations (prompt masked), before RL; logged to warmup.jsonl."""
+    def warm_up(self, stop: "_StopFlag | None" = None) -> None:
+        """Supervised steps on task demonstrations (prompt masked), before RL; logged to warmup.jsonl.
+
+        Interrupted (SIGTERM/Ctrl-C), it stops at once without a checkpoint: the warm-up is short
+        and a rerun starts it again.
+        """
         wcfg = self.cfg.warmup
         if wcfg.steps == 0:
             return
@@ -381,10 +385,12 @@ class Trainer:
             raise ConfigError(f"warmup.steps > 0 but task '{self.cfg.task.name}' has no demonstrations")
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=wcfg.lr, weight_decay=0.0)
         rng = random.Random(self.cfg.run.seed + 17)
-        log = open(self.run_dir / "warmup.jsonl", "w", buffering=1)
         pad = self.tokenizer.pad_token_id
-        with _progress(self.cfg, 0, total=wcfg.steps, label="warm-up") as progress:
+        with open(self.run_dir / "warmup.jsonl", "w", buffering=1) as log, \
+                _progress(self.cfg, 0, total=wcfg.steps, label="warm-up") as progress:
             for step in range(1, wcfg.steps + 1):
+                if stop is not None and stop.requested:
+                    raise KeyboardInterrupt
                 batch = [pairs[rng.randrange(len(pairs))] for _ in range(wcfg.batch_size)]
                 loss = self._sft_loss(batch, pad)
                 loss.backward()
@@ -394,12 +400,13 @@ class Trainer:
                 row = {"warmup/step": step, "warmup/loss": loss.item()}
                 log.write(json.dumps(row) + "\n")
                 progress(step, row, {})
-        log.close()
         out = self.run_dir / "warmup"
         out.mkdir(exist_ok=True)
         from safetensors.torch import save_model
 
-        save_model(self.model, str(out / "model.safetensors"))
+        tmp = out / "model.safetensors.tmp"
+        save_model(self.model, str(tmp))
+        tmp.replace(out / "model.safetensors")  # atomic: sweeps treat its existence as "done"
 
     def _sft_loss(self, batch: list[tuple[list[int], list[int]]], pad: int) -> torch.Tensor:
         seqs = [p + r for p, r in batch]
