@@ -102,7 +102,7 @@ class AlgorithmConfig(_Section):
     loss_params: dict[str, Any] = Field(default_factory=dict)
     loss_agg_mode: str = "token-mean"
     staleness: int = Field(8, ge=1, description="N: mini-batches per rollout batch")
-    mini_batch_prompts: int = Field(8, ge=1, description="prompts per optimizer step")
+    mini_batch_prompts: int = Field(16, ge=1, description="prompts per optimizer step")
     micro_batch_size: int | None = Field(None, ge=1, description="sequences per forward pass")
     normalize_adv_std: bool = True
     old_log_prob: Literal["recompute", "sampler"] = "recompute"
@@ -127,7 +127,7 @@ class AlgorithmConfig(_Section):
 
 
 class OptimConfig(_Section):
-    lr: float = Field(1e-4, gt=0)
+    lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = Field(1.0, gt=0)
