@@ -9,24 +9,9 @@ import pytest
 from vespo.config import ConfigError
 from vespo.sweep import build_cells, parse_grid, results_table, run_sweep
 
-TINY = [
-    "model.hidden_size=32",
-    "model.num_layers=2",
-    "model.num_heads=2",
-    "task.params={min_terms: 2, max_terms: 2, min_digits: 1, max_digits: 1}",
-    "task.train_size=200",
-    "sampling.group_size=4",
-    "sampling.max_new_tokens=8",
-    "algorithm.mini_batch_prompts=2",
-    "eval.num_prompts=4",
-    "eval.avg_k=1",
-    "eval.every=100",
-    "checkpoint.every=100",
-    "logging.tensorboard=false",
-    "run.total_steps=4",
-    "warmup.steps=3",
-    "warmup.batch_size=8",
-]
+from tiny_run import TINY_RUN
+
+TINY = [*TINY_RUN, "run.total_steps=4", "warmup.steps=3", "warmup.batch_size=8"]
 
 
 def test_grid_parsing_and_cells():

@@ -16,24 +16,9 @@ from vespo.config import ConfigError, load_config
 from vespo.losses import list_losses
 from vespo.trainer import Trainer, train
 
-TINY = [
-    "model.hidden_size=32",
-    "model.num_layers=2",
-    "model.num_heads=2",
-    "task.params={min_terms: 2, max_terms: 2, min_digits: 1, max_digits: 1}",
-    "task.train_size=200",
-    "sampling.group_size=4",
-    "sampling.max_new_tokens=8",
-    "algorithm.mini_batch_prompts=2",
-    "eval.num_prompts=4",
-    "eval.avg_k=1",
-    "eval.every=100",
-    "checkpoint.every=100",
-    "logging.progress=false",
-    "logging.tensorboard=false",
-    "warmup.steps=0",
-    "run.threads=1",
-]
+from tiny_run import TINY_RUN
+
+TINY = [*TINY_RUN, "logging.progress=false", "warmup.steps=0", "run.threads=1"]
 
 
 def tiny_config(tmp_path: Path, *extra: str):

@@ -14,9 +14,7 @@ from __future__ import annotations
 import math
 import re
 
-from vespo.losses.diagnostics import weight_diagnostics
-from vespo.losses.numerics import LOG_RATIO_CLAMP
-from vespo.losses.types import KernelOutput, LossBatch
+from vespo.losses.core import loss_diagnostics
 
 __all__ = [
     "SIGN_QUANTILE_KEYS",
@@ -45,34 +43,6 @@ def flat_metric_name(key: str) -> str:
     return key.replace("/", "_")
 
 
-def loss_diagnostics(batch: LossBatch, out: KernelOutput) -> dict[str, float]:
-    """The ``is/...``, ``phi/...`` and ``loss/...`` metrics of one loss call (no ``loss/value``).
-
-    The same numbers :func:`vespo.losses.compute_policy_loss` reports, for adapters that run
-    :func:`vespo.losses.compute_loss_terms` and aggregate with their framework's own function.
-    """
-    valid_seq = batch.mask.any(-1)
-    total_log_w = out.seq_log_w
-    stale = mismatch = None
-    if batch.rollout_seq_log_w is not None:
-        stale, mismatch = batch.seq_log_ratio, batch.rollout_seq_log_w
-        if not out.uses_rollout_is:
-            total_log_w = (total_log_w + mismatch).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    metrics = {key: float(value) for key, value in out.metrics.items()}
-    metrics.update(
-        weight_diagnostics(
-            seq_log_w=total_log_w,
-            seq_weight=out.seq_weight,
-            seq_advantages=batch.seq_advantages,
-            valid_seq=valid_seq,
-            token_log_ratio=batch.log_ratio.detach(),
-            mask=batch.mask,
-            kernel_mode=out.kernel_mode,
-            stale_log_w=stale,
-            mismatch_log_w=mismatch,
-        )
-    )
-    return metrics
 
 
 def fill_sign_quantiles(metrics: dict[str, float], fill: float = math.nan) -> dict[str, float]:

@@ -10,7 +10,7 @@ Only torch is imported here.
 
 from vespo.losses import cispo, geometric, ppo_clip, reinforce, sapo, vespo  # noqa: F401  (register)
 from vespo.losses.aggregation import AGGREGATION_MODES, aggregate_loss
-from vespo.losses.core import build_loss_batch, compute_loss_terms, compute_policy_loss
+from vespo.losses.core import build_loss_batch, compute_loss_terms, compute_policy_loss, loss_diagnostics
 from vespo.losses.corrections import CORRECTION_MODES, RolloutCorrection, rollout_correction
 from vespo.losses.registry import LossSpec, Param, get_loss_spec, list_losses, loss_specs, register_policy_loss
 from vespo.losses.types import KernelOutput, LossBatch, LossOutput
@@ -33,6 +33,7 @@ __all__ = [
     "kernel_max",
     "kernel_mode",
     "list_losses",
+    "loss_diagnostics",
     "loss_specs",
     "register_policy_loss",
     "rollout_correction",

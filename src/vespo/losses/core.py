@@ -261,6 +261,37 @@ def compute_loss_terms(
     return out
 
 
+def loss_diagnostics(batch: LossBatch, out: KernelOutput) -> dict[str, float]:
+    """The loss's own metrics plus the ``is/...`` and ``phi/...`` diagnostics of one call.
+
+    log W for the diagnostics is the total pi_theta/mu weight: the kernel's log W, plus the rollout
+    (pi_old/mu) part when the kernel did not already fold it in. Backends that aggregate with their
+    own function (verl, TRL) call this after :func:`compute_loss_terms`.
+    """
+    total_log_w = out.seq_log_w
+    stale = mismatch = None
+    if batch.rollout_seq_log_w is not None:
+        stale, mismatch = batch.seq_log_ratio, batch.rollout_seq_log_w
+        if not out.uses_rollout_is:
+            total_log_w = (total_log_w + mismatch).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    metrics = {key: float(value) for key, value in out.metrics.items()}
+    metrics.update(
+        weight_diagnostics(
+            seq_log_w=total_log_w,
+            seq_weight=out.seq_weight,
+            seq_advantages=batch.seq_advantages,
+            valid_seq=batch.lengths > 0,
+            token_log_ratio=None,
+            mask=None,
+            kernel_mode=out.kernel_mode,
+            stale_log_w=stale,
+            mismatch_log_w=mismatch,
+            token_kl=-batch.seq_log_ratio.sum() / batch.lengths.sum(),
+        )
+    )
+    return metrics
+
+
 def compute_policy_loss(
     name: str,
     *,
@@ -353,29 +384,8 @@ def compute_policy_loss(
     loss = torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0)
     object.__setattr__(batch, "scratch", None)  # the buffer is done with; do not keep it alive
 
-    valid_seq = batch.lengths > 0
-    total_log_w = out.seq_log_w
-    stale = mismatch = None
-    if batch.rollout_seq_log_w is not None:
-        stale, mismatch = batch.seq_log_ratio, batch.rollout_seq_log_w
-        if not out.uses_rollout_is:
-            total_log_w = (total_log_w + mismatch).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     metrics = {"loss/value": float(loss.detach())}
-    metrics.update(out.metrics)
-    metrics.update(
-        weight_diagnostics(
-            seq_log_w=total_log_w,
-            seq_weight=out.seq_weight,
-            seq_advantages=batch.seq_advantages,
-            valid_seq=valid_seq,
-            token_log_ratio=None,
-            mask=None,
-            kernel_mode=out.kernel_mode,
-            stale_log_w=stale,
-            mismatch_log_w=mismatch,
-            token_kl=-batch.seq_log_ratio.sum() / batch.lengths.sum(),
-        )
-    )
+    metrics.update(loss_diagnostics(batch, out))
     metrics.update(extra_metrics)
     return LossOutput(
         loss=loss.to(log_prob.dtype) if log_prob.dtype == torch.float64 else loss,

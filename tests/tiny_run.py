@@ -1,0 +1,17 @@
+"""Overrides that make a training run take seconds: the shared base of the end-to-end tests."""
+
+TINY_RUN = [
+    "model.hidden_size=32",
+    "model.num_layers=2",
+    "model.num_heads=2",
+    "task.params={min_terms: 2, max_terms: 2, min_digits: 1, max_digits: 1}",
+    "task.train_size=200",
+    "sampling.group_size=4",
+    "sampling.max_new_tokens=8",
+    "algorithm.mini_batch_prompts=2",
+    "eval.num_prompts=4",
+    "eval.avg_k=1",
+    "eval.every=100",
+    "checkpoint.every=100",
+    "logging.tensorboard=false",
+]
