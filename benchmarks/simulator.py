@@ -427,7 +427,7 @@ def plot_curves(results: dict[str, Any], path: Path, mismatch: str) -> None:
     rows = runs_of(results, "main", mismatch=mismatch)
     losses = list(dict.fromkeys(r["loss"] for r in rows))
     ns = results["config"]["ns"]
-    cols = min(4, len(losses))
+    cols = len(losses) if len(losses) <= 5 else 4
     nrows = math.ceil(len(losses) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 2.9 * nrows), sharex=True, sharey=True, squeeze=False)
     cmap = plt.get_cmap("viridis")
@@ -445,8 +445,10 @@ def plot_curves(results: dict[str, Any], path: Path, mismatch: str) -> None:
         ax.set_ylim(0, 1)
     for ax in axes.flat[len(losses):]:
         ax.axis("off")
-    for ax in axes[-1]:
-        ax.set_xlabel("optimizer step")
+    for i, ax in enumerate(axes.flat[: len(losses)]):
+        if i + cols >= len(losses):  # lowest panel of its column: show the step axis
+            ax.xaxis.set_tick_params(labelbottom=True)
+            ax.set_xlabel("optimizer step")
     for ax in axes[:, 0]:
         ax.set_ylabel("exact reward J")
     axes.flat[0].legend(loc="upper left", fontsize=8)
@@ -454,7 +456,7 @@ def plot_curves(results: dict[str, Any], path: Path, mismatch: str) -> None:
     fig.suptitle(f"Learning curves by staleness N (T={results['config']['spec']['length']}, mean ± std over "
                  f"{len(results['config']['seeds'])} seeds; {title})")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
@@ -478,7 +480,7 @@ def plot_final_vs_n(results: dict[str, Any], path: Path) -> None:
     axes[0][0].set_ylabel(f"final exact reward J (step {cfg['steps']})")
     axes[0][-1].legend(fontsize=8, loc="lower left")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
@@ -513,7 +515,7 @@ def plot_gradient(results: dict[str, Any], path: Path) -> None:
     fig.suptitle("Mini-batch gradient vs the exact gradient at pi (cos and bias debiased for Monte-Carlo noise; "
                  "missing bias points are below the noise floor; per-token KL of each point in the doc's tables)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=105)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
@@ -554,7 +556,7 @@ def plot_ablation(results: dict[str, Any], path: Path) -> None:
     ax2.set_title("(c1, c2) scaled by x s for both signs")
     ax2.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
@@ -595,7 +597,7 @@ def plot_sensitivity(results: dict[str, Any], path: Path) -> None:
                  f"mean ± std over {len(cfg['seeds'])} seeds)", fontsize=10)
     ax.legend(fontsize=8, ncol=len(losses), loc="upper center", bbox_to_anchor=(0.5, -0.1))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
@@ -941,6 +943,15 @@ def reading_fields(results: dict[str, Any]) -> dict[str, str]:
         if v64 and v4 and _mean(v64["final"]) >= 0.9 * _mean(v4["final"]):
             ratio_ok.append(label)
     out["sens_first"] = ", ".join(first) or "none"
+    ok_best = []
+    for label, exp, match in sensitivity_settings(results):
+        if label in ratio_ok:
+            rs = [r for r in (one(results, exp, loss=loss, n=n_hi, **match)
+                              for loss in cfg.get("sens_losses", cfg["core"])) if r]
+            b = max(rs, key=lambda r: _mean(r["final"]))
+            vv = one(results, exp, loss="vespo", n=n_hi, **match)
+            ok_best.append(f"{b['loss']} at {label} ({_mean(b['final']):.3f} vs VESPO {_mean(vv['final']):.3f})")
+    out["sens_ok_best"] = "; ".join(ok_best) or "n/a"
     out["sens_ratio_ok"] = ", ".join(ratio_ok) or "none"
     # kernel windows, from the library's phi
     from vespo.losses import vespo_phi
@@ -987,6 +998,11 @@ def reading_fields(results: dict[str, Any]) -> dict[str, str]:
                    ves_cos_hi=_f(g(t_hi, k_hi, "vespo", "cosine_debiased"), 3),
                    ves_scale_lo=_f(g(t2, k_hi, "vespo", "scale"), 2), ves_scale_hi=_f(g(t_hi, k_hi, "vespo", "scale"), 2))
         t_main = cfg["spec"]["length"]
+        k_min = min(k for k in {r["k"] for r in grad} if k > 0)
+        out["k_min"] = str(k_min)
+        for label in ("vespo", "grpo"):
+            out[f"toward_{label}_k1"] = _f(g(t_main, k_min, label, "toward_mu"), 2)
+            out[f"toward_{label}_klo"] = _f(g(t_main, k_lo, label, "toward_mu"), 2)
         for label in ("grpo", "gspo", "topr", "vespo", "tok_is"):
             key = "tok" if label == "tok_is" else label
             out[f"toward_{key}"] = _f(g(t_main, k_hi, label, "toward_mu"), 2)
@@ -1210,9 +1226,15 @@ $fix_table
   - Best variant at N = 64: $abl_best.
 - Drops are not the whole story. At a quarter of the lr (section 5) VESPO drops only
   $lr_drop of sequences, and it still ends at $lr_vespo against $lr_best_name $lr_best.
-  - In this toy the smooth sequence weight acts like a trust region, as GRPO's clip does: the
-    gradient study shows the shortened, tilted step.
-  - Here a trust region costs progress, because stale updates are not harmful in this task.
+  - At small staleness the smooth sequence weight acts as a trust region. The bias of VESPO's
+    gradient points from pi back to mu: cos(E g − ∇J, θ_mu − θ_pi) at T = $t_main is
+    $toward_vespo_k1 at k = $k_min and $toward_vespo_klo at k = $k_lo. GRPO's clip gives
+    $toward_grpo_k1 and $toward_grpo_klo.
+  - At k = $k_hi that component is gone ($toward_vespo), and only the shrinkage is left (scale
+    $scale_vespo).
+  - In this task, stale data re-weighted per token are good enough (CISPO, and SAPO at the small
+    lr), so a trust region costs progress. Uncorrected stale data are harmful: REINFORCE collapses
+    at N = $n_hi.
 
 **The product-vs-sum argument, seen directly** (section 3; T = $t_lo has no filler, so T ≥ $t_lo2 is compared):
 
@@ -1233,7 +1255,8 @@ $fix_table
   - There, $ves_drop_hi of sequences have phi < 0.01 (mean |log W| $logw_hi).
 - GRPO, GSPO and TOPR show a large "bias" that grows with T. It points back from pi to mu: the cosine
   between E g − ∇J and θ_mu − θ_pi at T = $t_main, k = $k_hi is $toward_grpo (GRPO), $toward_gspo
-  (GSPO), $toward_topr (TOPR) and $toward_vespo (VESPO), against $toward_tok for `tok_is`.
+  (GSPO) and $toward_topr (TOPR), against $toward_tok for `tok_is` (and $toward_vespo for VESPO,
+  whose gradient is mostly switched off there).
   - This is a trust region's restoring force, mostly spread over the many filler parameters,
     added to a `scale` along ∇J of $scale_grpo, $scale_gspo, $scale_topr and $scale_vespo.
   - It is not an error in the reward direction, and it is what keeps these losses slow but stable
@@ -1258,8 +1281,10 @@ $fix_table
   responses dominate the batch) cannot happen here. Normalisation only widens the kernel, which is
   why it helps here.
 - The context is one previous token; there is no response-length dynamics and no MoE routing.
-- The drift per step is whatever the tuned lr gives. The conclusion turns on T × drift: VESPO wins
-  at N = 64 where T × drift keeps |log W| inside its window (section 5), and loses where it does not.
+- The drift per step is whatever the tuned lr gives, and the conclusion turns on T × drift:
+  - VESPO keeps its N = 4 reward at N = 64 only where T × drift keeps |log W| inside its window:
+    $sens_ratio_ok (section 5).
+  - Even there the best loss at N = 64 is $sens_ok_best.
 - In the paper's LLM runs the same N evidently keeps |log W| small enough. Nothing here says
   otherwise. What the toy shows is the failure mode when it is not: the soft sequence-level drop
   removes most of the stale data, and methods that keep the data learn faster.
