@@ -372,18 +372,19 @@ def test_killed_trainer_resumes_and_leaves_no_ray_processes(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path)
     deadline = time.monotonic() + 90
     record = run / "ray_processes.json"
-    while time.monotonic() < deadline and not (record.exists() and (run / "checkpoints" / "step_000004").exists()):
+    checkpoint = run / "checkpoints" / "step_000002"
+    while time.monotonic() < deadline and not (record.exists() and checkpoint.exists()):
         assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
         time.sleep(0.2)
-    assert record.exists(), "the run never reached step 4"
+    assert record.exists() and checkpoint.exists(), "the run never reached step 2"
     first = [int(p) for p in json.loads(record.read_text())["processes"]]
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     # resume in a fresh process for a few more steps; it first reaps the dead run's Ray leftovers
-    done = subprocess.run([sys.executable, "-c", RUN_SCRIPT, str(run), "resume", "run.total_steps=8"],
+    done = subprocess.run([sys.executable, "-c", RUN_SCRIPT, str(run), "resume", "run.total_steps=5"],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180, check=False)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert read_rows(run)[-1]["step"] == 8
+    assert read_rows(run)[-1]["step"] == 5
     assert not record.exists()  # removed by the clean shutdown of the resumed run
     second = json.loads(done.stdout.split("PIDS", 1)[1])
     assert second, "the resumed run recorded no Ray processes"
