@@ -523,6 +523,8 @@ def run_warmup(cfg: TrainConfig) -> Path:
     weights = out / "warmup" / "model.safetensors"
     if weights.exists():
         return weights
+    cfg = cfg.model_copy(deep=True)
+    cfg.run.mode = "sync"  # the warm-up needs no rollout workers
     trainer = Trainer(cfg)
     trainer.warm_up()
     trainer.source.close()
@@ -584,7 +586,12 @@ def print_summary(result: TrainResult, trainer: Trainer) -> None:
     table = Table(title=f"vespo run summary: {result.run_dir}")
     table.add_column("")
     table.add_column("value", justify="right")
-    rows.append(("loss / staleness N", f"{trainer.cfg.algorithm.loss} / {trainer.cfg.algorithm.staleness}"))
+    if trainer.cfg.run.mode == "async":
+        acfg = trainer.cfg.async_
+        rows.append(("loss / async", f"{trainer.cfg.algorithm.loss} / sync_every {acfg.sync_every}, "
+                     f"staleness_threshold {acfg.staleness_threshold:g}"))
+    else:
+        rows.append(("loss / staleness N", f"{trainer.cfg.algorithm.loss} / {trainer.cfg.algorithm.staleness}"))
     rows.append(("optimizer steps", str(result.steps)))
     rows.append(("wall time", f"{result.wall_time_s:.0f} s"))
     if start_acc is not None:
