@@ -198,3 +198,17 @@ def test_plot_of_a_run(tmp_path):
     result = _cli("plot", str(tmp_path / "run"), "--out", str(tmp_path / "curves.png"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+
+def test_eval_command_scores_the_latest_checkpoint(tmp_path):
+    cfg = tiny_config(tmp_path, "run.total_steps=2", "algorithm.staleness=1")
+    result = train(cfg)
+    run = tmp_path / "run"
+    out = _cli("eval", str(run), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "eval/accuracy" in out.stdout
+    # same weights, same eval prompts and seed as the run's final eval: the same greedy accuracy
+    from vespo.trainer import evaluate_run
+
+    again = evaluate_run(run)
+    assert again["eval/accuracy"] == result.final_eval["eval/accuracy"]
