@@ -78,3 +78,8 @@ def test_bad_files(tmp_path):
     scalar.write_text("3\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(scalar)
+
+
+@pytest.mark.parametrize("name", ["smollm2.yaml", "paper_qwen3_dapo.yaml"])
+def test_pretrained_configs_skip_the_warm_up(name):
+    assert load_config(REPO / "configs" / name).warmup.steps == 0
