@@ -790,18 +790,11 @@ class AsyncRolloutSource:
         mask = padded.response_mask.bool()
         lag = (policy_version - padded.token_version).masked_fill(~mask, 0)
         max_lag = int(lag[mask].max()) if mask.any() else 0
-        mb = MiniBatch(
-            input_ids=padded.input_ids,
-            attention_mask=padded.attention_mask,
-            response_mask=padded.response_mask,
-            behaviour_log_prob=padded.behaviour_log_prob,
-            old_log_prob=None,
-            token_version=padded.token_version,
+        mb = MiniBatch.from_rollout(
+            padded,
             advantages=torch.tensor([a for r in res for a in r["advantages"]], dtype=torch.float32),
             rewards=torch.tensor([x for r in res for x in r["rewards"]], dtype=torch.float32),
-            prompt_length=padded.prompt_length,
             stale_index=max_lag,
-            finished=padded.finished,
         )
         if max_lag > self.bound:
             self.violations += 1

@@ -16,7 +16,7 @@ import torch
 
 from vespo.advantages import group_advantages
 from vespo.models import apply_chat_template_or_plain
-from vespo.sampling import Rollout, Sampler
+from vespo.sampling import PaddedRollout, Rollout, Sampler
 from vespo.tasks import Example
 
 
@@ -96,6 +96,25 @@ class MiniBatch:
                 kwargs[name] = value[start:stop]
         kwargs["metrics"] = {}
         return MiniBatch(**kwargs)
+
+    @classmethod
+    def from_rollout(
+        cls, padded: PaddedRollout, *, advantages: torch.Tensor, rewards: torch.Tensor, stale_index: int = 0
+    ) -> "MiniBatch":
+        """A mini-batch of freshly sampled, scored sequences (pi_old not yet known)."""
+        return cls(
+            input_ids=padded.input_ids,
+            attention_mask=padded.attention_mask,
+            response_mask=padded.response_mask,
+            behaviour_log_prob=padded.behaviour_log_prob,
+            old_log_prob=None,
+            token_version=padded.token_version,
+            advantages=advantages,
+            rewards=rewards,
+            prompt_length=padded.prompt_length,
+            stale_index=stale_index,
+            finished=padded.finished,
+        )
 
     def to(self, device: torch.device | str) -> "MiniBatch":
         """Copy with every tensor on ``device`` (metrics and bookkeeping shared)."""
@@ -196,18 +215,7 @@ def build_rollout_batch(
     )
     reward_time = time.perf_counter() - t1
     padded = rollout.to_padded(tokenizer.pad_token_id)
-    batch = MiniBatch(
-        input_ids=padded.input_ids,
-        attention_mask=padded.attention_mask,
-        response_mask=padded.response_mask,
-        behaviour_log_prob=padded.behaviour_log_prob,
-        old_log_prob=None,
-        token_version=padded.token_version,
-        advantages=advantages,
-        rewards=rewards,
-        prompt_length=padded.prompt_length,
-        finished=torch.tensor(rollout.finished, dtype=torch.bool),
-    )
+    batch = MiniBatch.from_rollout(padded, advantages=advantages, rewards=rewards)
     new_tokens = int(padded.response_mask.sum())
     info = {
         "perf/sample_time_s": sample_time,
