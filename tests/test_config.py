@@ -83,3 +83,10 @@ def test_bad_files(tmp_path):
 @pytest.mark.parametrize("name", ["smollm2.yaml", "paper_qwen3_dapo.yaml"])
 def test_pretrained_configs_skip_the_warm_up(name):
     assert load_config(REPO / "configs" / name).warmup.steps == 0
+
+
+def test_eval_fraction_reaches_the_task_and_is_validated():
+    cfg = load_config(None, ["task.eval_fraction=0.2"])
+    assert cfg.task.spec()["eval_fraction"] == 0.2
+    with pytest.raises(ConfigError):
+        load_config(None, ["task.eval_fraction=1.5"])

@@ -68,6 +68,9 @@ class TaskConfig(_Section):
     train_path: str | None = None
     eval_path: str | None = None
     train_size: int = Field(20000, ge=1)
+    eval_fraction: float = Field(
+        0.1, gt=0, lt=1, description="share of the question space (or of the train file) held out for eval"
+    )
     reward_fn: str | None = Field(None, description="module:function overriding the task's scorer")
     reward_timeout_s: float = Field(5.0, gt=0)
 
@@ -84,6 +87,7 @@ class TaskConfig(_Section):
             spec.update(name=self.name, params=dict(self.params), prompt_style=self.prompt_style)
         else:
             spec.update(train_path=self.train_path, eval_path=self.eval_path)
+        spec["eval_fraction"] = self.eval_fraction
         if self.reward_fn:
             spec["reward_fn"] = self.reward_fn
         return spec
