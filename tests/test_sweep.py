@@ -5,11 +5,17 @@ from __future__ import annotations
 import json
 
 import pytest
+from tiny_run import TINY_RUN
 
 from vespo.config import ConfigError
-from vespo.sweep import build_cells, parse_grid, results_table, run_sweep
-
-from tiny_run import TINY_RUN
+from vespo.sweep import (
+    build_cells,
+    group_cells,
+    parse_grid,
+    results_table,
+    run_sweep,
+    variant_label,
+)
 
 TINY = [*TINY_RUN, "run.total_steps=4", "warmup.steps=3", "warmup.batch_size=8"]
 
@@ -21,6 +27,37 @@ def test_grid_parsing_and_cells():
     assert names == ["vespo_N1", "vespo_N4", "grpo_N1", "grpo_N4"]
     with pytest.raises(ConfigError, match="key=v1,v2"):
         parse_grid(["algorithm.loss"])
+
+
+def test_grid_values_may_be_mappings_with_commas():
+    grid = parse_grid(["algorithm.loss_params={},{length_norm: sqrt},{k_neg: 2, lambda_neg: 3}", "run.seed=0,1"])
+    assert grid["algorithm.loss_params"] == [{}, {"length_norm": "sqrt"}, {"k_neg": 2, "lambda_neg": 3}]
+    cells = build_cells(grid)
+    assert [c.name for c in cells][:3] == [
+        "loss_params-default_s0", "loss_params-default_s1", "loss_params-length_normsqrt_s0"]
+    assert cells[4].name == "loss_params-k_neg2-lambda_neg3_s0"
+    # the override a cell passes to `vespo train` parses back to the same mapping
+    from vespo.config import load_config
+    assert load_config(None, cells[4].overrides).algorithm.loss_params == {"k_neg": 2, "lambda_neg": 3}
+    for bad in ["algorithm.loss_params={a: 1", "algorithm.loss_params=}a{"]:
+        with pytest.raises(ConfigError, match="unbalanced"):
+            parse_grid([bad])
+
+
+def test_cells_differing_beyond_n_and_seed_are_separate_methods():
+    assert variant_label({"algorithm.loss": "grpo", "algorithm.staleness": 4, "run.seed": 1}) == "grpo"
+    label = variant_label({"algorithm.loss": "grpo", "algorithm.correction": "token_tis", "run.seed": 0})
+    assert label == "grpo correction-token_tis"
+    cells = [
+        {"variant": "grpo", "algorithm.staleness": 4, "final_accuracy": 0.2, "best_accuracy": 0.2, "start_accuracy": 0.1},
+        {"variant": "grpo", "algorithm.staleness": 4, "final_accuracy": 0.4, "best_accuracy": 0.4, "start_accuracy": 0.1},
+        {"variant": label, "algorithm.staleness": 4, "final_accuracy": 0.9, "best_accuracy": 0.9, "start_accuracy": 0.1},
+    ]
+    groups = group_cells({"cells": cells}, "final_accuracy")
+    assert groups == {("grpo", 4): [0.2, 0.4], (label, 4): [0.9]}
+    table = results_table({"cells": cells})
+    assert "| 4 | grpo | 2 | 0.100 | 0.300 ± 0.141 |" in table
+    assert f"| 4 | {label} | 1 | 0.100 | 0.900 ± 0.000 |" in table
 
 
 def test_smoke_sweep_runs_resumes_and_reports(tmp_path):

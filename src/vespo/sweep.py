@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from vespo.checkpoint import latest_checkpoint, write_json_atomic
 from vespo.config import ConfigError, load_config, parse_overrides
@@ -37,24 +37,55 @@ class Cell:
         return out / "cells" / self.name
 
 
+def split_values(raw: str) -> list[str]:
+    """Split ``raw`` on the commas outside brackets: ``"{a: 1, b: 2},{}"`` -> ``["{a: 1, b: 2}", "{}"]``."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(raw):
+        if ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+            if depth < 0:
+                raise ConfigError(f"unbalanced brackets in grid values '{raw}'")
+        elif ch == "," and depth == 0:
+            parts.append(raw[start:i])
+            start = i + 1
+    if depth != 0:
+        raise ConfigError(f"unbalanced brackets in grid values '{raw}'")
+    parts.append(raw[start:])
+    return [p.strip() for p in parts if p.strip() != ""]
+
+
 def parse_grid(items: list[str]) -> dict[str, list[Any]]:
-    """``["algorithm.loss=vespo,grpo"]`` -> {"algorithm.loss": ["vespo", "grpo"]}."""
+    """``["algorithm.loss=vespo,grpo"]`` -> {"algorithm.loss": ["vespo", "grpo"]}.
+
+    Values are YAML scalars, lists or flow mappings; commas inside brackets do not split, so
+    ``algorithm.loss_params={},{length_norm: sqrt},{k_neg: 2, lambda_neg: 3}`` is a three-value axis.
+    """
     grid: dict[str, list[Any]] = {}
     for item in items:
         if "=" not in item:
             raise ConfigError(f"--grid '{item}' is not of the form key=v1,v2,...")
         key, raw = item.split("=", 1)
-        values = [parse_overrides([f"x={v}"])["x"] for v in raw.split(",") if v.strip() != ""]
+        values = [parse_overrides([f"x={v}"])["x"] for v in split_values(raw)]
         if not values:
             raise ConfigError(f"--grid '{item}' has no values")
         grid[key.strip()] = values
     return grid
 
 
+def _value_name(value: Any) -> str:
+    if isinstance(value, dict):
+        return "-".join(f"{k}{_value_name(v)}" for k, v in value.items()) or "default"
+    if isinstance(value, list):
+        return "-".join(_value_name(v) for v in value) or "none"
+    return str(value)
+
+
 def _short(key: str, value: Any) -> str:
     names = {"algorithm.loss": "", "algorithm.staleness": "N", "run.seed": "s"}
     prefix = names.get(key, key.split(".")[-1] + "-")
-    return f"{prefix}{value}".replace("/", "_").replace(" ", "")
+    return f"{prefix}{_value_name(value)}".replace("/", "_").replace(" ", "")
 
 
 def build_cells(grid: dict[str, list[Any]]) -> list[Cell]:
@@ -121,23 +152,24 @@ def run_sweep(
             pending.append((cell, _train_command(config, [*common, *cell.overrides, f"run.out_dir={run_dir}"])))
     total = len(pending)
     print(f"[sweep] {len(cells)} cells, {len(cells) - total} done, {total} to run, {jobs} at a time", flush=True)
-    running: list[tuple[Cell, subprocess.Popen, float]] = []
+    running: list[tuple[Cell, subprocess.Popen, float, IO[str]]] = []
     failures: list[str] = []
     started = time.time()
     while pending or running:
         while pending and len(running) < jobs:
             cell, cmd = pending.pop(0)
             cell.run_dir(out).parent.mkdir(parents=True, exist_ok=True)
-            log = open(cell.run_dir(out).parent / f"{cell.name}.log", "a")
+            log = open(cell.run_dir(out).parent / f"{cell.name}.log", "a")  # noqa: SIM115 - closed when the cell ends
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-            running.append((cell, proc, time.time()))
+            running.append((cell, proc, time.time(), log))
             print(f"[sweep] start {cell.name}", flush=True)
         time.sleep(0.5)
         for item in list(running):
-            cell, proc, t0 = item
+            cell, proc, t0, log = item
             if proc.poll() is None:
                 continue
             running.remove(item)
+            log.close()
             done = total - len(pending) - len(running)
             status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see {cell.name}.log)"
             if proc.returncode != 0:
@@ -177,12 +209,13 @@ def collect_results(out: Path, cells: list[Cell]) -> dict[str, Any]:
             continue
         tail = train_rows[-max(1, len(train_rows) // 10):] if train_rows else []
 
-        def tail_mean(key: str) -> float | None:
+        def tail_mean(key: str, tail: list[dict[str, Any]] = tail) -> float | None:
             vals = [r[key] for r in tail if isinstance(r.get(key), (int, float))]
             return sum(vals) / len(vals) if vals else None
 
         per_cell.append({
             "name": cell.name,
+            "variant": variant_label(cell.values),
             **{k: v for k, v in cell.values.items()},
             "start_accuracy": evals[0]["eval/accuracy"],
             "final_accuracy": evals[-1]["eval/accuracy"],
@@ -193,11 +226,30 @@ def collect_results(out: Path, cells: list[Cell]) -> dict[str, Any]:
             "phi_mean": tail_mean("phi/mean"),
             "phi_below_001": tail_mean("phi/frac_below_0.01"),
             "clip_frac": tail_mean("loss/clip_frac"),
+            "ess": tail_mean("is/ess"),
             "entropy": tail_mean("policy/entropy"),
             "response_length": tail_mean("response/length_mean"),
             "wall_time_s": rows[-1].get("perf/elapsed_s") if rows else None,
         })
     return {"cells": per_cell}
+
+
+#: grid keys that are axes of the results table rather than part of a method's name
+TABLE_AXES = ("algorithm.staleness", "run.seed")
+
+
+def variant_label(values: dict[str, Any]) -> str:
+    """The method a cell belongs to: its loss plus every grid key other than N and the seed.
+
+    ``{"algorithm.loss": "vespo", "algorithm.loss_params": {"length_norm": "sqrt"}, "run.seed": 0}``
+    -> ``"vespo loss_params-length_normsqrt"``; cells that differ only in seed share a label.
+    """
+    extra = [_short(k, v) for k, v in values.items() if k not in ("algorithm.loss", *TABLE_AXES)]
+    return " ".join([str(values.get("algorithm.loss", "?")), *extra]) if extra else str(values.get("algorithm.loss", "?"))
+
+
+def _method(cell: dict[str, Any]) -> str:
+    return str(cell.get("variant") or cell.get("algorithm.loss", "?"))
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -207,13 +259,13 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def group_cells(results: dict[str, Any], metric: str) -> dict[tuple[str, Any], list[float]]:
-    """{(loss, N): [metric over seeds and any other grid keys]}."""
+    """{(method, N): [metric over seeds]}; a method is a loss plus any grid keys besides N and seed."""
     groups: dict[tuple[str, Any], list[float]] = {}
     for cell in results["cells"]:
         value = cell.get(metric)
         if value is None:
             continue
-        key = (str(cell.get("algorithm.loss", "?")), cell.get("algorithm.staleness", "?"))
+        key = (_method(cell), cell.get("algorithm.staleness", "?"))
         groups.setdefault(key, []).append(float(value))
     return groups
 
@@ -246,7 +298,7 @@ def plot_sweep(out: Path, results: dict[str, Any]) -> list[Path]:
     cells = results["cells"]
     if not cells:
         return []
-    methods = sorted({str(c.get("algorithm.loss")) for c in cells})
+    methods = sorted({_method(c) for c in cells})
     staleness = sorted({c.get("algorithm.staleness") for c in cells}, key=lambda v: float(v) if v is not None else 0)
     paths = []
     fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.4), squeeze=False, sharey=True)
@@ -254,7 +306,7 @@ def plot_sweep(out: Path, results: dict[str, Any]) -> list[Path]:
     for ax, method in zip(axes[0], methods):
         for i, n in enumerate(staleness):
             curves = [_read_rows(out / "cells" / c["name"]) for c in cells
-                      if str(c.get("algorithm.loss")) == method and c.get("algorithm.staleness") == n]
+                      if _method(c) == method and c.get("algorithm.staleness") == n]
             curves = [[r for r in rows if "reward/mean" in r] for rows in curves]
             curves = [c for c in curves if c]
             if not curves:
@@ -264,7 +316,7 @@ def plot_sweep(out: Path, results: dict[str, Any]) -> list[Path]:
             window = max(1, length // 25)
             smooth = [sum(mean[max(0, j - window + 1): j + 1]) / len(mean[max(0, j - window + 1): j + 1]) for j in range(length)]
             ax.plot([curves[0][j]["step"] for j in range(length)], smooth, color=cmap(i / max(1, len(staleness) - 1)), label=f"N={n}")
-        ax.set_title(method)
+        ax.set_title(method, fontsize=9 if len(method) > 20 else 11)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("training reward (mean over seeds)")
