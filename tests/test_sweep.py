@@ -44,6 +44,23 @@ def test_grid_values_may_be_mappings_with_commas():
             parse_grid([bad])
 
 
+def test_a_mapping_on_a_section_sets_paired_keys():
+    grid = parse_grid(["algorithm.loss=grpo",
+                       "algorithm={old_log_prob: sampler},{old_log_prob: recompute, correction: token_tis}"])
+    cells = build_cells(grid)
+    assert [c.name for c in cells] == ["grpo_algorithm-old_log_probsampler",
+                                       "grpo_algorithm-old_log_probrecompute-correctiontoken_tis"]
+    assert cells[1].overrides == ["algorithm.loss=grpo", "algorithm.old_log_prob=recompute",
+                                  "algorithm.correction=token_tis"]
+    from vespo.config import load_config
+    cfg = load_config(None, cells[1].overrides)
+    assert (cfg.algorithm.loss, cfg.algorithm.old_log_prob, cfg.algorithm.correction) == ("grpo", "recompute", "token_tis")
+    # an invalid pairing is caught by the up-front validation, before any process starts
+    bad = parse_grid(["algorithm={old_log_prob: sampler, correction: token_tis}"])
+    with pytest.raises(ConfigError, match="old_log_prob=recompute"):
+        load_config(None, build_cells(bad)[0].overrides)
+
+
 def test_cells_differing_beyond_n_and_seed_are_separate_methods():
     assert variant_label({"algorithm.loss": "grpo", "algorithm.staleness": 4, "run.seed": 1}) == "grpo"
     label = variant_label({"algorithm.loss": "grpo", "algorithm.correction": "token_tis", "run.seed": 0})

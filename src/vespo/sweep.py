@@ -88,13 +88,46 @@ def _short(key: str, value: Any) -> str:
     return f"{prefix}{_value_name(value)}".replace("/", "_").replace(" ", "")
 
 
+def is_section(key: str) -> bool:
+    """True when ``key`` names a config section (``"algorithm"``), not a leaf (``"algorithm.loss_params"``)."""
+    from pydantic import BaseModel
+
+    from vespo.config import TrainConfig
+
+    model: type[BaseModel] = TrainConfig
+    for part in key.split("."):
+        field = model.model_fields.get(part)
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return False
+        model = annotation
+    return True
+
+
+def _override(key: str, value: Any) -> str:
+    return f"{key}={value if isinstance(value, str) else json.dumps(value)}"
+
+
+def cell_overrides(key: str, value: Any) -> list[str]:
+    """The ``key=value`` overrides one grid value stands for.
+
+    A mapping on a config section sets several keys together, so one axis can pair settings that
+    only make sense together: ``algorithm={old_log_prob: sampler},{old_log_prob: recompute,
+    correction: token_tis}`` -> ``algorithm.old_log_prob=sampler`` | ``algorithm.old_log_prob=recompute
+    algorithm.correction=token_tis``. Any other value is one override.
+    """
+    if isinstance(value, dict) and is_section(key):
+        return [_override(f"{key}.{k}", v) for k, v in value.items()]
+    return [_override(key, value)]
+
+
 def build_cells(grid: dict[str, list[Any]]) -> list[Cell]:
     keys = list(grid)
     cells = []
     for combo in itertools.product(*(grid[k] for k in keys)):
         values = dict(zip(keys, combo))
         name = "_".join(_short(k, v) for k, v in values.items())
-        overrides = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in values.items()]
+        overrides = [o for k, v in values.items() for o in cell_overrides(k, v)]
         cells.append(Cell(name, overrides, values))
     return cells
 
