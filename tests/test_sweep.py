@@ -91,12 +91,26 @@ def test_smoke_sweep_runs_resumes_and_reports(tmp_path):
     table = (out / "results.md").read_text()
     assert "| 2 | vespo |" in table and "| 1 | grpo |" in table
     assert (out / "reward_curves.png").exists() and (out / "accuracy_vs_n.png").exists()
+    assert (out / "diagnostics_N1.png").exists() and (out / "diagnostics_N2.png").exists()
     saved = json.loads((out / "results.json").read_text())
     assert saved["failures"] == []
     # a second call finds every cell done and runs nothing
     again = run_sweep(out=out, grid=grid, overrides=TINY, jobs=2, threads_per_job=1)
     assert [c["name"] for c in again["cells"]] == [c["name"] for c in results["cells"]]
     assert results_table(again) == table
+    # --report-only writes the same report and trains nothing, also with a cell removed
+    import shutil
+    shutil.rmtree(out / "cells" / "grpo_N2")
+    partial = run_sweep(out=out, grid=grid, overrides=TINY, report_only=True)
+    assert len(partial["cells"]) == 3 and not (out / "cells" / "grpo_N2").exists()
+    assert "| 2 | grpo |" not in (out / "results.md").read_text()
+
+
+def test_unfinished_rows_are_marked():
+    cells = [{"variant": "vespo", "algorithm.staleness": 4, "final_accuracy": 0.3, "best_accuracy": 0.3,
+              "start_accuracy": 0.1, "done": False}]
+    table = results_table({"cells": cells})
+    assert "| 4 | vespo* |" in table and "has not finished" in table
 
 
 def test_sweep_rejects_a_bad_cell_before_running(tmp_path):

@@ -66,6 +66,24 @@ def test_on_policy_weight_is_exactly_one(tmp_path):
     assert rows[-1]["step"] == 3
 
 
+def test_on_policy_vespo_grpo_gspo_cispo_train_bit_identically(tmp_path):
+    """At N = 1 with recompute W = 1 exactly, and these four losses reduce to -A grad log pi.
+
+    The staleness benchmark relies on it: its N = 1 row is one computation for the four losses.
+    """
+    finals = {}
+    for loss in ("vespo", "grpo", "gspo", "cispo"):
+        cfg = tiny_config(tmp_path / loss, f"algorithm.loss={loss}", "algorithm.staleness=1", "run.total_steps=4",
+                          "task.reward_fn=tiny_run:length_parity_reward")
+        trainer = Trainer(cfg)
+        trainer.train()
+        finals[loss] = [p.detach().clone() for p in trainer.model.parameters()]
+        rows = [r for r in read_rows(tmp_path / loss / "run") if "stale/index" in r]
+        assert any(r["reward/informative_group_frac"] > 0 for r in rows)  # the updates were not all zero
+    for loss in ("grpo", "gspo", "cispo"):
+        assert all(torch.equal(a, b) for a, b in zip(finals["vespo"], finals[loss])), loss
+
+
 @pytest.mark.parametrize("loss", sorted(list_losses()))
 def test_every_loss_trains_a_few_steps(tmp_path, loss):
     cfg = tiny_config(tmp_path, f"algorithm.loss={loss}", "algorithm.staleness=2", "run.total_steps=2")

@@ -15,3 +15,8 @@ TINY_RUN = [
     "checkpoint.every=100",
     "logging.tensorboard=false",
 ]
+
+
+def length_parity_reward(response: str, example: object) -> float:
+    """A reward that splits every group even for an untrained model: 1 for an even-length response."""
+    return float(len(response) % 2 == 0)

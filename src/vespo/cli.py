@@ -100,7 +100,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if not grid:
         raise ValueError("give at least one --grid key=v1,v2 (or --seeds)")
     results = run_sweep(out=args.out, grid=grid, config=args.config or str(_default_config()),
-                        overrides=args.overrides, jobs=args.jobs, threads_per_job=args.threads)
+                        overrides=args.overrides, jobs=args.jobs, threads_per_job=args.threads,
+                        report_only=args.report_only)
     from vespo.sweep import results_table
 
     print(results_table(results))
@@ -154,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", help="comma-separated run.seed values")
     p.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1)), help="runs at a time")
     p.add_argument("--threads", type=int, help="torch threads per run (default: cores / jobs)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing; write results and plots of the cells evaluated so far")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("eval", help="evaluate the latest checkpoint of a run")

@@ -96,6 +96,7 @@ RUN_PANELS: tuple[tuple[str, str], ...] = (
     ("is/abs_log_w_mean", "|log W| (mean over sequences)"),
     ("phi/mean", "phi mass (mean weight)"),
     ("phi/frac_below_0.01", "share of sequences with phi < 0.01"),
+    ("is/ess", "normalised ESS of W"),
     ("policy/entropy", "token entropy"),
     ("response/length_mean", "response length (tokens)"),
     ("loss/clip_frac", "clip fraction"),

@@ -152,15 +152,24 @@ def run_sweep(
     jobs: int = 1,
     threads_per_job: int | None = None,
     shared_warmup: bool = True,
+    report_only: bool = False,
 ) -> dict[str, Any]:
-    """Run (or finish) every cell of ``grid``; returns the aggregated results."""
+    """Run (or finish) every cell of ``grid``; returns the aggregated results.
+
+    ``report_only`` trains nothing: it writes the results and plots of the cells that have
+    evaluations so far (a sweep still running, or one stopped part-way).
+    """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     overrides = list(overrides or [])
     base = load_config(config, overrides)  # validate the base once, before any process starts
     cells = build_cells(grid)
     for cell in cells:  # validate every cell's combination up front: one clear error, no half sweep
         load_config(config, [*overrides, *cell.overrides])
+    if report_only:
+        if not out.is_dir():
+            raise ValueError(f"sweep directory {out} does not exist")
+        return write_report(out, cells, failures=[])
+    out.mkdir(parents=True, exist_ok=True)
     threads = threads_per_job or max(1, (os.cpu_count() or 1) // max(jobs, 1))
     common = [*overrides, f"run.threads={threads}", "logging.progress=false"]
 
@@ -209,13 +218,19 @@ def run_sweep(
                 failures.append(cell.name)
             print(f"[sweep] {done}/{total} {cell.name}: {status} in {time.time() - t0:.0f} s "
                   f"(sweep {time.time() - started:.0f} s)", flush=True)
+    results = write_report(out, cells, failures)
+    if failures:
+        raise RuntimeError(f"{len(failures)} sweep cells failed: {', '.join(failures)}")
+    return results
+
+
+def write_report(out: Path, cells: list[Cell], failures: list[str]) -> dict[str, Any]:
+    """results.json, results.md and the plots of the cells that have evaluations."""
     results = collect_results(out, cells)
     results["failures"] = failures
     write_json_atomic(out / "results.json", results)
     (out / "results.md").write_text(results_table(results))
     plot_sweep(out, results)
-    if failures:
-        raise RuntimeError(f"{len(failures)} sweep cells failed: {', '.join(failures)}")
     return results
 
 
@@ -254,6 +269,7 @@ def collect_results(out: Path, cells: list[Cell]) -> dict[str, Any]:
             "final_accuracy": evals[-1]["eval/accuracy"],
             "best_accuracy": max(e["eval/accuracy"] for e in evals),
             "final_step": evals[-1].get("step"),
+            "done": (cell.run_dir(out) / "summary.json").exists(),
             "final_reward": tail_mean("reward/mean"),
             "abs_log_w": tail_mean("is/abs_log_w_mean"),
             "phi_mean": tail_mean("phi/mean"),
@@ -304,11 +320,16 @@ def group_cells(results: dict[str, Any], metric: str) -> dict[tuple[str, Any], l
 
 
 def results_table(results: dict[str, Any]) -> str:
-    """Markdown in the layout of the paper's Table 2: one row per (N, method)."""
+    """Markdown in the layout of the paper's Table 2: one row per (N, method).
+
+    Rows with a cell still running (or stopped) are marked ``*``: their "final" is the last
+    evaluation so far.
+    """
     final = group_cells(results, "final_accuracy")
     best = group_cells(results, "best_accuracy")
     start = group_cells(results, "start_accuracy")
     phi_low = group_cells(results, "phi_below_001")
+    unfinished = {(_method(c), c.get("algorithm.staleness", "?")) for c in results["cells"] if c.get("done") is False}
     lines = ["| N | method | seeds | start acc | final acc (mean ± std) | best acc (mean ± std) | phi<0.01 share |",
              "|---|---|---|---|---|---|---|"]
     for (loss, n) in sorted(final, key=lambda k: (float(k[1]) if isinstance(k[1], (int, float)) else 0, k[0])):
@@ -317,7 +338,10 @@ def results_table(results: dict[str, Any]) -> str:
         sm, _ = _mean_std(start[(loss, n)])
         pl = phi_low.get((loss, n))
         pl_text = f"{_mean_std(pl)[0]:.2f}" if pl else "-"
-        lines.append(f"| {n} | {loss} | {len(final[(loss, n)])} | {sm:.3f} | {fm:.3f} ± {fs:.3f} | {bm:.3f} ± {bs:.3f} | {pl_text} |")
+        mark = "*" if (loss, n) in unfinished else ""
+        lines.append(f"| {n} | {loss}{mark} | {len(final[(loss, n)])} | {sm:.3f} | {fm:.3f} ± {fs:.3f} | {bm:.3f} ± {bs:.3f} | {pl_text} |")
+    if unfinished:
+        lines.append("\n\\* a run of this row has not finished: its final accuracy is its last evaluation so far.")
     return "\n".join(lines) + "\n"
 
 
@@ -379,4 +403,30 @@ def plot_sweep(out: Path, results: dict[str, Any]) -> list[Path]:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     paths.append(path)
+    paths += plot_diagnostics(out, results)
+    return paths
+
+
+def plot_diagnostics(out: Path, results: dict[str, Any]) -> list[Path]:
+    """Per N, every method's diagnostics (|log W|, phi mass, ESS, clip fraction, entropy, length ...).
+
+    One run per method (its lowest seed) so the curves stay readable: ``diagnostics_N<n>.png``.
+    """
+    from vespo.plots import plot_runs
+
+    paths = []
+    for n in sorted({c.get("algorithm.staleness") for c in results["cells"]}, key=lambda v: float(v) if v is not None else 0):
+        chosen: dict[str, dict[str, Any]] = {}
+        for cell in results["cells"]:
+            if cell.get("algorithm.staleness") != n:
+                continue
+            method = _method(cell)
+            if method not in chosen or cell.get("run.seed", 0) < chosen[method].get("run.seed", 0):
+                chosen[method] = cell
+        if not chosen:
+            continue
+        methods = sorted(chosen)
+        suffix = f"N{n}" if n is not None else "all"
+        paths.append(plot_runs([out / "cells" / chosen[m]["name"] for m in methods],
+                               out / f"diagnostics_{suffix}.png", labels=methods))
     return paths
