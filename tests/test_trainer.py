@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_run import TINY_RUN
 
 from vespo.advantages import group_advantages
 from vespo.config import ConfigError, load_config
 from vespo.losses import list_losses
 from vespo.trainer import Trainer, train
-
-from tiny_run import TINY_RUN
 
 TINY = [*TINY_RUN, "logging.progress=false", "warmup.steps=0", "run.threads=1"]
 
