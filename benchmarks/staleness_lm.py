@@ -72,10 +72,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     for label, cmd, shared_warmup in plan(root, args.full_n1):
         out = Path(cmd[cmd.index("--out") + 1])
-        if shared_warmup is not None and not (out / "warmup").exists():
+        link = out / "warmup"
+        if shared_warmup is not None and (shared_warmup / "warmup" / "model.safetensors").exists() and not os.path.lexists(link):
             # same base model config as the grid: reuse its warm-up instead of recomputing the same weights
             out.mkdir(parents=True, exist_ok=True)
-            (out / "warmup").symlink_to(shared_warmup.resolve(), target_is_directory=True)
+            link.symlink_to(shared_warmup.resolve(), target_is_directory=True)
         print(f"== {label}: {' '.join(cmd)}", flush=True)
         subprocess.run(cmd, check=False, env=env)
     return 0
@@ -161,7 +162,7 @@ def grid_table(cells: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
 def targets(summary: dict[str, Any]) -> str:
     out = []
     v4, v64 = summary.get("vespo/N4"), summary.get("vespo/N64")
-    if v4 and v64:
+    if v4 and v64 and v4["mean"] > 0:
         out.append(f"- VESPO N=64 / N=4 = {v64['mean']:.3f} / {v4['mean']:.3f} = **{v64['mean'] / v4['mean']:.2f}** "
                    f"(target >= 0.90; paper 0.88)")
     for n in (16, 64):

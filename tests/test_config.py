@@ -90,3 +90,12 @@ def test_eval_fraction_reaches_the_task_and_is_validated():
     assert cfg.task.spec()["eval_fraction"] == 0.2
     with pytest.raises(ConfigError):
         load_config(None, ["task.eval_fraction=1.5"])
+
+
+def test_exponent_floats_are_numbers_in_overrides_and_files(tmp_path):
+    cfg = load_config(None, ["algorithm.loss_params={lambda_pos: 1e-1}", "optim.lr=1e-4"])
+    assert cfg.algorithm.loss_params == {"lambda_pos": 0.1} and cfg.optim.lr == 1e-4
+    path = tmp_path / "c.yaml"
+    path.write_text("algorithm:\n  loss: vespo\n  loss_params: {k_pos: 2, lambda_pos: 3e0}\n")
+    assert load_config(path).algorithm.loss_params == {"k_pos": 2, "lambda_pos": 3.0}
+    assert parse_overrides(["task.name=x1e5"])["task"]["name"] == "x1e5"

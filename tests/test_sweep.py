@@ -50,8 +50,8 @@ def test_a_mapping_on_a_section_sets_paired_keys():
     cells = build_cells(grid)
     assert [c.name for c in cells] == ["grpo_algorithm-old_log_probsampler",
                                        "grpo_algorithm-old_log_probrecompute-correctiontoken_tis"]
-    assert cells[1].overrides == ["algorithm.loss=grpo", "algorithm.old_log_prob=recompute",
-                                  "algorithm.correction=token_tis"]
+    assert cells[1].overrides == ['algorithm.loss="grpo"', 'algorithm.old_log_prob="recompute"',
+                                  'algorithm.correction="token_tis"']
     from vespo.config import load_config
     cfg = load_config(None, cells[1].overrides)
     assert (cfg.algorithm.loss, cfg.algorithm.old_log_prob, cfg.algorithm.correction) == ("grpo", "recompute", "token_tis")
@@ -59,6 +59,28 @@ def test_a_mapping_on_a_section_sets_paired_keys():
     bad = parse_grid(["algorithm={old_log_prob: sampler, correction: token_tis}"])
     with pytest.raises(ConfigError, match="old_log_prob=recompute"):
         load_config(None, build_cells(bad)[0].overrides)
+
+
+def test_grid_edge_cases():
+    from vespo.sweep import split_values
+
+    assert split_values('"a,b",c') == ['"a,b"', "c"]
+    with pytest.raises(ConfigError, match="unbalanced quotes"):
+        split_values('"a,b')
+    # repeated values would share a run directory
+    with pytest.raises(ConfigError, match="share the run directory"):
+        build_cells(parse_grid(["algorithm.staleness=4,4"]))
+    # strings that YAML would read as something else survive the round trip to `vespo train`
+    from vespo.config import parse_overrides
+    cell = build_cells({"task.name": ["on"], "task.reward_fn": ["m:f #x"]})[0]
+    parsed = parse_overrides(cell.overrides)["task"]
+    assert parsed == {"name": "on", "reward_fn": "m:f #x"}
+    # a section known by its alias (`async`) takes a mapping too
+    cell = build_cells(parse_grid(["async={sync_every: 2, num_workers: 3}"]))[0]
+    assert cell.overrides == ["async.sync_every=2", "async.num_workers=3"]
+    # very long names are cut and made unique with a hash
+    long = build_cells({"algorithm.loss_params": [{f"k{i}": i for i in range(40)}, {f"k{i}": i + 1 for i in range(40)}]})
+    assert all(len(c.name) <= 120 for c in long) and long[0].name != long[1].name
 
 
 def test_cells_differing_beyond_n_and_seed_are_separate_methods():

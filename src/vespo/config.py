@@ -6,6 +6,7 @@ with one line that names the key; the CLI prints it and exits with code 2.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -214,6 +215,26 @@ def _format_error(err: ValidationError) -> str:
     return f"{loc}: {msg}{shown}" if loc else msg
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, but with YAML 1.2 floats: ``1e-6`` is a number, not the string '1e-6'."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text (configs and override values) with YAML 1.2 float syntax."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``["a.b=1", "c=x"]`` -> nested dict; values parsed as YAML scalars or lists."""
     tree: dict[str, Any] = {}
@@ -225,7 +246,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override '{item}' has an empty key")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = load_yaml(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
         node = tree
@@ -256,7 +277,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = load_yaml(p.read_text())
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
         if loaded is None:

@@ -12,6 +12,7 @@ one base model. Results: ``results.json``, ``results.md`` (the paper's Table 2 l
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -38,10 +39,18 @@ class Cell:
 
 
 def split_values(raw: str) -> list[str]:
-    """Split ``raw`` on the commas outside brackets: ``"{a: 1, b: 2},{}"`` -> ``["{a: 1, b: 2}", "{}"]``."""
-    parts, depth, start = [], 0, 0
+    """Split ``raw`` on the commas outside brackets and quotes.
+
+    ``"{a: 1, b: 2},{}"`` -> ``["{a: 1, b: 2}", "{}"]``; ``'"a,b",c'`` -> ``['"a,b"', "c"]``.
+    """
+    parts, depth, start, quote = [], 0, 0, ""
     for i, ch in enumerate(raw):
-        if ch in "{[":
+        if quote:
+            if ch == quote:
+                quote = ""
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "{[":
             depth += 1
         elif ch in "}]":
             depth -= 1
@@ -50,8 +59,8 @@ def split_values(raw: str) -> list[str]:
         elif ch == "," and depth == 0:
             parts.append(raw[start:i])
             start = i + 1
-    if depth != 0:
-        raise ConfigError(f"unbalanced brackets in grid values '{raw}'")
+    if depth != 0 or quote:
+        raise ConfigError(f"unbalanced {'quotes' if quote else 'brackets'} in grid values '{raw}'")
     parts.append(raw[start:])
     return [p.strip() for p in parts if p.strip() != ""]
 
@@ -96,7 +105,8 @@ def is_section(key: str) -> bool:
 
     model: type[BaseModel] = TrainConfig
     for part in key.split("."):
-        field = model.model_fields.get(part)
+        fields = {(f.alias or name): f for name, f in model.model_fields.items()}
+        field = fields.get(part)
         annotation = field.annotation if field is not None else None
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return False
@@ -105,7 +115,8 @@ def is_section(key: str) -> bool:
 
 
 def _override(key: str, value: Any) -> str:
-    return f"{key}={value if isinstance(value, str) else json.dumps(value)}"
+    # JSON is valid YAML, so every value (a string like "on" or "1e-4" too) parses back unchanged
+    return f"{key}={json.dumps(value)}"
 
 
 def cell_overrides(key: str, value: Any) -> list[str]:
@@ -121,14 +132,28 @@ def cell_overrides(key: str, value: Any) -> list[str]:
     return [_override(key, value)]
 
 
+#: longest cell directory name; longer ones are cut and get a hash of the cell's values
+MAX_NAME = 120
+
+
 def build_cells(grid: dict[str, list[Any]]) -> list[Cell]:
     keys = list(grid)
     cells = []
     for combo in itertools.product(*(grid[k] for k in keys)):
         values = dict(zip(keys, combo))
         name = "_".join(_short(k, v) for k, v in values.items())
+        if len(name) > MAX_NAME:  # keep directory names short and still unique
+            digest = hashlib.sha1(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
+            name = f"{name[:MAX_NAME - 9]}-{digest}"
         overrides = [o for k, v in values.items() for o in cell_overrides(k, v)]
         cells.append(Cell(name, overrides, values))
+    seen: dict[str, Cell] = {}
+    for cell in cells:
+        if cell.name in seen:
+            raise ConfigError(
+                f"two grid cells would share the run directory '{cell.name}': {seen[cell.name].values} and "
+                f"{cell.values}; remove repeated values or make them distinct")
+        seen[cell.name] = cell
     return cells
 
 
@@ -168,7 +193,15 @@ def run_sweep(
     if report_only:
         if not out.is_dir():
             raise ValueError(f"sweep directory {out} does not exist")
-        return write_report(out, cells, failures=[])
+        names = {c.name for c in cells}
+        others = sorted(p.name for p in (out / "cells").glob("*") if p.is_dir() and p.name not in names)
+        if others:
+            print(f"[sweep] {len(others)} cell directories are not in this grid and are left out: "
+                  f"{', '.join(others[:5])}{' ...' if len(others) > 5 else ''}", flush=True)
+        old_failures: list[str] = []
+        if (out / "results.json").exists():
+            old_failures = [f for f in json.loads((out / "results.json").read_text()).get("failures", []) if f in names]
+        return write_report(out, cells, failures=old_failures, base_loss=base.algorithm.loss)
     out.mkdir(parents=True, exist_ok=True)
     threads = threads_per_job or max(1, (os.cpu_count() or 1) // max(jobs, 1))
     common = [*overrides, f"run.threads={threads}", "logging.progress=false"]
@@ -218,15 +251,15 @@ def run_sweep(
                 failures.append(cell.name)
             print(f"[sweep] {done}/{total} {cell.name}: {status} in {time.time() - t0:.0f} s "
                   f"(sweep {time.time() - started:.0f} s)", flush=True)
-    results = write_report(out, cells, failures)
+    results = write_report(out, cells, failures, base_loss=base.algorithm.loss)
     if failures:
         raise RuntimeError(f"{len(failures)} sweep cells failed: {', '.join(failures)}")
     return results
 
 
-def write_report(out: Path, cells: list[Cell], failures: list[str]) -> dict[str, Any]:
+def write_report(out: Path, cells: list[Cell], failures: list[str], base_loss: str = "?") -> dict[str, Any]:
     """results.json, results.md and the plots of the cells that have evaluations."""
-    results = collect_results(out, cells)
+    results = collect_results(out, cells, base_loss)
     results["failures"] = failures
     write_json_atomic(out / "results.json", results)
     (out / "results.md").write_text(results_table(results))
@@ -246,7 +279,7 @@ def _read_rows(run_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def collect_results(out: Path, cells: list[Cell]) -> dict[str, Any]:
+def collect_results(out: Path, cells: list[Cell], base_loss: str = "?") -> dict[str, Any]:
     """Per-cell final/best eval accuracy and diagnostics, from each run's metrics."""
     per_cell = []
     for cell in cells:
@@ -263,7 +296,7 @@ def collect_results(out: Path, cells: list[Cell]) -> dict[str, Any]:
 
         per_cell.append({
             "name": cell.name,
-            "variant": variant_label(cell.values),
+            "variant": variant_label(cell.values, base_loss),
             **{k: v for k, v in cell.values.items()},
             "start_accuracy": evals[0]["eval/accuracy"],
             "final_accuracy": evals[-1]["eval/accuracy"],
@@ -287,14 +320,14 @@ def collect_results(out: Path, cells: list[Cell]) -> dict[str, Any]:
 TABLE_AXES = ("algorithm.staleness", "run.seed")
 
 
-def variant_label(values: dict[str, Any]) -> str:
+def variant_label(values: dict[str, Any], base_loss: str = "?") -> str:
     """The method a cell belongs to: its loss plus every grid key other than N and the seed.
 
     ``{"algorithm.loss": "vespo", "algorithm.loss_params": {"length_norm": "sqrt"}, "run.seed": 0}``
     -> ``"vespo loss_params-length_normsqrt"``; cells that differ only in seed share a label.
     """
     extra = [_short(k, v) for k, v in values.items() if k not in ("algorithm.loss", *TABLE_AXES)]
-    return " ".join([str(values.get("algorithm.loss", "?")), *extra]) if extra else str(values.get("algorithm.loss", "?"))
+    return " ".join([str(values.get("algorithm.loss", base_loss)), *extra])
 
 
 def _method(cell: dict[str, Any]) -> str:
