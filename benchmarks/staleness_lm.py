@@ -10,7 +10,7 @@
 2. ablations (VESPO at N = 64, seeds 0-1): log W / sqrt(T), log W / T, the A >= 0 kernel for both
    signs, the A < 0 kernel for both signs, and (c1, c2) doubled;
 3. mismatch arm (``run.mode=async``, bf16 sampler against the fp32 trainer, dense and a tiny
-   Qwen3-MoE, seed 0): GRPO and VESPO on W = pi / mu, and each with pi_old recomputed and token
+   Qwen3-MoE, seed 0, 200 steps): GRPO and VESPO on W = pi / mu, and each with pi_old recomputed and token
    TIS (AReaL-style decoupled weight for GRPO, folded into log W for VESPO);
 4. N = 1 for vespo and sapo (seeds 0-2). At N = 1 vespo, grpo, gspo and cispo compute the same
    update bit for bit (W = 1; ``tests/test_trainer.py::test_on_policy_vespo_grpo_gspo_cispo_train_bit_identically``),
@@ -38,14 +38,14 @@ METHODS = ["vespo", "grpo", "gspo", "sapo", "cispo"]
 ABLATIONS = ("algorithm.loss_params={length_norm: sqrt},{length_norm: linear},{k_neg: 2, lambda_neg: 3},"
              "{k_pos: 3, lambda_pos: 2},{k_pos: 4, lambda_pos: 6, k_neg: 6, lambda_neg: 4}")
 MISMATCH_AXIS = "algorithm={old_log_prob: sampler},{old_log_prob: recompute, correction: token_tis}"
-MISMATCH = ["run.mode=async", "sampling.sampler_dtype=bfloat16"]
+MISMATCH = ["run.mode=async", "sampling.sampler_dtype=bfloat16", "run.total_steps=200"]
 MOE = ["model.arch=qwen3_moe", "model.num_experts=4", "model.num_experts_per_tok=2"]
 IDENTICAL_AT_N1 = ("grpo", "gspo", "cispo")  # same update as vespo when W = 1
 
 
 def sweep(out: Path, grid: list[str], seeds: str, jobs: int, extra: list[str], report_only: bool = False) -> list[str]:
     cmd = [sys.executable, "-m", "vespo.cli", "sweep", "--out", str(out), *[a for g in grid for a in ("--grid", g)],
-           "--seeds", seeds, "--jobs", str(jobs), "--threads", "1", *extra, *COMMON]
+           "--seeds", seeds, "--jobs", str(jobs), "--threads", "1", *COMMON, *extra]  # extra overrides COMMON
     if report_only:
         cmd.append("--report-only")
     return cmd
