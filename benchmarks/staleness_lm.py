@@ -174,8 +174,9 @@ def targets(summary: dict[str, Any]) -> str:
             if b:
                 diff = v["mean"] - b["mean"]
                 se = math.sqrt(v["std"] ** 2 / v["seeds"] + b["std"] ** 2 / b["seeds"])
-                out.append(f"- N={n}: vespo - {method} = {diff:+.3f} (standard error of the difference {se:.3f}): "
-                           f"{'meets' if diff >= 0 else 'misses'} 'at least as good'")
+                verdict = "ahead" if diff > 2 * se else "behind" if diff < -2 * se else "level within 2 standard errors"
+                out.append(f"- N={n}: vespo - {method} = {diff:+.3f} (standard error {se:.3f}; {verdict}); "
+                           f"target on the means {'met' if diff >= 0 else 'missed'}")
     return "\n".join(out)
 
 
