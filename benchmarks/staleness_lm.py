@@ -165,6 +165,13 @@ def targets(summary: dict[str, Any]) -> str:
     if v4 and v64 and v4["mean"] > 0:
         out.append(f"- VESPO N=64 / N=4 = {v64['mean']:.3f} / {v4['mean']:.3f} = **{v64['mean'] / v4['mean']:.2f}** "
                    f"(target >= 0.90; paper 0.88)")
+    ratios = []
+    for method in METHODS:
+        a, b = summary.get(f"{method}/N4"), summary.get(f"{method}/N64")
+        if a and b and a["mean"] > 0:
+            ratios.append(f"{method} {b['mean'] / a['mean']:.2f}")
+    if ratios:
+        out.append(f"- N=64 / N=4, every method: {', '.join(ratios)}")
     for n in (16, 64):
         v = summary.get(f"vespo/N{n}")
         if not v:

@@ -410,7 +410,8 @@ def plot_sweep(out: Path, results: dict[str, Any]) -> list[Path]:
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("training reward (mean over seeds)")
-    axes[0][-1].legend(fontsize=8)
+    if axes[0][-1].get_legend_handles_labels()[0]:
+        axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
     path = out / "reward_curves.png"
     fig.savefig(path, dpi=100)
