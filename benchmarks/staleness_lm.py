@@ -10,7 +10,7 @@
 2. ablations (VESPO at N = 64, seeds 0-1): log W / sqrt(T), log W / T, the A >= 0 kernel for both
    signs, the A < 0 kernel for both signs, and (c1, c2) doubled;
 3. mismatch arm (``run.mode=async``, bf16 sampler against the fp32 trainer, dense and a tiny
-   Qwen3-MoE, seed 0, 200 steps): GRPO and VESPO on W = pi / mu, and each with pi_old recomputed and token
+   Qwen3-MoE, seeds 0-1, 200 steps): GRPO and VESPO on W = pi / mu, and each with pi_old recomputed and token
    TIS (AReaL-style decoupled weight for GRPO, folded into log W for VESPO);
 4. N = 1 for vespo and sapo (seeds 0-2). At N = 1 vespo, grpo, gspo and cispo compute the same
    update bit for bit (W = 1; ``tests/test_trainer.py::test_on_policy_vespo_grpo_gspo_cispo_train_bit_identically``),
@@ -58,9 +58,9 @@ def plan(root: Path, full_n1: bool) -> list[tuple[str, list[str], Path | None]]:
              for n in (64, 16, 4)]
     steps.append(("ablations", sweep(root / "ablations", ["algorithm.loss=vespo", "algorithm.staleness=64", ABLATIONS],
                                      "0,1", 2, []), grid / "warmup"))
-    steps.append(("mismatch dense", sweep(root / "mismatch_dense", ["algorithm.loss=grpo,vespo", MISMATCH_AXIS], "0", 1,
+    steps.append(("mismatch dense", sweep(root / "mismatch_dense", ["algorithm.loss=grpo,vespo", MISMATCH_AXIS], "0,1", 1,
                                           MISMATCH), grid / "warmup"))
-    steps.append(("mismatch moe", sweep(root / "mismatch_moe", ["algorithm.loss=grpo,vespo", MISMATCH_AXIS], "0", 1,
+    steps.append(("mismatch moe", sweep(root / "mismatch_moe", ["algorithm.loss=grpo,vespo", MISMATCH_AXIS], "0,1", 1,
                                         [*MISMATCH, *MOE]), None))
     n1 = METHODS if full_n1 else ["vespo", "sapo"]
     steps.append(("grid N=1", sweep(grid, [f"algorithm.loss={','.join(n1)}", "algorithm.staleness=1"], "0,1,2", 2, []), None))
@@ -245,17 +245,26 @@ MISMATCH_NAMES = {
 
 
 def mismatch_table(arms: dict[str, list[dict[str, Any]]]) -> str:
-    lines = [("| policy | method | start acc | final acc | best acc | train reward | engine \\|Δ log p\\| per token | "
+    lines = [("| policy | method | seeds | final acc, mean | per seed | best acc | train reward | engine \\|Δ log p\\| per token | "
               "mismatch \\|log W\\| per seq | routing flips | versions behind | phi<0.01 |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for arch, cells in arms.items():
         for variant, label in MISMATCH_NAMES.items():
-            for c in (c for c in cells if c.get("variant") == variant):
-                lines.append(
-                    f"| {arch} | {label} | {c['start_accuracy']:.3f} | {c['final_accuracy']:.3f} | {c['best_accuracy']:.3f} | "
-                    f"{_fmt(c.get('final_reward'), 2)} | {_fmt(c.get('mismatch/engine_log_prob_diff_abs_mean'), 5)} | "
-                    f"{_fmt(c.get('mismatch/log_w_abs_mean'), 4)} | {_fmt(c.get('mismatch/routing_flip_frac'), 4)} | "
-                    f"{_fmt(c.get('stale/versions_behind_mean'), 2)} | {_fmt(c.get('phi_below_001'), 3)} |")
+            group = sorted((c for c in cells if c.get("variant") == variant), key=lambda c: c.get("run.seed", 0))
+            if not group:
+                continue
+
+            def avg(key: str, group: list[dict[str, Any]] = group) -> float | None:
+                vals = [c[key] for c in group if c.get(key) is not None]
+                return sum(vals) / len(vals) if vals else None
+
+            finals = [c["final_accuracy"] for c in group]
+            lines.append(
+                f"| {arch} | {label} | {len(group)} | {mean_std(finals)[0]:.3f} | {' / '.join(f'{v:.3f}' for v in finals)} | "
+                f"{_fmt(avg('best_accuracy'))} | {_fmt(avg('final_reward'), 2)} | "
+                f"{_fmt(avg('mismatch/engine_log_prob_diff_abs_mean'), 5)} | {_fmt(avg('mismatch/log_w_abs_mean'), 4)} | "
+                f"{_fmt(avg('mismatch/routing_flip_frac'), 4)} | {_fmt(avg('stale/versions_behind_mean'), 2)} | "
+                f"{_fmt(avg('phi_below_001'), 3)} |")
     return "\n".join(lines)
 
 
