@@ -107,7 +107,7 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 
 EXTRA_KEYS = ("is/ess", "mismatch/engine_log_prob_diff_abs_mean", "mismatch/log_w_abs_mean", "mismatch/routing_flip_frac",
-              "stale/versions_behind_mean", "is/log_w_pi_mu_abs_mean", "mismatch/frac_truncated", "grad/norm")
+              "stale/versions_behind_mean", "is/log_w_pi_mu_abs_mean", "mismatch/frac_truncated", "grad/norm", "stale/log_w_abs_mean")
 
 
 def collect(out: Path) -> list[dict[str, Any]]:
@@ -246,8 +246,8 @@ MISMATCH_NAMES = {
 
 def mismatch_table(arms: dict[str, list[dict[str, Any]]]) -> str:
     lines = [("| policy | method | seeds | final acc, mean | per seed | best acc | train reward | engine \\|Δ log p\\| per token | "
-              "mismatch \\|log W\\| per seq | routing flips | versions behind | phi<0.01 |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "mismatch \\|log W\\| per seq | staleness \\|log W\\| per seq | routing flips | versions behind | phi<0.01 |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for arch, cells in arms.items():
         for variant, label in MISMATCH_NAMES.items():
             group = sorted((c for c in cells if c.get("variant") == variant), key=lambda c: c.get("run.seed", 0))
@@ -263,6 +263,7 @@ def mismatch_table(arms: dict[str, list[dict[str, Any]]]) -> str:
                 f"| {arch} | {label} | {len(group)} | {mean_std(finals)[0]:.3f} | {' / '.join(f'{v:.3f}' for v in finals)} | "
                 f"{_fmt(avg('best_accuracy'))} | {_fmt(avg('final_reward'), 2)} | "
                 f"{_fmt(avg('mismatch/engine_log_prob_diff_abs_mean'), 5)} | {_fmt(avg('mismatch/log_w_abs_mean'), 4)} | "
+                f"{_fmt(avg('stale/log_w_abs_mean'), 3)} | "
                 f"{_fmt(avg('mismatch/routing_flip_frac'), 4)} | {_fmt(avg('stale/versions_behind_mean'), 2)} | "
                 f"{_fmt(avg('phi_below_001'), 3)} |")
     return "\n".join(lines)
