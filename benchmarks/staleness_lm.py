@@ -26,7 +26,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -269,6 +268,14 @@ def mismatch_table(arms: dict[str, list[dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
+def copy_small(src: Path, dst: Path, colors: int = 64) -> None:
+    """Copy a matplotlib PNG with a reduced palette (line plots need few colours; ~4x smaller)."""
+    from PIL import Image
+
+    with Image.open(src) as image:
+        image.convert("RGB").quantize(colors=colors).save(dst, optimize=True)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     root = Path(args.root)
     results_dir, img = REPO / "benchmarks" / "results", REPO / "docs" / "img"
@@ -287,9 +294,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         table, summary = grid_table(grid_cells)
         sections += ["### Grid", table, "", targets(summary)]
         (results_dir / "staleness_lm_grid.json").write_text(json.dumps({"cells": grid_cells, "summary": summary}, indent=1))
-        for name in ("reward_curves.png", "accuracy_vs_n.png", "diagnostics_N64.png", "diagnostics_N16.png"):
+        for name in ("reward_curves.png", "accuracy_vs_n.png", "diagnostics_N64.png"):
             if (root / "grid" / name).exists():
-                shutil.copy(root / "grid" / name, img / f"staleness_lm_{name}")
+                copy_small(root / "grid" / name, img / f"staleness_lm_{name}")
     if (root / "ablations" / "results.json").exists():
         abl = collect(root / "ablations")
         table, points = ablation_table(abl, grid_cells)
@@ -297,15 +304,14 @@ def cmd_report(args: argparse.Namespace) -> int:
         sections += ["### Ablations", table, "", f"Spearman(phi<0.01 share, final accuracy) over the variants: {_fmt(rho, 2)}"]
         (results_dir / "staleness_lm_ablations.json").write_text(json.dumps({"cells": abl, "spearman": rho}, indent=1))
         if (root / "ablations" / "diagnostics_N64.png").exists():
-            shutil.copy(root / "ablations" / "diagnostics_N64.png", img / "staleness_lm_ablations_diagnostics.png")
+            copy_small(root / "ablations" / "diagnostics_N64.png", img / "staleness_lm_ablations_diagnostics.png")
     arms = {arch: collect(root / f"mismatch_{arch}") for arch in ("dense", "moe") if (root / f"mismatch_{arch}" / "results.json").exists()}
     if arms:
         sections += ["### Mismatch arm", mismatch_table(arms)]
         (results_dir / "staleness_lm_mismatch.json").write_text(json.dumps(arms, indent=1))
-        for arch in arms:
-            src = root / f"mismatch_{arch}" / "diagnostics_all.png"
-            if src.exists():
-                shutil.copy(src, img / f"staleness_lm_mismatch_{arch}.png")
+        src = root / "mismatch_moe" / "diagnostics_all.png"
+        if src.exists():
+            copy_small(src, img / "staleness_lm_mismatch_moe.png")
     print("\n".join(sections))
     return 0
 

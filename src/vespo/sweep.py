@@ -428,6 +428,7 @@ def plot_sweep(out: Path, results: dict[str, Any]) -> list[Path]:
         ax.errorbar([float(n) for n in ns], [m for m, _ in stats], yerr=[s for _, s in stats], marker="o",
                     capsize=3, label=method, linewidth=2.5 if method == "vespo" else 1.2)
     ax.set_xscale("log", base=2)
+    ax.set_ylim(bottom=0)  # accuracy: a std bar below 0 says "collapsed in some seeds", not less than 0
     ax.set_xlabel("staleness N (mini-batches per rollout batch)")
     ax.set_ylabel("final eval accuracy (mean ± std over seeds)")
     ax.grid(alpha=0.3)
