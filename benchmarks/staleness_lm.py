@@ -139,8 +139,13 @@ def grid_table(cells: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
         for method in METHODS:
             group = _by(cells, method, n)
             note = ""
-            if not group and n == 1 and method in IDENTICAL_AT_N1:
-                group, note = _by(cells, "vespo", 1), " (= vespo: same update at W = 1)"
+            if n == 1 and method in IDENTICAL_AT_N1:
+                own = {c.get("run.seed"): c["final_accuracy"] for c in group}
+                ref = _by(cells, "vespo", 1)
+                same = [s for s, v in own.items() if any(c.get("run.seed") == s and c["final_accuracy"] == v for c in ref)]
+                if len(group) < len(ref) and len(same) == len(own):
+                    checked = f"; seed {', '.join(map(str, same))} run too: identical" if same else ""
+                    group, note = ref, f" (= vespo: same update at W = 1{checked})"
             if not group:
                 continue
             finals = [c["final_accuracy"] for c in group]
