@@ -31,6 +31,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from vespo.sweep import mean_std, read_rows, tail_mean
+
 REPO = Path(__file__).resolve().parents[1]
 COMMON = ["run.total_steps=300", "eval.num_prompts=512", "eval.avg_k=1", "eval.every=100", "task.eval_fraction=0.15"]
 METHODS = ["vespo", "grpo", "gspo", "sapo", "cispo"]
@@ -83,24 +85,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------- report
 
-def _rows(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-def tail_mean(rows: list[dict[str, Any]], key: str, share: float = 0.1) -> float | None:
-    """Mean of ``key`` over the last ``share`` of the training steps."""
-    train = [r for r in rows if "reward/mean" in r]
-    tail = train[-max(1, int(len(train) * share)):]
-    vals = [r[key] for r in tail if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
-    return sum(vals) / len(vals) if vals else None
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    m = sum(values) / len(values)
-    return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0)
-
-
 def _fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -116,7 +100,7 @@ def collect(out: Path) -> list[dict[str, Any]]:
     for cell in results["cells"]:
         if cell.get("done") is False:  # still running or stopped: not a result yet
             continue
-        rows = _rows(out / "cells" / cell["name"])
+        rows = read_rows(out / "cells" / cell["name"])
         evals = [r for r in rows if r.get("eval/accuracy") is not None]
         cell = dict(cell)
         cell["eval_curve"] = [[r["step"], r["eval/accuracy"]] for r in evals]

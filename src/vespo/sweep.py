@@ -267,33 +267,29 @@ def write_report(out: Path, cells: list[Cell], failures: list[str], base_loss: s
     return results
 
 
-def _read_rows(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
+def read_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """A cell's metrics rows (:func:`vespo.plots.read_metrics`), or none before it has written any."""
+    from vespo.plots import read_metrics
+
+    return read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
+
+
+def tail_mean(rows: list[dict[str, Any]], key: str) -> float | None:
+    """Mean of a finite ``key`` over the last 10 % of the training steps (at least one)."""
+    train = [r for r in rows if "reward/mean" in r]
+    tail = train[-max(1, len(train) // 10):]
+    vals = [r[key] for r in tail if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    return sum(vals) / len(vals) if vals else None
 
 
 def collect_results(out: Path, cells: list[Cell], base_loss: str = "?") -> dict[str, Any]:
     """Per-cell final/best eval accuracy and diagnostics, from each run's metrics."""
     per_cell = []
     for cell in cells:
-        rows = _read_rows(cell.run_dir(out))
+        rows = read_rows(cell.run_dir(out))
         evals = [r for r in rows if r.get("eval/accuracy") is not None]
-        train_rows = [r for r in rows if "reward/mean" in r]
         if not evals:
             continue
-        tail = train_rows[-max(1, len(train_rows) // 10):] if train_rows else []
-
-        def tail_mean(key: str, tail: list[dict[str, Any]] = tail) -> float | None:
-            vals = [r[key] for r in tail if isinstance(r.get(key), (int, float))]
-            return sum(vals) / len(vals) if vals else None
-
         per_cell.append({
             "name": cell.name,
             "variant": variant_label(cell.values, base_loss),
@@ -303,14 +299,14 @@ def collect_results(out: Path, cells: list[Cell], base_loss: str = "?") -> dict[
             "best_accuracy": max(e["eval/accuracy"] for e in evals),
             "final_step": evals[-1].get("step"),
             "done": (cell.run_dir(out) / "summary.json").exists(),
-            "final_reward": tail_mean("reward/mean"),
-            "abs_log_w": tail_mean("is/abs_log_w_mean"),
-            "phi_mean": tail_mean("phi/mean"),
-            "phi_below_001": tail_mean("phi/frac_below_0.01"),
-            "clip_frac": tail_mean("loss/clip_frac"),
-            "ess": tail_mean("is/ess"),
-            "entropy": tail_mean("policy/entropy"),
-            "response_length": tail_mean("response/length_mean"),
+            "final_reward": tail_mean(rows, "reward/mean"),
+            "abs_log_w": tail_mean(rows, "is/abs_log_w_mean"),
+            "phi_mean": tail_mean(rows, "phi/mean"),
+            "phi_below_001": tail_mean(rows, "phi/frac_below_0.01"),
+            "clip_frac": tail_mean(rows, "loss/clip_frac"),
+            "ess": tail_mean(rows, "is/ess"),
+            "entropy": tail_mean(rows, "policy/entropy"),
+            "response_length": tail_mean(rows, "response/length_mean"),
             "wall_time_s": rows[-1].get("perf/elapsed_s") if rows else None,
         })
     return {"cells": per_cell}
@@ -334,7 +330,7 @@ def _method(cell: dict[str, Any]) -> str:
     return str(cell.get("variant") or cell.get("algorithm.loss", "?"))
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def mean_std(values: list[float]) -> tuple[float, float]:
     m = sum(values) / len(values)
     sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
     return m, sd
@@ -366,11 +362,11 @@ def results_table(results: dict[str, Any]) -> str:
     lines = ["| N | method | seeds | start acc | final acc (mean ± std) | best acc (mean ± std) | phi<0.01 share |",
              "|---|---|---|---|---|---|---|"]
     for (loss, n) in sorted(final, key=lambda k: (float(k[1]) if isinstance(k[1], (int, float)) else 0, k[0])):
-        fm, fs = _mean_std(final[(loss, n)])
-        bm, bs = _mean_std(best[(loss, n)])
-        sm, _ = _mean_std(start[(loss, n)])
+        fm, fs = mean_std(final[(loss, n)])
+        bm, bs = mean_std(best[(loss, n)])
+        sm, _ = mean_std(start[(loss, n)])
         pl = phi_low.get((loss, n))
-        pl_text = f"{_mean_std(pl)[0]:.2f}" if pl else "-"
+        pl_text = f"{mean_std(pl)[0]:.2f}" if pl else "-"
         mark = "*" if (loss, n) in unfinished else ""
         lines.append(f"| {n} | {loss}{mark} | {len(final[(loss, n)])} | {sm:.3f} | {fm:.3f} ± {fs:.3f} | {bm:.3f} ± {bs:.3f} | {pl_text} |")
     if unfinished:
@@ -395,7 +391,7 @@ def plot_sweep(out: Path, results: dict[str, Any]) -> list[Path]:
     cmap = plt.get_cmap("viridis")
     for ax, method in zip(axes[0], methods):
         for i, n in enumerate(staleness):
-            curves = [_read_rows(out / "cells" / c["name"]) for c in cells
+            curves = [read_rows(out / "cells" / c["name"]) for c in cells
                       if _method(c) == method and c.get("algorithm.staleness") == n]
             curves = [[r for r in rows if "reward/mean" in r] for rows in curves]
             curves = [c for c in curves if c]
@@ -424,7 +420,7 @@ def plot_sweep(out: Path, results: dict[str, Any]) -> list[Path]:
         ns = [n for n in staleness if (method, n) in final]
         if not ns:
             continue
-        stats = [_mean_std(final[(method, n)]) for n in ns]
+        stats = [mean_std(final[(method, n)]) for n in ns]
         ax.errorbar([float(n) for n in ns], [m for m, _ in stats], yerr=[s for _, s in stats], marker="o",
                     capsize=3, label=method, linewidth=2.5 if method == "vespo" else 1.2)
     ax.set_xscale("log", base=2)
