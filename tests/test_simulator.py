@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vespo.simulator import (
+from benchmarks.lib.simulator import (
     Mismatch,
     Policy,
     PolicySpec,
