@@ -39,9 +39,9 @@ import sys
 import time
 from pathlib import Path
 
-from vespo.async_rollout import LAG_BUCKETS
-from vespo.config import load_config
-from vespo.trainer import Trainer, run_warmup
+from vespo.rollout.ray_source import LAG_BUCKETS
+from vespo.train.config import load_config
+from vespo.train.trainer import Trainer, run_warmup
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "src" / "vespo" / "configs" / "default.yaml"

@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vespo.sweep import mean_std, read_rows, tail_mean
+from vespo.experiment.sweep import mean_std, read_rows, tail_mean
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = ["run.total_steps=300", "eval.num_prompts=512", "eval.avg_k=1", "eval.every=100", "task.eval_fraction=0.15"]

@@ -72,7 +72,7 @@ def _env(threads: int) -> dict[str, str]:
 
 
 def _config(spec: dict, out_dir: str):
-    from vespo.config import load_config
+    from vespo.train.config import load_config
 
     return load_config(DEFAULT_CONFIG, [
         f"run.out_dir={out_dir}",
@@ -107,7 +107,7 @@ def _config(spec: dict, out_dir: str):
 def worker_ours(spec: dict) -> dict:
     import torch
 
-    from vespo.trainer import Trainer
+    from vespo.train.trainer import Trainer
 
     out_dir = tempfile.mkdtemp(prefix="vespo_bench_ours_")
     try:
@@ -150,7 +150,7 @@ def worker_trl(spec: dict) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     from vespo.tasks import build_task
-    from vespo.trainer import TRAIN_DATA_SEED, build_policy
+    from vespo.train.trainer import TRAIN_DATA_SEED, build_policy
 
     torch.set_num_threads(spec["threads"])
     out_dir = tempfile.mkdtemp(prefix="vespo_bench_trl_")
@@ -214,10 +214,10 @@ def worker_sampler(spec: dict) -> dict:
     import torch
     from transformers import GenerationConfig
 
-    from vespo.rollout import encode_prompts
-    from vespo.sampling import Sampler
+    from vespo.rollout.source import encode_prompts
+    from vespo.rollout.sampler import Sampler
     from vespo.tasks import build_task
-    from vespo.trainer import TRAIN_DATA_SEED, build_policy
+    from vespo.train.trainer import TRAIN_DATA_SEED, build_policy
 
     torch.set_num_threads(spec["threads"])
     cfg = _config({**spec, "steps": 1}, "/nonexistent")

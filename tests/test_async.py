@@ -19,21 +19,21 @@ import torch
 
 pytest.importorskip("ray")
 
-from vespo.async_rollout import (
+from vespo.rollout.ray_source import (
     RolloutWorker,
     RolloutWorkerError,
     WorkerSpec,
     staleness_bound,
     staleness_budget,
 )
-from vespo.checkpoint import latest_checkpoint
-from vespo.config import ConfigError, load_config
-from vespo.models import build_char_tokenizer, build_tiny_model
-from vespo.ray_utils import process_alive, start_ray
-from vespo.rollout import encode_prompts
-from vespo.sampling import sequence_log_probs
+from vespo.train.checkpoint import latest_checkpoint
+from vespo.train.config import ConfigError, load_config
+from vespo.train.models import build_char_tokenizer, build_tiny_model
+from vespo.rollout.ray_utils import process_alive, start_ray
+from vespo.rollout.source import encode_prompts
+from vespo.rollout.sampler import sequence_log_probs
 from vespo.tasks import build_task
-from vespo.trainer import Trainer
+from vespo.train.trainer import Trainer
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -358,8 +358,8 @@ def test_dead_workers_are_replaced_then_the_run_stops_with_a_checkpoint(tmp_path
 RUN_SCRIPT = textwrap.dedent(
     """
     import json, sys
-    from vespo.config import load_config
-    from vespo.trainer import Trainer, resume_config
+    from vespo.train.config import load_config
+    from vespo.train.trainer import Trainer, resume_config
     out, resume = sys.argv[1], sys.argv[2] == "resume"
     overrides = sys.argv[3:]
     cfg = resume_config(out, overrides) if resume else load_config(None, overrides)

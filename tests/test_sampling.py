@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from vespo.models import build_tiny_model
-from vespo.sampling import (
+from vespo.train.models import build_tiny_model
+from vespo.rollout.sampler import (
     PaddedRollout,
     Rollout,
     Sampler,

@@ -7,8 +7,8 @@ import json
 import pytest
 from tiny_run import TINY_RUN
 
-from vespo.config import ConfigError
-from vespo.sweep import (
+from vespo.train.config import ConfigError
+from vespo.experiment.sweep import (
     build_cells,
     group_cells,
     parse_grid,
@@ -37,7 +37,7 @@ def test_grid_values_may_be_mappings_with_commas():
         "loss_params-default_s0", "loss_params-default_s1", "loss_params-length_normsqrt_s0"]
     assert cells[4].name == "loss_params-k_neg2-lambda_neg3_s0"
     # the override a cell passes to `vespo train` parses back to the same mapping
-    from vespo.config import load_config
+    from vespo.train.config import load_config
     assert load_config(None, cells[4].overrides).algorithm.loss_params == {"k_neg": 2, "lambda_neg": 3}
     for bad in ["algorithm.loss_params={a: 1", "algorithm.loss_params=}a{"]:
         with pytest.raises(ConfigError, match="unbalanced"):
@@ -52,7 +52,7 @@ def test_a_mapping_on_a_section_sets_paired_keys():
                                        "grpo_algorithm-old_log_probrecompute-correctiontoken_tis"]
     assert cells[1].overrides == ['algorithm.loss="grpo"', 'algorithm.old_log_prob="recompute"',
                                   'algorithm.correction="token_tis"']
-    from vespo.config import load_config
+    from vespo.train.config import load_config
     cfg = load_config(None, cells[1].overrides)
     assert (cfg.algorithm.loss, cfg.algorithm.old_log_prob, cfg.algorithm.correction) == ("grpo", "recompute", "token_tis")
     # an invalid pairing is caught by the up-front validation, before any process starts
@@ -62,7 +62,7 @@ def test_a_mapping_on_a_section_sets_paired_keys():
 
 
 def test_grid_edge_cases():
-    from vespo.sweep import split_values
+    from vespo.experiment.sweep import split_values
 
     assert split_values('"a,b",c') == ['"a,b"', "c"]
     with pytest.raises(ConfigError, match="unbalanced quotes"):
@@ -71,7 +71,7 @@ def test_grid_edge_cases():
     with pytest.raises(ConfigError, match="share the run directory"):
         build_cells(parse_grid(["algorithm.staleness=4,4"]))
     # strings that YAML would read as something else survive the round trip to `vespo train`
-    from vespo.config import parse_overrides
+    from vespo.train.config import parse_overrides
     cell = build_cells({"task.name": ["on"], "task.reward_fn": ["m:f #x"]})[0]
     parsed = parse_overrides(cell.overrides)["task"]
     assert parsed == {"name": "on", "reward_fn": "m:f #x"}

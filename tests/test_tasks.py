@@ -426,7 +426,7 @@ def test_build_task_errors(tmp_path) -> None:
 
 
 def test_build_task_from_trainer_config() -> None:
-    config = pytest.importorskip("vespo.config")
+    config = pytest.importorskip("vespo.train.config")
     spec = config.TaskConfig(name="basic_arithmetic", params={"max_terms": 3, "max_digits": 2}).spec()
     task = build_task(spec)
     ex = task.train_examples(2, 0)[0]

@@ -12,10 +12,10 @@ import pytest
 import torch
 from tiny_run import TINY_RUN
 
-from vespo.advantages import group_advantages
-from vespo.config import ConfigError, load_config
+from vespo.rollout.advantages import group_advantages
+from vespo.train.config import ConfigError, load_config
 from vespo.losses import list_losses
-from vespo.trainer import Trainer, train
+from vespo.train.trainer import Trainer, train
 
 TINY = [*TINY_RUN, "logging.progress=false", "warmup.steps=0", "run.threads=1"]
 
@@ -136,7 +136,7 @@ def test_resume_after_a_kill_loses_at_most_the_steps_since_the_checkpoint(tmp_pa
         time.sleep(0.2)
     proc.kill()
     proc.wait()
-    from vespo.checkpoint import latest_checkpoint
+    from vespo.train.checkpoint import latest_checkpoint
 
     ckpt = latest_checkpoint(run_dir)
     assert ckpt is not None
@@ -225,7 +225,7 @@ def test_eval_command_scores_the_latest_checkpoint(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "eval/accuracy" in out.stdout
     # same weights, same eval prompts and seed as the run's final eval: the same greedy accuracy
-    from vespo.trainer import evaluate_run
+    from vespo.train.trainer import evaluate_run
 
     again = evaluate_run(run)
     assert again["eval/accuracy"] == result.final_eval["eval/accuracy"]

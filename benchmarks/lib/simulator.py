@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from vespo.advantages import group_advantages
+from vespo.rollout.advantages import group_advantages
 from vespo.losses import compute_policy_loss
 
 # ---------------------------------------------------------------------------------------------

@@ -32,8 +32,8 @@ def _console():
 def cmd_kernels(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from vespo.kernel_curves import DEFAULT_TABLE_POINTS, kernel_table
-    from vespo.plots import plot_kernels
+    from vespo.experiment.kernel_curves import DEFAULT_TABLE_POINTS, kernel_table
+    from vespo.experiment.plots import plot_kernels
 
     points = DEFAULT_TABLE_POINTS
     table = Table(title="phi(W): effective weight on A * grad log pi (one-token sequence)")
@@ -67,8 +67,8 @@ def cmd_losses(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from vespo.config import load_config
-    from vespo.trainer import resume_config, train
+    from vespo.train.config import load_config
+    from vespo.train.trainer import resume_config, train
 
     if args.resume:
         if args.config:
@@ -82,8 +82,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_warmup(args: argparse.Namespace) -> int:
-    from vespo.config import load_config
-    from vespo.trainer import run_warmup
+    from vespo.train.config import load_config
+    from vespo.train.trainer import run_warmup
 
     config = load_config(args.config or _default_config(), args.overrides)
     path = run_warmup(config)
@@ -92,7 +92,7 @@ def cmd_warmup(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from vespo.sweep import parse_grid, run_sweep
+    from vespo.experiment.sweep import parse_grid, run_sweep
 
     grid = parse_grid(args.grid)
     if args.seeds:
@@ -102,21 +102,21 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     results = run_sweep(out=args.out, grid=grid, config=args.config or str(_default_config()),
                         overrides=args.overrides, jobs=args.jobs, threads_per_job=args.threads,
                         report_only=args.report_only)
-    from vespo.sweep import results_table
+    from vespo.experiment.sweep import results_table
 
     print(results_table(results))
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from vespo.trainer import evaluate_run
+    from vespo.train.trainer import evaluate_run
 
     evaluate_run(args.run_dir, args.overrides)
     return 0
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from vespo.plots import plot_runs
+    from vespo.experiment.plots import plot_runs
 
     for run in args.run_dirs:
         if not Path(run).is_dir():

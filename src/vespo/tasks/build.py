@@ -1,4 +1,4 @@
-"""Build a task from a config dict (what ``vespo.config.TaskConfig.spec()`` produces)."""
+"""Build a task from a config dict (what ``vespo.train.config.TaskConfig.spec()`` produces)."""
 
 from __future__ import annotations
 

@@ -27,24 +27,24 @@ from typing import Any
 
 import torch
 
-from vespo.checkpoint import (
+from vespo.train.checkpoint import (
     CheckpointError,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
     write_json_atomic,
 )
-from vespo.config import ConfigError, TrainConfig, load_config, save_config
+from vespo.train.config import ConfigError, TrainConfig, load_config, save_config
 from vespo.losses import compute_policy_loss
-from vespo.metrics_log import MetricsWriter
-from vespo.models import (
+from vespo.train.metrics_log import MetricsWriter
+from vespo.train.models import (
     build_char_tokenizer,
     build_tiny_model,
     count_parameters,
     load_pretrained,
     smollm2_checkpoint,
 )
-from vespo.rollout import (
+from vespo.rollout.source import (
     MiniBatch,
     PromptStream,
     RolloutSourceError,
@@ -52,7 +52,7 @@ from vespo.rollout import (
     encode_prompts,
     minibatch_metrics,
 )
-from vespo.sampling import Sampler, sequence_log_probs_and_entropy
+from vespo.rollout.sampler import Sampler, sequence_log_probs_and_entropy
 from vespo.tasks import Example, RewardRunner, build_task
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -188,7 +188,7 @@ class Trainer:
         cfg = self.cfg
         old_fn = self.recompute_old_log_prob if cfg.algorithm.old_log_prob == "recompute" else None
         if cfg.run.mode == "async":
-            from vespo.async_rollout import AsyncRolloutSource
+            from vespo.rollout.ray_source import AsyncRolloutSource
 
             return AsyncRolloutSource(cfg, model=self.model, tokenizer=self.tokenizer, task=self.task,
                                       train_examples=self.train_examples, old_log_prob_fn=old_fn)

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from vespo.advantages import group_advantages
-from vespo.models import apply_chat_template_or_plain
-from vespo.sampling import PaddedRollout, Rollout, Sampler
+from vespo.rollout.advantages import group_advantages
+from vespo.train.models import apply_chat_template_or_plain
+from vespo.rollout.sampler import PaddedRollout, Rollout, Sampler
 from vespo.tasks import Example
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from vespo.kernel_curves import effective_weights
+from vespo.experiment.kernel_curves import effective_weights
 from vespo.losses import list_losses
 
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from vespo.checkpoint import latest_checkpoint, write_json_atomic
-from vespo.config import ConfigError, load_config, parse_overrides
+from vespo.train.checkpoint import latest_checkpoint, write_json_atomic
+from vespo.train.config import ConfigError, load_config, parse_overrides
 
 
 @dataclass
@@ -101,7 +101,7 @@ def is_section(key: str) -> bool:
     """True when ``key`` names a config section (``"algorithm"``), not a leaf (``"algorithm.loss_params"``)."""
     from pydantic import BaseModel
 
-    from vespo.config import TrainConfig
+    from vespo.train.config import TrainConfig
 
     model: type[BaseModel] = TrainConfig
     for part in key.split("."):
@@ -268,8 +268,8 @@ def write_report(out: Path, cells: list[Cell], failures: list[str], base_loss: s
 
 
 def read_rows(run_dir: Path) -> list[dict[str, Any]]:
-    """A cell's metrics rows (:func:`vespo.plots.read_metrics`), or none before it has written any."""
-    from vespo.plots import read_metrics
+    """A cell's metrics rows (:func:`vespo.experiment.plots.read_metrics`), or none before it has written any."""
+    from vespo.experiment.plots import read_metrics
 
     return read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
 
@@ -443,7 +443,7 @@ def plot_diagnostics(out: Path, results: dict[str, Any]) -> list[Path]:
 
     One run per method (its lowest seed) so the curves stay readable: ``diagnostics_N<n>.png``.
     """
-    from vespo.plots import plot_runs
+    from vespo.experiment.plots import plot_runs
 
     paths = []
     for n in sorted({c.get("algorithm.staleness") for c in results["cells"]}, key=lambda v: float(v) if v is not None else 0):

@@ -53,16 +53,16 @@ from typing import Any
 
 import torch
 
-from vespo.advantages import group_advantages
-from vespo.config import ConfigError, TrainConfig
-from vespo.rollout import (
+from vespo.rollout.advantages import group_advantages
+from vespo.train.config import ConfigError, TrainConfig
+from vespo.rollout.source import (
     MiniBatch,
     OldLogProbFn,
     PromptStream,
     RolloutSourceError,
     encode_prompts,
 )
-from vespo.sampling import Rollout, Sampler, sequence_log_probs
+from vespo.rollout.sampler import Rollout, Sampler, sequence_log_probs
 from vespo.tasks import Example, RewardRunner
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -321,7 +321,7 @@ class RolloutWorker:
     def _routing_flips(self, padded, starts: list[int]) -> float:
         """Fraction of (new token, layer) pairs whose top-k experts differ between the sampler's
         precision and the trainer's, on the same inputs (full forward passes)."""
-        from vespo.sampling import position_ids_from_mask
+        from vespo.rollout.sampler import position_ids_from_mask
 
         ids, mask = padded.input_ids, padded.attention_mask
         kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids_from_mask(mask),
@@ -402,7 +402,7 @@ class AsyncRolloutSource:
         train_examples: Sequence[Example],
         old_log_prob_fn: OldLogProbFn | None = None,
     ):
-        from vespo import ray_utils
+        from vespo.rollout import ray_utils
 
         if not ray_utils.ray_installed():
             raise ConfigError("run.mode=async needs Ray: pip install 'vespo[async]' (or pip install ray)")
@@ -516,7 +516,7 @@ class AsyncRolloutSource:
         self._t_start = time.perf_counter()
 
     def _record_processes(self) -> None:
-        from vespo import ray_utils
+        from vespo.rollout import ray_utils
 
         if self.session.owned:
             self.session.refresh_processes()
@@ -546,7 +546,7 @@ class AsyncRolloutSource:
         self._redispatch = deque(sorted(self._redispatch, key=lambda g: g.order))
         slot.chunks = []
         if self.restarts >= self.max_restarts:
-            from vespo.checkpoint import latest_checkpoint
+            from vespo.train.checkpoint import latest_checkpoint
 
             ckpt = latest_checkpoint(self.run_dir)
             where = f"the last checkpoint is {ckpt}" if ckpt else "no checkpoint was written yet"

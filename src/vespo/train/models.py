@@ -10,7 +10,7 @@ Four ways to get a ``(model, tokenizer)`` pair:
   converted once to an fp32 safetensors checkpoint in a local cache and loaded with
   :func:`load_pretrained` afterwards.
 
-transformers is imported lazily inside the functions so that ``import vespo.models`` stays cheap.
+transformers is imported lazily inside the functions so that ``import vespo.train.models`` stays cheap.
 """
 
 from __future__ import annotations
