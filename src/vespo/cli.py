@@ -10,17 +10,34 @@
     vespo losses                                registered losses, parameters and defaults
 
 Bad input (unknown key, wrong type, missing file) prints one line and exits with code 2
-(set VESPO_DEBUG=1 to see the traceback instead).
+(set VESPO_DEBUG=1 to see the traceback instead). The base install (torch only) runs ``vespo losses``;
+every other command needs the ``train`` extra and says so in one line when it is missing.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from pathlib import Path
 
 EXIT_USAGE = 2
+
+#: Modules of the ``train`` extra (pyproject.toml), by the name they are imported under.
+TRAIN_MODULES = (
+    "numpy", "transformers", "safetensors", "yaml", "pydantic", "rich", "matplotlib", "tensorboard",
+    "reasoning_gym", "math_verify",
+)
+#: Commands that run on the base install alone.
+BASE_COMMANDS = frozenset({"losses"})
+
+
+def missing_train_modules(command: str) -> list[str]:
+    """The ``train`` extra's modules that ``command`` needs and this environment lacks."""
+    if command in BASE_COMMANDS:
+        return []
+    return [name for name in TRAIN_MODULES if importlib.util.find_spec(name) is None]
 
 
 def _console():
@@ -52,16 +69,25 @@ def cmd_kernels(args: argparse.Namespace) -> int:
 
 
 def cmd_losses(args: argparse.Namespace) -> int:
-    from rich.table import Table
-
     from vespo.losses import loss_specs
+
+    rows = []
+    for spec in loss_specs():
+        params = "\n".join(f"{k}={p.default!r} {p.range_text()}" for k, p in spec.params.items()) or "-"
+        rows.append((spec.name, spec.level, params, spec.summary))
+    if importlib.util.find_spec("rich") is None:  # base install: plain text
+        for name, level, params, summary in rows:
+            print(f"{name} ({level}): {summary}")
+            for line in params.splitlines():
+                print(f"    {line}")
+        return 0
+    from rich.table import Table
 
     table = Table(title="registered policy losses")
     for col in ("name", "level", "parameters (default, range)", "summary"):
         table.add_column(col)
-    for spec in loss_specs():
-        params = "\n".join(f"{k}={p.default!r} {p.range_text()}" for k, p in spec.params.items()) or "-"
-        table.add_row(spec.name, spec.level, params, spec.summary)
+    for row in rows:
+        table.add_row(*row)
     _console().print(table)
     return 0
 
@@ -189,6 +215,14 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "config", None) and "=" in args.config and not Path(args.config).exists():
         args.overrides = [args.config, *args.overrides]
         args.config = None
+    missing = missing_train_modules(args.command)
+    if missing:
+        print(
+            f"vespo: error: 'vespo {args.command}' needs the trainer's dependencies (missing: "
+            f"{', '.join(missing)}): pip install -c constraints.txt 'vespo[train]'",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -1,0 +1,27 @@
+"""The command line on a partial install: one line naming the extra, exit code 2."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from vespo import cli
+
+
+@pytest.mark.parametrize("argv", [["train"], ["eval", "runs/x"], ["plot", "runs/x"], ["kernels"], ["warmup"]])
+def test_trainer_commands_without_the_train_extra_name_it(monkeypatch, capsys, argv):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name, *a: None if name == "pydantic" else real(name, *a))
+    assert cli.main(argv) == cli.EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "vespo[train]" in err[0] and "pydantic" in err[0]
+
+
+def test_losses_runs_on_the_base_install(monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name, *a: None if name in cli.TRAIN_MODULES else real(name, *a))
+    assert cli.main(["losses"]) == 0
+    out = capsys.readouterr().out
+    assert "vespo (sequence)" in out and "k_pos=2.0" in out
