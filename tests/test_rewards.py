@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import pickle
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -13,17 +16,17 @@ from vespo.tasks import (
     Example,
     RewardRunner,
     Task,
-    call_with_timeout,
+    build_task,
     extract_answer,
     extract_last_boxed,
     load_reward_function,
     math_verify_equal,
     math_verify_score,
 )
-from vespo.tasks.rewards import external_timer_active
+from vespo.tasks.procpool import PoolStartError, ProcessPool
 
 EX = Example(prompt="q", ground_truth="\\frac{1}{2}", data_source="test", uid="u0")
-TIMEOUT = 0.3
+TIMEOUT = 0.5
 
 # --------------------------------------------------------------------------- extraction
 
@@ -151,105 +154,118 @@ def test_load_reward_function_errors(reward_module, spec: str, message: str) -> 
     assert message in str(info.value)
 
 
-# --------------------------------------------------------------------------- runner
+# --------------------------------------------------------------------------- runner (worker processes)
 
 
-def _loop(response: str, example: Example) -> float:
-    while True:
-        pass
+def _hostile(response: str, example: Example) -> float:
+    """A reward function that misbehaves in the way its response names."""
+    if response == "exit":
+        os._exit(3)
+    if response == "segfault":
+        import ctypes
 
-
-def _sleep(response: str, example: Example) -> float:
-    time.sleep(30)
-    return 1.0
-
-
-def _swallow_once(response: str, example: Example) -> float:
-    try:
+        ctypes.string_at(0)
+    if response == "loop":
         while True:
             pass
-    except BaseException:  # noqa: BLE001 - a badly written user function
-        pass
-    return 1.0
+    if response == "sleep":
+        time.sleep(30)
+    if response == "swallow":
+        while True:
+            try:
+                while True:
+                    pass
+            except BaseException:  # noqa: BLE001 - a badly written reward swallows everything
+                pass
+    if response == "raise":
+        raise RuntimeError("broken reward")
+    if response == "sysexit":
+        sys.exit(0)
+    if response == "nan":
+        return float("nan")
+    return float(response == example.ground_truth)
 
 
-def _raise(response: str, example: Example) -> float:
-    raise RuntimeError("broken reward")
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _wait_gone(pids: list[int], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(_alive(p) for p in pids):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+GOLD = Example(prompt="q", ground_truth="7", data_source="test", uid="g")
+
+
+def test_runner_contains_crashes_hangs_and_errors() -> None:
+    with RewardRunner(_hostile, timeout_s=TIMEOUT, workers=2) as runner:
+        assert runner.isolation == "process"
+        responses = ["7", "exit", "segfault", "loop", "raise", "nan", "sleep", "swallow", "sysexit", "7", "8"]
+        start = time.monotonic()
+        scores, stats = runner.score_batch(responses, [GOLD] * len(responses))
+        elapsed = time.monotonic() - start
+        assert scores == [1.0] + [0.0] * 8 + [1.0, 0.0]
+        # os._exit, the segfault, the exception and sys.exit are errors; three hangs are timeouts
+        assert stats["reward/errors"] == 4 and stats["reward/timeouts"] == 3 and stats["reward/nonfinite"] == 1
+        assert elapsed < 3 * TIMEOUT + 5.0  # two workers: the hangs overlap, replacements start in time
+        messages = "\n".join(runner.recent_errors)
+        assert "exited with code 3" in messages and "SIGSEGV" in messages and "broken reward" in messages
+        assert runner.pool is not None and runner.pool.replaced == 5  # exit, segfault, three hangs
+        # the pool goes on: later batches are scored correctly, by the same (replaced) workers
+        pids = runner.pool.pids
+        for _ in range(3):
+            scores, stats = runner.score_batch(["7", "6", "7"], [GOLD] * 3)
+            assert scores == [1.0, 0.0, 1.0] and stats["reward/errors"] == 0 and stats["reward/timeouts"] == 0
+        assert runner.pool.pids == pids
+        assert runner.totals["calls"] == len(responses) + 9 and runner.totals["timeouts"] == 3
+        assert runner.score_one("exit", GOLD) == (0.0, "error")
+        assert runner.score_one("7", GOLD) == (1.0, "ok")
+    assert _wait_gone(pids)
 
 
 def _by_response(response: str, example: Example):
+    import numpy as np
+
     return {"nan": float("nan"), "inf": float("inf"), "big": 3.0, "neg": -1.0, "true": True,
-            "str": "high", "none": None, "ok": 0.75}[response]
-
-
-def _math_then_loop(response: str, example: Example) -> float:
-    assert math_verify_equal("0.5", example.ground_truth)  # must not disarm the runner's timer
-    while True:
-        pass
-
-
-def test_runner_contains_errors_and_timeouts() -> None:
-    fns = {"ok": lambda r, e: 1.0, "raise": _raise, "loop": _loop, "sleep": _sleep, "math_loop": _math_then_loop}
-
-    def dispatch(response: str, example: Example) -> float:
-        return fns[response](response, example)
-
-    runner = RewardRunner(dispatch, timeout_s=TIMEOUT)
-    responses = ["ok", "raise", "loop", "ok", "sleep", "math_loop"]
-    start = time.monotonic()
-    scores, stats = runner.score_batch(responses, [EX] * len(responses))
-    elapsed = time.monotonic() - start
-    assert scores == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]
-    assert stats["reward/errors"] == 1 and stats["reward/timeouts"] == 3
-    assert elapsed < 3 * TIMEOUT + 1.0
-    assert runner.totals["timeouts"] == 3 and runner.totals["calls"] == 6
-    assert any("broken reward" in m for m in runner.recent_errors)
-    assert not external_timer_active()
-    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
-
-
-def test_runner_swallowed_timeout_still_counts() -> None:
-    # the function catches the timeout and returns 1.0: the deadline still passed, so it scores 0
-    runner = RewardRunner(_swallow_once, timeout_s=TIMEOUT)
-    start = time.monotonic()
-    scores, stats = runner.score_batch(["x"], [EX])
-    assert scores == [0.0] and stats["reward/timeouts"] == 1
-    assert time.monotonic() - start < TIMEOUT + 1.0
+            "str": "high", "none": None, "ok": 0.75, "np": np.float32(0.5), "obj": object()}[response]
 
 
 def test_runner_sanitises_return_values() -> None:
-    runner = RewardRunner(_by_response, timeout_s=TIMEOUT)
-    responses = ["nan", "inf", "big", "neg", "true", "str", "none", "ok"]
-    scores, stats = runner.score_batch(responses, [EX] * len(responses))
-    assert scores == [0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.75]
-    assert stats["reward/nonfinite"] == 2
-    assert stats["reward/clipped"] == 2
-    assert stats["reward/errors"] == 2
-    assert stats["reward/timeouts"] == 0
+    with RewardRunner(_by_response, timeout_s=5.0, workers=1) as runner:
+        responses = ["nan", "inf", "big", "neg", "true", "str", "none", "ok", "np", "obj"]
+        scores, stats = runner.score_batch(responses, [EX] * len(responses))
+    assert scores == [0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.75, 0.5, 0.0]
+    assert stats["reward/nonfinite"] == 2 and stats["reward/clipped"] == 2
+    assert stats["reward/errors"] == 3 and stats["reward/timeouts"] == 0
 
 
-def test_runner_off_main_thread() -> None:
+def _main_thread_math(response: str, example: Example) -> float:
+    # math-verify arms signal.alarm, which only works in a main thread: the worker calls us there
+    assert threading.current_thread() is threading.main_thread()
+    return math_verify_score(response, example.ground_truth)
+
+
+def test_runner_off_main_thread_and_math_verify() -> None:
     out: dict = {}
 
     def work() -> None:
-        runner = RewardRunner(lambda r, e: _loop(r, e) if r == "loop" else math_verify_score(r, e.ground_truth),
-                              timeout_s=TIMEOUT)
-        start = time.monotonic()
-        out["result"] = runner.score_batch(["\\boxed{0.5}", "loop", "\\boxed{3}"], [EX] * 3)
-        out["elapsed"] = time.monotonic() - start
+        with RewardRunner(_main_thread_math, timeout_s=5.0, workers=1) as runner:
+            out["result"] = runner.score_batch(["\\boxed{0.5}", "\\boxed{3}", "\\boxed{1/2}"], [EX] * 3)
 
-    worker = threading.Thread(target=work)
-    worker.start()
-    worker.join(10)
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join(60)
     scores, stats = out["result"]
-    assert scores == [1.0, 0.0, 0.0]
-    assert stats["reward/timeouts"] == 1 and stats["reward/errors"] == 0
-    assert out["elapsed"] < TIMEOUT + 2.0
-    # the injected exception stopped the looping helper thread
-    deadline = time.monotonic() + 2.0
-    while any(t.name == "vespo-reward" for t in threading.enumerate()) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not any(t.name == "vespo-reward" for t in threading.enumerate())
+    assert scores == [1.0, 0.0, 1.0] and stats["reward/errors"] == 0
 
 
 def test_runner_with_task_and_length_check() -> None:
@@ -265,30 +281,113 @@ def test_runner_with_task_and_length_check() -> None:
         def score(self, response, example):
             return math_verify_score(response, example.ground_truth)
 
-    runner = RewardRunner(Half(), timeout_s=TIMEOUT)
-    assert runner.score_batch(["\\boxed{1/2}", "\\boxed{2}"], [EX, EX])[0] == [1.0, 0.0]
-    with pytest.raises(ValueError, match="2 responses but 1 examples"):
-        runner.score_batch(["a", "b"], [EX])
+    with RewardRunner(Half(), timeout_s=5.0, workers=1) as runner:  # a local class: cloudpickled
+        assert runner.isolation == "process"
+        assert runner.score_batch(["\\boxed{1/2}", "\\boxed{2}"], [EX, EX])[0] == [1.0, 0.0]
+        with pytest.raises(ValueError, match="2 responses but 1 examples"):
+            runner.score_batch(["a", "b"], [EX])
     with pytest.raises(TypeError):
         RewardRunner(42)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="isolation must be one of"):
+        RewardRunner(_hostile, isolation="thread")
 
 
-def test_runner_restores_existing_alarm() -> None:
+def test_isolation_choice() -> None:
+    rg = build_task({"kind": "reasoning_gym", "name": "chain_sum"})
+    runner = RewardRunner(rg)
+    assert runner.isolation == "inline" and runner.pool is None  # trusted, ~10 us per call
+    ex = rg.train_examples(2, 0)
+    assert runner.score_batch([rg.demonstration(e) for e in ex], ex)[0] == [1.0, 1.0]
+    forced = RewardRunner(rg, isolation="process", workers=1)
+    assert forced.isolation == "process" and forced.score_batch([rg.demonstration(ex[0])], ex[:1])[0] == [1.0]
+    forced.close()
+    assert RewardRunner(_hostile, isolation="inline").score_batch(["7", "raise"], [GOLD] * 2)[0] == [1.0, 0.0]
+
+
+def test_reward_from_py_file_runs_in_workers(tmp_path) -> None:
+    reward_file = tmp_path / "file_reward.py"
+    reward_file.write_text(
+        "import os\n"
+        "def longer(response, example):\n"
+        "    if response == 'crash':\n"
+        "        os._exit(9)\n"
+        "    return float(len(response) > 3)\n"
+    )
+    task = build_task({"kind": "reasoning_gym", "name": "chain_sum", "reward_fn": f"{reward_file}:longer"})
+    ex = task.train_examples(1, 0)[0]
+    with RewardRunner(task, timeout_s=5.0, workers=1) as runner:
+        assert runner.isolation == "process"  # a user reward: never in the trainer process
+        scores, stats = runner.score_batch(["abcd", "crash", "ab", "abcde"], [ex] * 4)
+    assert scores == [1.0, 0.0, 0.0, 1.0] and stats["reward/errors"] == 1
+    # the task pickles as its spec, so a fresh process (a Ray actor) re-imports the file
+    child = (
+        "import pickle, sys\n"
+        "task = pickle.loads(sys.stdin.buffer.read())\n"
+        "ex = task.train_examples(1, 0)[0]\n"
+        "print(task.score('abcd', ex), task.score('ab', ex))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", child], input=pickle.dumps(task), capture_output=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert done.stdout.decode().split() == ["1.0", "0.0"]
+
+
+class _Unloadable:
+    """Pickles fine here, cannot be rebuilt in a worker."""
+
+    def __reduce__(self):
+        return (_explode, ())
+
+    def __call__(self, response, example):  # pragma: no cover - never rebuilt
+        return 1.0
+
+
+def _explode():
+    raise ImportError("needs a package only the trainer has")
+
+
+def test_worker_that_cannot_build_the_scorer_is_a_clear_error() -> None:
+    runner = RewardRunner(_Unloadable(), timeout_s=5.0, workers=1)
+    with pytest.raises(PoolStartError, match="needs a package only the trainer has"):
+        runner.score_batch(["x"], [EX])
+    runner.close()
+
+
+def test_runner_leaves_the_callers_alarm_alone() -> None:
     fired = []
     previous = signal.signal(signal.SIGALRM, lambda s, f: fired.append(s))
     try:
         signal.setitimer(signal.ITIMER_REAL, 30.0)
-        RewardRunner(_loop, timeout_s=0.1).score_batch(["x"], [EX])
+        with RewardRunner(_hostile, timeout_s=0.2, workers=1) as runner:
+            assert runner.score_batch(["loop"], [GOLD])[1]["reward/timeouts"] == 1
         remaining, _ = signal.getitimer(signal.ITIMER_REAL)
-        assert 25.0 < remaining <= 30.0
-        assert not fired
+        assert 25.0 < remaining <= 30.0 and not fired
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
 
 
-def test_call_with_timeout_statuses() -> None:
-    assert call_with_timeout(lambda: 5, (), 1.0) == ("ok", 5)
-    status, exc = call_with_timeout(lambda: 1 / 0, (), 1.0)
-    assert status == "error" and isinstance(exc, ZeroDivisionError)
-    assert call_with_timeout(lambda: 7, (), None) == ("ok", 7)
+def test_pool_closes_at_interpreter_exit() -> None:
+    script = (
+        "from vespo.tasks import RewardRunner, Example\n"
+        "r = RewardRunner(lambda resp, ex: 1.0, workers=2)\n"
+        "print(*r.pool.pids)\n"
+        "assert r.score_batch(['a'], [Example('q', '1', 'd')])[0] == [1.0]\n"
+    )  # no close(): atexit must stop the workers
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    pids = [int(p) for p in done.stdout.split()]
+    assert len(pids) == 2 and _wait_gone(pids)
+
+
+def test_process_pool_map_order_and_close() -> None:
+    pool = ProcessPool("vespo.tasks.rewards:_scorer_handler", lambda r, e: len(r) / 10, workers=2)
+    results = pool.map([("a" * k, EX) for k in range(8)], timeout_s=5.0)
+    assert [r.value for r in results] == [k / 10 for k in range(8)] and all(r.status == "ok" for r in results)
+    pids = pool.pids
+    pool.close()
+    pool.close()
+    assert _wait_gone(pids)
+    with pytest.raises(RuntimeError, match="closed"):
+        pool.map([("a", EX)])

@@ -7,17 +7,16 @@
 * :class:`VerlFileTask`: verl-style parquet/jsonl files (DAPO-Math, AIME, AMC, MATH-500) scored
   with math-verify on the last ``\\boxed{}``.
 * :func:`load_reward_function`, :class:`RewardRunner`: user reward functions and fault-tolerant,
-  time-limited batch scoring.
+  time-limited batch scoring in worker processes (:class:`ProcessPool`).
 * :func:`build_task`: a task from a config dict.
 """
 
 from vespo.tasks.base import Example, RewardFn, RewardFnTask, Task, check_disjoint
 from vespo.tasks.build import TASK_KINDS, build_task
+from vespo.tasks.procpool import CallResult, ProcessPool
 from vespo.tasks.reasoning_gym_tasks import INSTRUCT_SUFFIX, ReasoningGymTask, reasoning_gym_names
 from vespo.tasks.rewards import (
     RewardRunner,
-    RewardTimeout,
-    call_with_timeout,
     extract_answer,
     extract_last_boxed,
     load_reward_function,
@@ -51,8 +50,8 @@ __all__ = [
     "write_verl_jsonl",
     "write_verl_parquet",
     "RewardRunner",
-    "RewardTimeout",
-    "call_with_timeout",
+    "ProcessPool",
+    "CallResult",
     "load_reward_function",
     "extract_answer",
     "extract_last_boxed",

@@ -58,6 +58,9 @@ class Task(abc.ABC):
     """
 
     name: str = "task"
+    #: True if :meth:`score` is trusted, fast, pure Python and contains anything dangerous itself,
+    #: so :class:`~vespo.tasks.rewards.RewardRunner` may call it in the trainer process
+    score_in_process: bool = False
 
     @abc.abstractmethod
     def train_examples(self, n: int, seed: int = 0) -> list[Example]:
@@ -79,14 +82,33 @@ class Task(abc.ABC):
         return f"{type(self).__name__}(name={self.name!r})"
 
 
-class RewardFnTask(Task):
-    """A task whose scorer is replaced by a user reward function; everything else is delegated."""
+def _rebuild_reward_fn_task(task: Task, reward_spec: str) -> RewardFnTask:
+    from vespo.tasks.rewards import load_reward_function
 
-    def __init__(self, task: Task, reward_fn: RewardFn, reward_fn_name: str | None = None):
+    return RewardFnTask(task, load_reward_function(reward_spec), reward_spec, reward_spec=reward_spec)
+
+
+class RewardFnTask(Task):
+    """A task whose scorer is replaced by a user reward function; everything else is delegated.
+
+    With ``reward_spec`` (the ``"module:function"`` it was loaded from) the task pickles as that
+    spec, so another process (a reward worker, a Ray actor) re-imports the function, even from a
+    ``.py`` file that is not on its import path.
+    """
+
+    def __init__(
+        self, task: Task, reward_fn: RewardFn, reward_fn_name: str | None = None, *, reward_spec: str | None = None
+    ):
         self.task = task
         self.reward_fn = reward_fn
         self.reward_fn_name = reward_fn_name or getattr(reward_fn, "__qualname__", None) or type(reward_fn).__name__
+        self.reward_spec = reward_spec
         self.name = task.name
+
+    def __reduce_ex__(self, protocol):  # noqa: ANN001, ANN204
+        if self.reward_spec:
+            return (_rebuild_reward_fn_task, (self.task, self.reward_spec))
+        return super().__reduce_ex__(protocol)
 
     def train_examples(self, n: int, seed: int = 0) -> list[Example]:
         return self.task.train_examples(n, seed)

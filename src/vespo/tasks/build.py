@@ -7,7 +7,7 @@ from typing import Any
 
 from vespo.tasks.base import RewardFnTask, Task
 from vespo.tasks.reasoning_gym_tasks import ReasoningGymTask
-from vespo.tasks.rewards import load_reward_function
+from vespo.tasks.rewards import load_reward_function, normalize_reward_spec
 from vespo.tasks.verl_files import VerlFileTask
 
 _KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -56,8 +56,10 @@ def build_task(spec: dict[str, Any]) -> Task:
 
     if reward_fn is not None and reward_fn != "":
         fn: Callable[..., Any]
+        reward_spec = None
         if isinstance(reward_fn, str):
-            fn = load_reward_function(reward_fn)
+            reward_spec = normalize_reward_spec(reward_fn)
+            fn = load_reward_function(reward_spec)
             name = reward_fn
         elif callable(reward_fn):
             fn, name = reward_fn, getattr(reward_fn, "__qualname__", None) or type(reward_fn).__name__
@@ -65,5 +67,5 @@ def build_task(spec: dict[str, Any]) -> Task:
             raise ValueError(
                 f"reward_fn must be a 'module:function' string or a callable, got {type(reward_fn).__name__}"
             )
-        task = RewardFnTask(task, fn, name)
+        task = RewardFnTask(task, fn, name, reward_spec=reward_spec)
     return task

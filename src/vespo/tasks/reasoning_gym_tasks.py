@@ -98,6 +98,9 @@ class ReasoningGymTask(Task):
             and 0.0 otherwise; if True, ``score_answer``'s value (clipped to [0, 1]) is returned.
     """
 
+    #: reasoning-gym's scorers are pure Python and take ~10 us; a worker round trip costs ~130 us
+    score_in_process = True
+
     def __init__(
         self,
         name: str,

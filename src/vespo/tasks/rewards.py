@@ -8,27 +8,20 @@ A reward function has the signature ``fn(response: str, example: Example) -> flo
 It should return a value in [0, 1]; ``bool`` is accepted. Load one with
 :func:`load_reward_function` (``"package.module:function"`` or ``"path/to/file.py:function"``).
 
-Time limits
------------
-:class:`RewardRunner` calls the scorer once per response with a time limit. In the main thread it
-uses ``signal.setitimer`` (SIGALRM), which also interrupts pure-Python infinite loops and
-``time.sleep``; math-verify, which would otherwise arm its own ``signal.alarm`` and cancel ours,
-is called with its timeouts disabled while our timer is armed (see :func:`math_verify_equal`).
-Off the main thread (or without SIGALRM) the call runs in a helper thread; on timeout an
-exception is injected into it (``PyThreadState_SetAsyncExc``), which stops Python-level loops,
-and the runner moves on with a score of 0 either way.
-The timeout exception derives from BaseException, so ``except Exception`` in user code does not
-swallow it; a call that catches it anyway still scores 0 (the deadline has passed). What cannot be
-cut in-process: code that swallows every BaseException in a loop, and long C calls in the helper
-thread (the thread is abandoned, the run goes on).
-A user function that calls math-verify itself should pass ``parsing_timeout=None`` and
-``timeout_seconds=None`` (or use :func:`math_verify_equal`), otherwise math-verify's own alarm
-replaces the runner's timer in the main thread.
+Isolation and time limits
+-------------------------
+:class:`RewardRunner` runs the scorer in a pool of worker processes
+(:class:`~vespo.tasks.procpool.ProcessPool`), reused across calls. A call that exceeds
+``timeout_s`` has its worker killed (``reward/timeouts``); a worker that dies (``os._exit``,
+a segfault, the OOM killer) or a scorer that raises scores 0 (``reward/errors``); a killed or
+lost worker is replaced and the run goes on. Each call runs in the worker's main thread, so
+math-verify keeps its own ``signal.alarm`` limits. Reward modules loaded from ``.py`` files are
+re-imported in the workers by path. Built-in scorers that are pure Python, fast and trusted may
+run in the trainer process instead (``isolation="auto"``, see :class:`RewardRunner`).
 """
 
 from __future__ import annotations
 
-import ctypes
 import importlib
 import importlib.util
 import inspect
@@ -45,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from vespo.tasks.base import Example, RewardFn, Task, stable_hash
+from vespo.tasks.procpool import CRASH, ERROR, OK, TIMEOUT, CallResult, ProcessPool
 
 logger = logging.getLogger(__name__)
 
@@ -120,141 +114,20 @@ def extract_answer(text: str, multiline: bool = False) -> str | None:
         line = line[:-1].rstrip()
     return line or None
 
-
-# --------------------------------------------------------------------------- timeouts
-
-
-class RewardTimeout(BaseException):
-    """Raised inside a reward call that exceeded its time limit.
-
-    A BaseException so that ``except Exception`` blocks in user code and libraries do not
-    swallow it.
-    """
-
-
-class _TimerState(threading.local):
-    active: bool = False
-    fired: bool = False
-
-
-_TIMER = _TimerState()
-_REPEAT_S = 0.1  # after the deadline, SIGALRM repeats in case user code swallowed the first one
-
-
-def external_timer_active() -> bool:
-    """True while :func:`call_with_timeout` has a SIGALRM deadline armed in this thread."""
-    return _TIMER.active
-
-
-def _can_use_signals() -> bool:
-    return hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
-
-
-def _disarm() -> None:
-    while True:
-        try:
-            _TIMER.active = False
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            return
-        except RewardTimeout:  # a signal that slipped in before `active` was cleared
-            continue
-
-
-def _call_with_alarm(fn: Callable[..., Any], args: tuple, timeout_s: float) -> tuple[str, Any]:
-    def handler(signum, frame):  # noqa: ARG001
-        if _TIMER.active:
-            _TIMER.fired = True
-            raise RewardTimeout()
-
-    old_handler = signal.signal(signal.SIGALRM, handler)
-    start = time.monotonic()
-    old_timer = (0.0, 0.0)
-    status, value = "timeout", None
-    try:
-        try:
-            _TIMER.fired = False
-            _TIMER.active = True
-            old_timer = signal.setitimer(signal.ITIMER_REAL, timeout_s, _REPEAT_S)
-            try:
-                value = fn(*args)
-                status = "ok"
-            except (Exception, SystemExit) as exc:  # noqa: BLE001 - the run must go on
-                status, value = "error", exc
-            finally:
-                _disarm()
-        except RewardTimeout:
-            status, value = "timeout", None
-    finally:
-        signal.signal(signal.SIGALRM, old_handler)
-        if old_timer[0] > 0:  # someone else's timer was armed: give it back its remaining time
-            remaining = max(old_timer[0] - (time.monotonic() - start), 1e-3)
-            signal.setitimer(signal.ITIMER_REAL, remaining, old_timer[1])
-    if _TIMER.fired:  # the deadline passed, even if the function swallowed the exception
-        status, value = "timeout", None
-    return status, value
-
-
-def _async_raise(thread: threading.Thread, exc_type: type[BaseException]) -> None:
-    if thread.ident is None:
-        return
-    res = ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(exc_type))
-    if res > 1:  # should not happen; undo
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), None)
-
-
-def _call_in_thread(fn: Callable[..., Any], args: tuple, timeout_s: float) -> tuple[str, Any]:
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["value"] = fn(*args)
-            box["status"] = "ok"
-        except RewardTimeout:
-            box["status"] = "timeout"
-        except BaseException as exc:  # noqa: BLE001
-            box["status"], box["value"] = "error", exc
-
-    worker = threading.Thread(target=target, name="vespo-reward", daemon=True)
-    worker.start()
-    worker.join(timeout_s)
-    if worker.is_alive():
-        _async_raise(worker, RewardTimeout)
-        worker.join(0.05)
-        return "timeout", None
-    return box.get("status", "error"), box.get("value")
-
-
-def call_with_timeout(fn: Callable[..., Any], args: tuple, timeout_s: float | None) -> tuple[str, Any]:
-    """Run ``fn(*args)`` with a time limit; returns ``(status, value)``.
-
-    ``status`` is ``"ok"`` (value = the return value), ``"error"`` (value = the exception) or
-    ``"timeout"``. ``timeout_s`` None or <= 0 disables the limit. Inside an already armed
-    deadline the call runs directly (the outer deadline applies).
-    """
-    if timeout_s is None or timeout_s <= 0 or _TIMER.active:
-        try:
-            return "ok", fn(*args)
-        except (Exception, SystemExit) as exc:  # noqa: BLE001
-            return "error", exc
-    if _can_use_signals():
-        return _call_with_alarm(fn, args, timeout_s)
-    return _call_in_thread(fn, args, timeout_s)
-
-
 # --------------------------------------------------------------------------- math-verify
 
-MATH_VERIFY_TIMEOUT_S = 5  # math-verify's own limit (seconds) when no runner deadline is armed
+MATH_VERIFY_TIMEOUT_S = 5  # math-verify's own limit (seconds) where it may use signals
 _GOLD_CACHE: dict[str, list] = {}
 _GOLD_CACHE_MAX = 65536
 
 
 def _math_verify_timeouts() -> int | None:
-    """math-verify's own (signal.alarm) timeout, or None where it must not touch SIGALRM."""
-    if _TIMER.active or not _can_use_signals():
+    """math-verify's own (signal.alarm) timeout, or None off the main thread (no signals there)."""
+    if not (hasattr(signal, "alarm") and threading.current_thread() is threading.main_thread()):
         import math_verify.grader
         import math_verify.parser
 
-        # we handle time limits ourselves; silence math-verify's one-time warning about it
+        # the runner's worker timeout applies; silence math-verify's one-time warning about it
         math_verify.parser.TIMEOUT_WARNING_SHOWN = True
         math_verify.grader.TIMEOUT_WARNING_SHOWN = True
         return None
@@ -311,6 +184,37 @@ def math_verify_score(response: str, ground_truth: str) -> float:
 # --------------------------------------------------------------------------- user reward functions
 
 
+#: reward modules loaded from ``.py`` files: {module name in sys.modules: absolute path}
+_USER_MODULES: dict[str, str] = {}
+
+
+def user_module_paths() -> dict[str, str]:
+    """Reward modules loaded from files so far (worker processes re-import them by path)."""
+    return dict(_USER_MODULES)
+
+
+def preload_user_modules(modules: dict[str, str]) -> None:
+    """Import file modules under their recorded names, so pickles that refer to them load."""
+    for name, path in modules.items():
+        if name in sys.modules:
+            continue
+        file_spec = importlib.util.spec_from_file_location(name, path)
+        if file_spec is None or file_spec.loader is None:
+            raise ImportError(f"cannot load reward module {path!r}")
+        module = importlib.util.module_from_spec(file_spec)
+        sys.modules[name] = module
+        file_spec.loader.exec_module(module)
+        _USER_MODULES[name] = path
+
+
+def normalize_reward_spec(spec: str) -> str:
+    """``spec`` with a ``.py`` file part made absolute (so other processes find the same file)."""
+    module_part, sep, attr_part = spec.rpartition(":")
+    if sep and module_part.strip().endswith(".py"):
+        return f"{Path(module_part.strip()).expanduser().resolve()}:{attr_part.strip()}"
+    return spec
+
+
 def load_reward_function(spec: str) -> RewardFn:
     """Load ``fn(response: str, example: Example) -> float`` from ``"module:function"``.
 
@@ -341,6 +245,7 @@ def load_reward_function(spec: str) -> RewardFn:
         except Exception as exc:
             sys.modules.pop(mod_name, None)
             raise ValueError(f"reward function spec {spec!r}: importing {str(path)!r} failed: {exc!r}") from exc
+        _USER_MODULES[mod_name] = str(path.resolve())
     else:
         try:
             module = importlib.import_module(module_part)
@@ -372,26 +277,88 @@ def load_reward_function(spec: str) -> RewardFn:
         pass
     return obj
 
-
 # --------------------------------------------------------------------------- runner
+
+ISOLATION_MODES: tuple[str, ...] = ("auto", "process", "inline")
+DEFAULT_REWARD_WORKERS = 2
+
+
+class _BadValue:
+    """A scorer's return value that is not a number (sent back from a worker as type and repr)."""
+
+    def __init__(self, value: Any):
+        self.type_name = type(value).__name__
+        self.text = repr(value)[:60]
+
+
+def _portable(value: Any) -> Any:
+    """A return value as something small and picklable: numbers as they are, else a _BadValue."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if hasattr(value, "__float__"):  # numpy / torch scalars
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    return _BadValue(value)
+
+
+def _scorer_handler(target: Any) -> Callable[[str, Example], Any]:
+    """Worker-side factory (see :class:`~vespo.tasks.procpool.ProcessPool`): the scoring call."""
+    fn = target.score if _is_task(target) else target
+
+    def handler(response: str, example: Example) -> Any:
+        return _portable(fn(response, example))
+
+    return handler
+
+
+def _is_task(obj: Any) -> bool:
+    return isinstance(obj, Task) or (hasattr(obj, "score") and callable(obj.score))
+
+
+def _default_isolation(target: Any) -> str:
+    """``inline`` for tasks that declare their scorer safe in-process, else ``process``."""
+    return "inline" if _is_task(target) and getattr(target, "score_in_process", False) is True else "process"
 
 
 class RewardRunner:
     """Scores batches with a task's scorer or a reward function, containing failures.
 
-    A call that raises or exceeds ``timeout_s`` scores 0 and the run goes on. Returned values
-    are sanitised: bools become 0/1, NaN and +-inf become 0 (counted in ``reward/nonfinite``),
-    finite values outside [0, 1] are clipped (counted in ``reward/clipped``), anything that is
-    not a real number scores 0 and counts as an error.
+    The scorer runs in a pool of ``workers`` processes (reused across calls). A call that
+    raises, exceeds ``timeout_s`` or kills its worker scores 0 and the run goes on (the worker
+    is replaced). Returned values are sanitised: bools become 0/1, NaN and +-inf become 0
+    (counted in ``reward/nonfinite``), finite values outside [0, 1] are clipped (counted in
+    ``reward/clipped``), anything that is not a real number scores 0 and counts as an error.
 
     Args:
         task_or_fn: a :class:`Task` (its ``score`` is used) or a callable ``fn(response, example)``.
-        timeout_s: time limit per response in seconds (None or <= 0: no limit).
+        timeout_s: time limit per response in seconds (None or <= 0: no limit; process mode only).
         max_logged_errors: how many error/timeout messages to log (the rest are only counted).
+        workers: worker processes (default 2). Calls of one batch run on them concurrently.
+        isolation: ``"process"`` (workers), ``"inline"`` (in this process: no time limit, no
+            protection; for trusted code) or ``"auto"`` (default): inline for tasks whose
+            ``score_in_process`` attribute is True (built-in scorers that are pure Python, fast
+            and isolate anything dangerous themselves), workers for everything else, including
+            every user reward function.
+        start_timeout_s: how long a worker may take to start and unpickle the scorer.
+
+    Raises:
+        PoolStartError (from the first batch): the scorer cannot be rebuilt in a worker (for
+            example a reward module that imports something only the trainer has).
     """
 
-    def __init__(self, task_or_fn: Task | RewardFn, timeout_s: float | None = 5.0, max_logged_errors: int = 10):
-        if isinstance(task_or_fn, Task) or (hasattr(task_or_fn, "score") and callable(task_or_fn.score)):
+    def __init__(
+        self,
+        task_or_fn: Task | RewardFn,
+        timeout_s: float | None = 5.0,
+        max_logged_errors: int = 10,
+        *,
+        workers: int | None = None,
+        isolation: str = "auto",
+        start_timeout_s: float = 120.0,
+    ):
+        if _is_task(task_or_fn):
             self.fn: RewardFn = task_or_fn.score  # type: ignore[union-attr]
             self.name = getattr(task_or_fn, "name", type(task_or_fn).__name__)
         elif callable(task_or_fn):
@@ -399,11 +366,39 @@ class RewardRunner:
             self.name = getattr(task_or_fn, "__qualname__", None) or type(task_or_fn).__name__
         else:
             raise TypeError(f"RewardRunner needs a Task or a callable, got {type(task_or_fn).__name__}")
+        if isolation not in ISOLATION_MODES:
+            raise ValueError(f"isolation must be one of {', '.join(ISOLATION_MODES)}, got {isolation!r}")
+        self.isolation = _default_isolation(task_or_fn) if isolation == "auto" else isolation
         self.timeout_s = timeout_s
         self.max_logged_errors = max_logged_errors
         self.totals: dict[str, int] = {"calls": 0, "errors": 0, "timeouts": 0, "nonfinite": 0, "clipped": 0}
         self.recent_errors: deque[str] = deque(maxlen=20)
         self._logged = 0
+        self._lock = threading.Lock()
+        self.pool: ProcessPool | None = None
+        if self.isolation == "process":
+            self.pool = ProcessPool(
+                "vespo.tasks.rewards:_scorer_handler",
+                task_or_fn,
+                workers=max(1, int(workers or DEFAULT_REWARD_WORKERS)),
+                name=f"reward ({self.name})",
+                start_timeout_s=start_timeout_s,
+            )
+            self.pool.start()  # workers warm up while the caller builds the model
+
+    def close(self) -> None:
+        """Stop the worker processes (idempotent; also done at interpreter exit)."""
+        if self.pool is not None:
+            self.pool.close()
+
+    def __enter__(self) -> RewardRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"RewardRunner({self.name!r}, isolation={self.isolation!r}, timeout_s={self.timeout_s})"
 
     def _note(self, kind: str, message: str) -> None:
         self.recent_errors.append(f"{kind}: {message}")
@@ -412,18 +407,35 @@ class RewardRunner:
             suffix = " (further messages suppressed)" if self._logged == self.max_logged_errors else ""
             logger.warning("reward %s in %s: %s%s", kind, self.name, message, suffix)
 
-    def score_one(self, response: str, example: Example) -> tuple[float, str]:
-        """Score one response; returns ``(score, outcome)`` with outcome in
-        ``ok | error | timeout | nonfinite | clipped``."""
-        status, value = call_with_timeout(self.fn, (response, example), self.timeout_s)
-        if status == "timeout":
-            self._note("timeout", f"exceeded {self.timeout_s}s on uid={example.uid!r}")
+    def _inline(self, response: str, example: Example) -> CallResult:
+        start = time.perf_counter()
+        try:
+            value = _portable(self.fn(response, example))
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - the run must go on
+            return CallResult(ERROR, None, f"{type(exc).__name__}: {exc}", time.perf_counter() - start)
+        return CallResult(OK, value, "", time.perf_counter() - start)
+
+    def _run(self, responses: Sequence[str], examples: Sequence[Example]) -> list[CallResult]:
+        if self.pool is None:
+            return [self._inline(r, e) for r, e in zip(responses, examples, strict=True)]
+        return self.pool.map(list(zip(responses, examples, strict=True)), timeout_s=self.timeout_s)
+
+    def _outcome(self, result: CallResult, example: Example) -> tuple[float, str]:
+        if result.status == TIMEOUT:
+            self._note("timeout", f"exceeded {self.timeout_s}s on uid={example.uid!r} (worker replaced)")
             return 0.0, "timeout"
-        if status == "error":
-            self._note("error", f"{type(value).__name__}: {value} (uid={example.uid!r})")
+        if result.status == CRASH:
+            self._note("error", f"{result.message} while scoring uid={example.uid!r} (worker replaced)")
             return 0.0, "error"
+        if result.status == ERROR:
+            self._note("error", f"{result.message} (uid={example.uid!r})")
+            return 0.0, "error"
+        value = result.value
         if isinstance(value, bool):
             return float(value), "ok"
+        if isinstance(value, _BadValue):
+            self._note("error", f"returned {value.type_name} {value.text}, not a number (uid={example.uid!r})")
+            return 0.0, "error"
         try:
             score = float(value)
         except (TypeError, ValueError):
@@ -436,13 +448,20 @@ class RewardRunner:
             return min(max(score, 0.0), 1.0), "clipped"
         return score, "ok"
 
+    def score_one(self, response: str, example: Example) -> tuple[float, str]:
+        """Score one response; returns ``(score, outcome)`` with outcome in
+        ``ok | error | timeout | nonfinite | clipped``."""
+        with self._lock:
+            return self._outcome(self._run([response], [example])[0], example)
+
     def score_batch(
         self, responses: Sequence[str], examples: Sequence[Example]
     ) -> tuple[list[float], dict[str, float]]:
         """Scores in [0, 1] for ``responses[i]`` answering ``examples[i]``, and batch statistics.
 
-        Stats: ``reward/errors``, ``reward/timeouts``, ``reward/nonfinite``, ``reward/clipped``
-        (counts in this batch) and ``reward/scoring_time_s``.
+        Stats: ``reward/errors`` (raised, crashed its worker or returned a non-number),
+        ``reward/timeouts``, ``reward/nonfinite``, ``reward/clipped`` (counts in this batch) and
+        ``reward/scoring_time_s``.
         """
         if len(responses) != len(examples):
             raise ValueError(f"score_batch got {len(responses)} responses but {len(examples)} examples")
@@ -450,15 +469,17 @@ class RewardRunner:
         key = {"error": "errors", "timeout": "timeouts", "nonfinite": "nonfinite", "clipped": "clipped"}
         scores: list[float] = []
         start = time.perf_counter()
-        for response, example in zip(responses, examples, strict=True):
-            score, outcome = self.score_one(response, example)
-            scores.append(score)
-            if outcome in key:
-                counts[key[outcome]] += 1
-        elapsed = time.perf_counter() - start
-        self.totals["calls"] += len(scores)
-        for k, v in counts.items():
-            self.totals[k] += v
+        with self._lock:
+            results = self._run(responses, examples)
+            for result, example in zip(results, examples, strict=True):
+                score, outcome = self._outcome(result, example)
+                scores.append(score)
+                if outcome in key:
+                    counts[key[outcome]] += 1
+            elapsed = time.perf_counter() - start
+            self.totals["calls"] += len(scores)
+            for k, v in counts.items():
+                self.totals[k] += v
         stats = {f"reward/{k}": float(v) for k, v in counts.items()}
         stats["reward/scoring_time_s"] = elapsed
         return scores, stats
