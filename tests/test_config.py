@@ -99,3 +99,78 @@ def test_exponent_floats_are_numbers_in_overrides_and_files(tmp_path):
     path.write_text("algorithm:\n  loss: vespo\n  loss_params: {k_pos: 2, lambda_pos: 3e0}\n")
     assert load_config(path).algorithm.loss_params == {"k_pos": 2, "lambda_pos": 3.0}
     assert parse_overrides(["task.name=x1e5"])["task"]["name"] == "x1e5"
+
+
+# ------------------------------------------------------------------ reliability (issue 12)
+def test_binary_config_file_names_the_file(tmp_path):
+    """Defect 8: a binary config gave a bare 'utf-8' codec error without the file."""
+    path = tmp_path / "model.bin"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00binary")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(path) in str(info.value) and "UTF-8" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_config_path_that_is_a_directory_says_so(tmp_path):
+    """Defect 8: a directory given as config file was reported as 'does not exist'."""
+    with pytest.raises(ConfigError, match="is a directory") as info:
+        load_config(tmp_path)
+    assert "does not exist" not in str(info.value)
+
+
+def test_dotted_override_then_mapping_does_not_silently_drop_the_first():
+    """Defect 9: 'loss_params.k_pos=3' then 'loss_params={k_neg: 2}' used to drop k_pos."""
+    with pytest.raises(ConfigError, match="would erase the earlier override 'algorithm.loss_params.k_pos=3'"):
+        load_config(None, ["algorithm.loss_params.k_pos=3", "algorithm.loss_params={k_neg: 2}"])
+    with pytest.raises(ConfigError, match="would erase"):  # the same through a section mapping
+        load_config(None, ["algorithm.loss_params.k_pos=3", "algorithm={loss_params: {k_neg: 2}}"])
+
+
+def test_mapping_then_dotted_override_merges():
+    cfg = load_config(None, ["algorithm.loss_params={k_neg: 2}", "algorithm.loss_params.k_pos=3"])
+    assert cfg.algorithm.loss_params == {"k_neg": 2, "k_pos": 3}
+
+
+def test_dotted_override_keeps_the_files_other_entries(tmp_path):
+    """A dotted key sets one entry of a mapping from the file; it used to replace the whole mapping."""
+    path = tmp_path / "c.yaml"
+    path.write_text("algorithm:\n  loss_params: {k_neg: 2, lambda_neg: 3}\n")
+    assert load_config(path, ["algorithm.loss_params.k_pos=3"]).algorithm.loss_params == {
+        "k_neg": 2, "lambda_neg": 3, "k_pos": 3}
+    # a whole mapping replaces the file's mapping (documented: the mapping is the value)
+    assert load_config(path, ["algorithm.loss_params={k_pos: 3}"]).algorithm.loss_params == {"k_pos": 3}
+
+
+def test_same_key_twice_last_wins_and_section_mappings_merge():
+    cfg = load_config(None, ["optim.lr=1e-3", "optim.lr=5e-4", "optim={weight_decay: 0.0}"])
+    assert cfg.optim.lr == 5e-4 and cfg.optim.weight_decay == 0.0
+    cfg = load_config(None, ["optim.lr=1e-3", "optim={lr: 2e-3}"])  # a section mapping sets its keys one by one
+    assert cfg.optim.lr == 2e-3
+
+
+def test_dotted_key_into_a_scalar_is_refused():
+    with pytest.raises(ConfigError, match="conflicts"):
+        load_config(None, ["algorithm.loss=vespo", "algorithm.loss.k=1"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["task.overlong=truncate"], "task.overlong"),
+        (["async.worker_resources={node_b: -1}"], "async.worker_resources"),
+        (["async.worker_resources={node_b: x}"], "async.worker_resources"),
+        (["async.worker_resources={CPU: 1}"], "worker_cpus"),
+        (["run.out_dir="], "run.out_dir"),
+        (["checkpoint.verify=maybe"], "checkpoint.verify"),
+    ],
+)
+def test_new_keys_are_validated(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_new_keys_defaults():
+    cfg = load_config(None)
+    assert cfg.task.overlong == "error" and cfg.async_.worker_resources == {} and cfg.checkpoint.verify is True
+    assert load_config(None, ["async.worker_resources={node_b: 1}"]).async_.worker_resources == {"node_b": 1.0}

@@ -7,31 +7,50 @@ Layout of ``RUN_DIR/checkpoints/``::
         optimizer.safetensors + optimizer.json   optimizer tensors and param groups
         extra.safetensors   RNG states, rollout buffer, ...
         state.json          step, data position, RNG of Python, metrics state ...
+        manifest.json       size and sha256 of every other file (written last)
     latest                  text file naming the newest complete checkpoint
 
 A checkpoint is written into a temporary directory, fsynced and renamed into place; only then is
 ``latest`` replaced (also by rename). A kill at any moment leaves either the previous or the new
 checkpoint, never a partial one that ``latest`` points to.
+
+Loading verifies what it loads: every file of the manifest is present with its size and sha256,
+the tensors parse and their shapes fit the model. A damaged checkpoint (a disk error, a copy cut
+short, a hand edit) is skipped with a one-line warning on stderr and the newest intact older one
+is loaded; when none is intact the error is one line naming the damaged file. A checkpoint whose
+tensor shapes do not fit the model is not damage but another model: that is an error at once.
+Disk-full and other I/O errors while writing are raised as :class:`OSError` naming the file
+(safetensors reports them as its own exception type; they are converted).
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 CHECKPOINT_DIR = "checkpoints"
+MANIFEST = "manifest.json"
 
 
 class CheckpointError(ValueError):
     """A run directory without a usable checkpoint."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """An intact checkpoint of a model with other tensor names or shapes than the one given."""
 
 
 @dataclass
@@ -39,6 +58,8 @@ class Checkpoint:
     path: Path
     state: dict[str, Any]
     tensors: dict[str, torch.Tensor]
+    #: newer checkpoints that were damaged and skipped: (path, problem)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -97,6 +118,112 @@ def _fsync_tree(path: Path) -> None:
     _fsync_dir(path)
 
 
+def _as_oserror(exc: BaseException, path: Path) -> BaseException:
+    """safetensors reports I/O failures (disk full, ...) as its own error: make them OSError(path)."""
+    if isinstance(exc, OSError):
+        return exc
+    text = str(exc)
+    match = re.search(r"code: (\d+)", text)
+    if match:
+        code = int(match.group(1))
+        return OSError(code, os.strerror(code), str(path))
+    if "No space left" in text or "StorageFull" in text:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return exc
+
+
+def _declared_size(path: Path) -> int:
+    """The size a safetensors file must have according to its own header."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            return -1
+        n = int.from_bytes(head, "little")
+        header = json.loads(fh.read(n))
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    return 8 + n + max(ends, default=0)
+
+
+def _write_tensors(writer, obj, path: Path) -> None:
+    """Write with safetensors and check the file is complete.
+
+    safetensors (like a Python file closed by the garbage collector) can lose a failed write
+    silently, e.g. on a full disk: the written file is compared with its own header.
+    """
+    try:
+        writer(obj, str(path))
+    except Exception as exc:  # noqa: BLE001 - re-raised, as OSError when it is one
+        converted = _as_oserror(exc, path)
+        if converted is exc:
+            raise
+        raise converted from None
+    try:
+        complete = path.is_file() and _declared_size(path) == path.stat().st_size
+    except (OSError, ValueError, KeyError, TypeError):
+        complete = False
+    if not complete:
+        try:
+            full = shutil.disk_usage(path.parent).free < (1 << 20)
+        except OSError:
+            full = False
+        code = errno.ENOSPC if full else errno.EIO
+        raise OSError(code, f"{os.strerror(code)} (the file was not written completely)", str(path))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_manifest(path: Path) -> None:
+    files = {f.name: {"size": f.stat().st_size, "sha256": _sha256(f)}
+             for f in sorted(path.iterdir()) if f.is_file() and f.name != MANIFEST}
+    (path / MANIFEST).write_text(json.dumps({"version": 1, "files": files}, indent=2, sort_keys=True))
+
+
+def verify_checkpoint(path: str | Path, *, checksums: bool = True) -> str | None:
+    """None when checkpoint ``path`` is intact, else one line saying which file is damaged and how.
+
+    Checks the manifest (presence, size and, with ``checksums``, sha256 of every file), then that
+    ``state.json`` parses and every ``.safetensors`` header parses. A checkpoint written before
+    manifests existed is checked by parsing alone.
+    """
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if manifest_path.exists():
+        try:
+            files = json.loads(manifest_path.read_text())["files"]
+            assert isinstance(files, dict)
+        except Exception:  # noqa: BLE001 - any damage to the manifest
+            return f"{manifest_path}: not a valid manifest"
+        for name, entry in files.items():
+            file = path / name
+            if not file.is_file():
+                return f"{file}: missing"
+            size = file.stat().st_size
+            if size != entry.get("size"):
+                return f"{file}: {size} bytes, the manifest says {entry.get('size')}"
+            if checksums and _sha256(file) != entry.get("sha256"):
+                return f"{file}: sha256 differs from the manifest"
+    for required in ("state.json", "model.safetensors"):
+        if not (path / required).is_file():
+            return f"{path / required}: missing"
+    try:
+        json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as exc:
+        return f"{path / 'state.json'}: not valid JSON ({str(exc).splitlines()[0]})"
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as fh:
+                fh.keys()
+        except Exception as exc:  # noqa: BLE001 - SafetensorError and friends
+            return f"{file}: cannot be read ({str(exc).splitlines()[0][:120]})"
+    return None
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -113,14 +240,15 @@ def save_checkpoint(
     final = root / f"step_{step:06d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp_step_{step:06d}_"))
     try:
-        save_model(model, str(tmp / "model.safetensors"))
+        _write_tensors(lambda m, p: save_model(m, p), model, tmp / "model.safetensors")
         if optimizer is not None:
             opt_tensors, opt_meta = _optimizer_to_files(optimizer)
-            save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+            _write_tensors(lambda t, p: save_file(t, p), opt_tensors, tmp / "optimizer.safetensors")
             (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
         extra = {k: v.detach().contiguous().cpu().clone() for k, v in (tensors or {}).items()}
-        save_file(extra, str(tmp / "extra.safetensors"))
+        _write_tensors(lambda t, p: save_file(t, p), extra, tmp / "extra.safetensors")
         (tmp / "state.json").write_text(json.dumps({"step": step, **(state or {})}, indent=2, sort_keys=True))
+        _write_manifest(tmp)
         _fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)
@@ -143,16 +271,58 @@ def _prune(root: Path, keep_last: int, keep: str) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of ``run_dir``, or None when there is none."""
+def checkpoints_newest_first(run_dir: str | Path) -> list[Path]:
+    """Every complete checkpoint directory of ``run_dir`` (``step_*``, renamed into place), newest first."""
     root = Path(run_dir) / CHECKPOINT_DIR
-    pointer = root / "latest"
-    if pointer.exists():
-        candidate = root / pointer.read_text().strip()
-        if (candidate / "state.json").exists():
-            return candidate
-    done = sorted(p for p in root.glob("step_*") if (p / "state.json").exists()) if root.exists() else []
-    return done[-1] if done else None
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.glob("step_*") if p.is_dir()), key=lambda p: p.name, reverse=True)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of ``run_dir``, or None when there is none (not verified)."""
+    done = [p for p in checkpoints_newest_first(run_dir) if (p / "state.json").exists()]
+    return done[0] if done else None
+
+
+def _shape_mismatch(model: torch.nn.Module, path: Path) -> str | None:
+    """One line summarising how the tensors in ``path`` differ from ``model``'s, or None."""
+    with safe_open(str(path), framework="pt") as fh:
+        saved = {name: list(fh.get_slice(name).get_shape()) for name in fh.keys()}
+    params = dict(model.state_dict())
+    ours = {name: list(t.shape) for name, t in params.items()}
+    differ = [f"{n} {ours[n]} vs {saved[n]}" for n in ours if n in saved and ours[n] != saved[n]]
+    missing = [n for n in ours if n not in saved and not _is_tied(model, n)]
+    unexpected = [n for n in saved if n not in ours]
+    if not (differ or missing or unexpected):
+        return None
+    parts = []
+    if differ:
+        parts.append(f"{len(differ)} tensors differ in shape (this model vs the checkpoint: {', '.join(differ[:3])}"
+                     f"{', ...' if len(differ) > 3 else ''})")
+    if missing:
+        parts.append(f"{len(missing)} missing ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])}"
+                     f"{', ...' if len(unexpected) > 3 else ''})")
+    return "; ".join(parts)
+
+
+def _load_one(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> Checkpoint:
+    mismatch = _shape_mismatch(model, path / "model.safetensors")
+    if mismatch:
+        raise CheckpointMismatchError(
+            f"checkpoint {path} does not fit this model: {mismatch}; a resumed run keeps the model "
+            "settings of its config.yaml"
+        )
+    load_model(model, str(path / "model.safetensors"), strict=False)
+    if optimizer is not None:
+        opt_tensors = load_file(str(path / "optimizer.safetensors"))
+        meta = json.loads((path / "optimizer.json").read_text())
+        optimizer.load_state_dict(_optimizer_from_files(opt_tensors, meta))
+    tensors = load_file(str(path / "extra.safetensors"))
+    state = json.loads((path / "state.json").read_text())
+    return Checkpoint(path=path, state=state, tensors=tensors)
 
 
 def load_checkpoint(
@@ -160,26 +330,39 @@ def load_checkpoint(
     *,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
+    verify: bool = True,
 ) -> Checkpoint:
-    """Restore ``model`` (and ``optimizer``) in place from the newest checkpoint of ``run_dir``."""
-    path = latest_checkpoint(run_dir)
-    if path is None:
+    """Restore ``model`` (and ``optimizer``) in place from the newest intact checkpoint of ``run_dir``.
+
+    Damaged checkpoints (see :func:`verify_checkpoint`; sha256 only with ``verify``) are skipped
+    with one warning line on stderr each. Raises :class:`CheckpointError` (one line) when there is no
+    checkpoint or none is intact, and :class:`CheckpointMismatchError` when the newest intact one
+    holds another model.
+    """
+    candidates = checkpoints_newest_first(run_dir)
+    if not candidates:
         raise CheckpointError(f"{run_dir} has no checkpoint to resume from")
-    try:
-        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
-        if unexpected or [m for m in missing if not _is_tied(model, m)]:
-            raise CheckpointError(
-                f"checkpoint {path} does not match the model (missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})"
-            )
-        if optimizer is not None:
-            opt_tensors = load_file(str(path / "optimizer.safetensors"))
-            meta = json.loads((path / "optimizer.json").read_text())
-            optimizer.load_state_dict(_optimizer_from_files(opt_tensors, meta))
-        tensors = load_file(str(path / "extra.safetensors"))
-        state = json.loads((path / "state.json").read_text())
-    except (OSError, json.JSONDecodeError, RuntimeError) as exc:
-        raise CheckpointError(f"checkpoint {path} cannot be loaded: {exc}") from None
-    return Checkpoint(path=path, state=state, tensors=tensors)
+    skipped: list[tuple[Path, str]] = []
+    for path in candidates:
+        problem = verify_checkpoint(path, checksums=verify)
+        if problem is None:
+            try:
+                ckpt = _load_one(path, model, optimizer)
+            except CheckpointMismatchError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - damage the manifest did not describe
+                problem = f"{path} cannot be loaded ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
+            else:
+                for bad, why in skipped:
+                    print(f"vespo: warning: checkpoint {bad.name} is damaged ({why}); resuming from {path.name}",
+                          file=sys.stderr)
+                ckpt.skipped = skipped
+                return ckpt
+        skipped.append((path, problem))
+    first = skipped[0][1]
+    raise CheckpointError(
+        f"no intact checkpoint in {Path(run_dir) / CHECKPOINT_DIR} ({len(skipped)} damaged; newest: {first})"
+    )
 
 
 def _is_tied(model: torch.nn.Module, name: str) -> bool:

@@ -6,6 +6,7 @@ with one line that names the key; the CLI prints it and exits with code 2.
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -23,7 +24,7 @@ class _Section(BaseModel):
 
 
 class RunConfig(_Section):
-    out_dir: str = "runs/default"
+    out_dir: str = Field("runs/default", min_length=1)
     seed: int = 0
     total_steps: int = Field(160, ge=1, description="optimizer steps, the same for every N")
     threads: int | None = Field(None, ge=1, description="torch threads (default: torch's choice)")
@@ -74,6 +75,11 @@ class TaskConfig(_Section):
     )
     reward_fn: str | None = Field(None, description="module:function overriding the task's scorer")
     reward_timeout_s: float = Field(5.0, gt=0)
+    overlong: Literal["error", "skip"] = Field(
+        "error",
+        description="a prompt whose tokens + sampling.max_new_tokens exceed the model's context: "
+        "error (one line at load time, before any work) or skip (dropped, counted, one line on stderr)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "TaskConfig":
@@ -100,6 +106,8 @@ class SamplingConfig(_Section):
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     sampler_dtype: Literal["float32", "bfloat16"] = "float32"
+    engine: Literal["hf", "vllm"] = Field("hf", description="sampler engine: the project's own HF sampler or vLLM")
+    engine_options: dict[str, Any] = Field(default_factory=dict, description="options passed to the engine")
 
 
 class AlgorithmConfig(_Section):
@@ -156,6 +164,9 @@ class EvalConfig(_Section):
 class CheckpointConfig(_Section):
     every: int = Field(20, ge=1)
     keep_last: int = Field(2, ge=1)
+    verify: bool = Field(
+        True, description="check sizes and sha256 of a checkpoint's files (manifest.json) before loading it"
+    )
 
 
 class LoggingConfig(_Section):
@@ -176,6 +187,22 @@ class AsyncConfig(_Section):
     worker_threads: int = Field(1, ge=1, description="torch threads per rollout worker")
     worker_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved per rollout worker")
     measure_mismatch: bool = Field(True, description="trainer-precision log-probs of sampled tokens (metrics)")
+    worker_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Ray custom resources each rollout worker requires, e.g. {node_b: 1} to place the "
+        "workers on the nodes started with --resources='{\"node_b\": N}' (Ray actor option 'resources')",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "AsyncConfig":
+        for name, amount in self.worker_resources.items():
+            if name in ("CPU", "GPU", "memory", "object_store_memory"):
+                raise ValueError(
+                    f"async.worker_resources: '{name}' is not a custom resource (CPUs per worker: async.worker_cpus)"
+                )
+            if not name or not amount > 0 or amount != amount or amount == float("inf"):
+                raise ValueError(f"async.worker_resources: '{name}' needs a finite amount > 0 (got {amount!r})")
+        return self
 
 
 class TrainConfig(_Section):
@@ -235,49 +262,118 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["a.b=1", "c=x"]`` -> nested dict; values parsed as YAML scalars or lists."""
-    tree: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key=value")
-        key, raw = item.split("=", 1)
-        key = key.strip()
-        if not key or any(not part for part in key.split(".")):
-            raise ConfigError(f"override '{item}' has an empty key")
-        try:
-            value = load_yaml(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
-        node = tree
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override '{item}' conflicts with an earlier override")
-        node[parts[-1]] = value
-    return tree
+def _split_override(item: str) -> tuple[tuple[str, ...], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{item}' has an empty key")
+    try:
+        value = load_yaml(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return tuple(key.split(".")), value
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("params", "loss_params"):
-            out[key] = _merge(out[key], value)
+def _is_section(parts: tuple[str, ...]) -> bool:
+    """True when ``parts`` names a config section (a pydantic model), e.g. ``("algorithm",)``."""
+    model: type[BaseModel] = TrainConfig
+    for part in parts:
+        fields = {}
+        for name, field in model.model_fields.items():
+            fields[name] = field
+            if field.alias:
+                fields[field.alias] = field
+        annotation = fields[part].annotation if part in fields else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return False
+        model = annotation
+    return True
+
+
+def _assignments(items: list[str]) -> list[tuple[tuple[str, ...], Any, str]]:
+    """Every override as (path, value, text); a mapping on a section becomes one assignment per key."""
+    out: list[tuple[tuple[str, ...], Any, str]] = []
+
+    def expand(parts: tuple[str, ...], value: Any, item: str) -> None:
+        if isinstance(value, dict) and _is_section(parts):
+            for k, v in value.items():
+                expand((*parts, str(k)), v, item)
         else:
-            out[key] = value
+            out.append((parts, value, item))
+
+    for item in items:
+        parts, value = _split_override(item)
+        expand(parts, value, item)
     return out
 
 
+def apply_overrides(data: dict[str, Any], items: list[str]) -> dict[str, Any]:
+    """``data`` (a config file's mapping) with the ``key=value`` overrides applied, left to right.
+
+    The rule (docs/training.md, "Overrides"):
+
+    * a dotted key sets exactly that entry; the entries around it (from the file, the defaults or
+      earlier overrides) stay, also inside mappings such as ``algorithm.loss_params``;
+    * the same key given twice: the last one wins (a sweep cell's value beats a common override);
+    * a mapping on a *section* (``optim={lr: 1e-3}``) is the same as one dotted key per entry;
+    * a mapping on a mapping-valued setting (``algorithm.loss_params={k_neg: 2}``) replaces the
+      file's mapping, but an override may not erase what an earlier override set inside it
+      (``algorithm.loss_params.k_pos=3`` then ``algorithm.loss_params={k_neg: 2}`` is refused:
+      give the mapping first, or put both entries in it);
+    * a dotted key into a value that is not a mapping (``algorithm.loss.x=1``) is refused.
+    """
+    out = copy.deepcopy(data)
+    given: dict[tuple[str, ...], str] = {}  # path -> the override that set it
+    for parts, value, item in _assignments(items):
+        for path, earlier in given.items():
+            if len(path) > len(parts) and path[: len(parts)] == parts and earlier != item:
+                key = ".".join(parts)
+                raise ConfigError(
+                    f"override '{item}' would erase the earlier override '{earlier}' (a mapping replaces all "
+                    f"of {key}); give the mapping first, or put both entries in one mapping"
+                )
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                where = ".".join(parts[: i + 1])
+                raise ConfigError(f"override '{item}' conflicts with {where}={child!r}, which is not a mapping")
+            node = child
+        node[parts[-1]] = copy.deepcopy(value)
+        given = {p: t for p, t in given.items() if p[: len(parts)] != parts}
+        given[parts] = item
+    return out
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=x"]`` -> nested dict; values parsed as YAML scalars, lists or mappings."""
+    return apply_overrides({}, items)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Defaults, then the YAML file at ``path``, then ``overrides``; validated."""
+    """Defaults, then the YAML file at ``path``, then ``overrides`` (:func:`apply_overrides`); validated."""
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"config file {p} is a directory, not a YAML file")
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist")
         try:
-            loaded = load_yaml(p.read_text())
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"config file {p} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+                "is it a YAML file?"
+            ) from None
+        except OSError as exc:
+            raise ConfigError(f"config file {p} cannot be read: {exc.strerror or exc}") from None
+        try:
+            loaded = load_yaml(text)
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
         if loaded is None:
@@ -285,7 +381,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(loaded).__name__}")
         data = loaded
-    data = _merge(data, parse_overrides(overrides or []))
+    data = apply_overrides(data, overrides or [])
     return config_from_dict(data)
 
 
