@@ -125,3 +125,38 @@ def weight_diagnostics(
             for level in _QUANTILES:
                 out[f"is/log_w_{sign}_p{int(level * 100)}"] = _quantile(sorted_by_sign[j * n : j * n + count], level)
     return {k: float(v) for k, v in out.items()}
+
+
+_LENGTH_BUCKETS = 4
+
+
+@torch.no_grad()
+def length_bucket_quantiles(
+    seq_log_w: torch.Tensor, lengths: torch.Tensor, valid: torch.Tensor, buckets: int = _LENGTH_BUCKETS
+) -> dict[str, float]:
+    """log W quantiles by response-length bucket: ``is/log_w_len{j}_p{10,50,90}`` and
+    ``is/len{j}_mean`` for j = 1..``buckets`` (equal-count buckets of the valid sequences sorted by
+    length; bucket 1 is the shortest). Every key is always present: a bucket with no sequence (fewer
+    valid sequences than buckets) repeats the nearest shorter one; an empty batch gives 0."""
+    log_w = seq_log_w.detach().double()[valid]
+    lens = lengths.detach().double()[valid]
+    out: dict[str, float] = {}
+    if log_w.numel() == 0:
+        for j in range(1, buckets + 1):
+            out.update({f"is/log_w_len{j}_p{int(q * 100)}": 0.0 for q in _QUANTILES})
+            out[f"is/len{j}_mean"] = 0.0
+        return out
+    order = torch.argsort(lens, stable=True)
+    chunks = [c for c in torch.tensor_split(order, buckets)]
+    levels = torch.tensor(_QUANTILES, dtype=torch.float64, device=log_w.device)
+    rows = []
+    last = chunks[0] if chunks[0].numel() else order
+    for c in chunks:
+        last = c if c.numel() else last
+        rows.append(torch.cat([torch.quantile(log_w[last], levels), lens[last].mean().reshape(1)]))
+    values = torch.stack(rows).tolist()
+    for j, row in enumerate(values, start=1):
+        for q, x in zip(_QUANTILES, row[:-1]):
+            out[f"is/log_w_len{j}_p{int(q * 100)}"] = x
+        out[f"is/len{j}_mean"] = row[-1]
+    return out

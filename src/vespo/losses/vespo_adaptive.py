@@ -1,0 +1,410 @@
+"""Adaptive VESPO: the paper's kernel on a tempered sequence weight W^alpha (docs/adaptive.md).
+
+VESPO's weight phi(W) = W^c1 exp(c2 (1 - W)) (shifted Eq. 17) passes weight only for log W in a
+narrow window, while log W = sum_t log rho_t (Eq. 5) grows with response length and staleness. The
+adaptive member tempers the weight by one exponent per batch and advantage sign, as adaptive
+tempering in sequential Monte Carlo does:
+
+    phi_alpha(W) = phi(W^alpha) = W^(alpha c1) exp(c2 (1 - W^alpha)),   alpha in [alpha_min, 1]
+
+W^alpha = (pi/mu)^alpha is the importance weight towards the geometric bridge pi^alpha mu^(1-alpha)
+(the mu-to-pi interpolation that the tilt objective Eq. 11 describes). alpha is the largest value
+for which the normalised ESS of phi_alpha over the batch's sequences of that sign reaches ``tau``
+(and, optionally, their mean weight reaches ``mass_target``): alpha = 1, i.e. exactly ``vespo``,
+whenever the batch already satisfies the target, in particular on-policy (log W = 0).
+
+The statistics alpha depends on are sums over sequences (counts, sum phi_alpha, sum phi_alpha^2 on
+a fixed grid of alpha), so they add up exactly over micro-batches and data-parallel ranks:
+
+    stats = vespo_adaptive_batch_stats(seq_log_w, seq_adv, valid)       # per micro-batch / rank
+    stats = merge_adaptive_stats([...])  or  dist.all_reduce(stats.sums)  # whole mini-batch
+    compute_policy_loss("vespo_adaptive", ..., batch_stats=stats)       # every micro-batch
+
+Without ``batch_stats`` the call's own batch is the statistics' batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from vespo.losses.diagnostics import length_bucket_quantiles
+from vespo.losses.numerics import LOG_RATIO_CLAMP
+from vespo.losses.registry import Param, get_loss_spec, register_policy_loss
+from vespo.losses.types import KernelOutput, LossBatch
+from vespo.losses.vespo import vespo_log_phi
+
+_C1_NOTE = "the variance bound of Prop. 3.1 needs c1 >= 1"
+#: parameters that change the sums (a stats object built with other values is rejected)
+_STATS_KEYS = ("k_pos", "lambda_pos", "k_neg", "lambda_neg", "alpha_min", "grid", "is_mode")
+
+
+@dataclass(frozen=True)
+class AdaptiveStats:
+    """Additive batch statistics of ``vespo_adaptive`` (exact under any split of the batch).
+
+    Attributes:
+        sums: [n_groups, 2, 1 + 4 G] float64. Row 0 is A >= 0, row 1 is A < 0; column 0 counts the
+            valid sequences, then four blocks of G columns hold sum_b phi(W_b^alpha_g),
+            sum_b phi(W_b^alpha_g)^2, sum_b W_b^alpha_g and sum_b W_b^(2 alpha_g), for the grid
+            alpha_g = alpha_min^((g-1)/(G-1)) (alpha_1 = 1).
+            Adding ``sums`` of disjoint parts gives the ``sums`` of their union.
+        key: the kernel parameters the sums were computed with (checked by the loss).
+        groups: [B] long, the group of each row of the loss call, or ``None`` (one group). Groups
+            let one call hold several independent batches (the simulator's seeds).
+    """
+
+    sums: torch.Tensor
+    key: tuple
+    groups: torch.Tensor | None = None
+
+    def with_groups(self, groups: torch.Tensor | None) -> AdaptiveStats:
+        return AdaptiveStats(self.sums, self.key, groups)
+
+
+def alpha_grid(alpha_min: float, grid: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """[G] log-spaced grid from 1 down to ``alpha_min`` (1 exactly first)."""
+    g = torch.linspace(0.0, 1.0, int(grid), dtype=torch.float64)
+    out = torch.exp(g * math.log(alpha_min))
+    out[0] = 1.0
+    return out.to(dtype)
+
+
+def _key(params: dict) -> tuple:
+    return tuple((k, params[k]) for k in _STATS_KEYS)
+
+
+def adaptive_seq_log_w(batch: LossBatch, is_mode: str = "joint") -> torch.Tensor:
+    """[B] log W the adaptive kernel tempers: log(pi_theta/pi_old) (+ log(pi_old/mu) in 'joint'
+    mode), clamped to +-20, detached. Identical to what ``vespo`` feeds its kernel."""
+    seq_log_w = batch.seq_log_ratio
+    if batch.rollout_seq_log_w is not None and is_mode == "joint":
+        seq_log_w = seq_log_w + batch.rollout_seq_log_w
+    return seq_log_w.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).detach()
+
+
+def _coefficients(seq_adv: torch.Tensor, like: torch.Tensor, p: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    positive = seq_adv >= 0  # A = 0 takes the positive branch, as in vespo
+    c1 = torch.full_like(like, p["k_neg"]).masked_fill_(positive, p["k_pos"])
+    c2 = torch.full_like(like, p["lambda_neg"]).masked_fill_(positive, p["lambda_pos"])
+    return c1, c2
+
+
+def vespo_adaptive_batch_stats(
+    seq_log_w: torch.Tensor,
+    seq_advantages: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    *,
+    groups: torch.Tensor | None = None,
+    n_groups: int | None = None,
+    **params: object,
+) -> AdaptiveStats:
+    """Sufficient statistics of the adaptation from per-sequence log W and advantages.
+
+    Args:
+        seq_log_w: [B] log W per sequence as the loss computes it (:func:`adaptive_seq_log_w`, or
+            :func:`vespo_adaptive_seq_inputs` from raw tensors). Non-finite values count as 0.
+        seq_advantages: [B] advantage of each sequence (its sign picks the branch).
+        valid: [B] bool, sequences that count (default: all).
+        groups, n_groups: optional [B] group index in [0, n_groups) for several independent batches.
+        **params: ``vespo_adaptive`` parameters (defaults otherwise); only the kernel and grid ones
+            matter here, the targets are applied when the loss resolves alpha.
+
+    Cost: O(B * G) elementwise work on [B] vectors, no [B, T] pass.
+    """
+    p = get_loss_spec("vespo_adaptive").resolve({k: v for k, v in params.items() if k != "batch_stats"})
+    with torch.no_grad():
+        log_w = torch.nan_to_num(seq_log_w.detach().double(), nan=0.0, posinf=0.0, neginf=0.0)
+        log_w = log_w.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        adv = torch.nan_to_num(seq_advantages.detach().double().reshape(-1), nan=0.0)
+        b = log_w.numel()
+        ok = torch.ones(b, dtype=torch.bool, device=log_w.device) if valid is None else valid.reshape(-1).bool()
+        alphas = alpha_grid(p["alpha_min"], p["grid"]).to(log_w.device)  # [G]
+        c1, c2 = _coefficients(adv, log_w, p)
+        log_phi = vespo_log_phi(alphas[:, None] * log_w[None, :], c1[None, :], c2[None, :])  # [G, B]
+        phi = torch.exp(log_phi) * ok[None, :]
+        w_a = torch.exp(alphas[:, None] * log_w[None, :]) * ok[None, :]  # W^alpha <= e^20: no overflow
+        cols = torch.cat([ok.double()[None, :], phi, phi * phi, w_a, w_a * w_a], 0)  # [1 + 4G, B]
+        sign = (adv < 0).long()  # 0: A >= 0, 1: A < 0
+        if groups is None:
+            n = 1
+            slot = sign
+        else:
+            groups = groups.reshape(-1).long().to(log_w.device)
+            n = int(n_groups) if n_groups is not None else (int(groups.max()) + 1 if b else 1)
+            slot = groups * 2 + sign
+        sums = torch.zeros(n * 2, cols.shape[0], dtype=torch.float64, device=log_w.device)
+        sums.index_add_(0, slot, cols.T)
+    return AdaptiveStats(sums=sums.reshape(n, 2, -1), key=_key(p), groups=groups)
+
+
+def merge_adaptive_stats(parts: Sequence[AdaptiveStats]) -> AdaptiveStats:
+    """Statistics of the union of disjoint parts (micro-batches, gradient-accumulation steps)."""
+    if not parts:
+        raise ValueError("merge_adaptive_stats needs at least one part")
+    key = parts[0].key
+    if any(p.key != key for p in parts):
+        raise ValueError("cannot merge vespo_adaptive statistics computed with different parameters")
+    return AdaptiveStats(sums=sum(p.sums for p in parts[1:]) + parts[0].sums, key=key, groups=parts[0].groups)
+
+
+def vespo_adaptive_seq_inputs(
+    *,
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    rollout_is_weights: torch.Tensor | None = None,
+    is_mode: str = "joint",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(seq_log_w [B], seq_advantages [B], valid [B]) from the loss's own inputs, computed exactly
+    as the loss computes them (a trainer's no-grad pre-pass calls this per micro-batch)."""
+    from vespo.losses.core import build_loss_batch  # core imports the registry that imports us
+
+    with torch.no_grad():
+        batch = build_loss_batch(
+            log_prob=log_prob.detach(),
+            old_log_prob=old_log_prob,
+            advantages=advantages,
+            response_mask=response_mask,
+            rollout_is_weights=rollout_is_weights,
+        )
+        return adaptive_seq_log_w(batch, is_mode), batch.seq_advantages, batch.lengths > 0
+
+
+def resolve_alpha(
+    stats: AdaptiveStats,
+    *,
+    alpha_min: float,
+    grid: int,
+    tau: float,
+    mass_target: float,
+    per_sign: bool,
+    criterion: str = "phi",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(alpha [n_groups, 2], ESS at alpha = 1 [n_groups, 2], saturated [n_groups, 2] bool).
+
+    ESS is the normalised ESS of phi(W^alpha) (``criterion='phi'``) or of W^alpha itself
+    (``'w'``, the classic SMC tempering criterion, blind to the kernel).
+    q(alpha) = min(ESS(alpha) - tau, mean phi(alpha) - mass_target) on the grid, scanned from
+    alpha = 1 down; alpha is the first grid point with q >= 0, moved up towards the previous one by
+    linear interpolation of q (so alpha solves q = 0 to second order in the grid step). alpha = 1
+    when q(1) >= 0, alpha_min when no grid point qualifies. ``per_sign=False`` pools both signs.
+    """
+    s = stats.sums  # [n, 2, 1 + 2G]
+    g = int(grid)
+    if s.shape[-1] != 1 + 4 * g:
+        raise ValueError(f"batch_stats has {s.shape[-1]} columns, expected {1 + 4 * g} for grid={g}")
+    if not per_sign:
+        s = s.sum(1, keepdim=True)
+    count = s[..., :1]
+    p1, p2, w1, w2 = (s[..., 1 + i * g : 1 + (i + 1) * g] for i in range(4))
+    e1, e2 = (p1, p2) if criterion == "phi" else (w1, w2)
+    ess = torch.where(e2 > 0, e1 * e1 / (count * e2).clamp_min(1e-300), torch.zeros_like(e1))
+    mass = p1 / count.clamp_min(1.0)
+    q = torch.minimum(ess - tau, mass - mass_target)  # [n, k, G]
+    q = torch.where(count > 0, q, torch.ones_like(q))  # no sequence of this sign: nothing to adapt
+    alphas = alpha_grid(alpha_min, g).to(s.device)
+    ok = q >= 0
+    first = torch.where(ok.any(-1), ok.double().argmax(-1), torch.full_like(ok[..., 0], g - 1, dtype=torch.long))
+    q_at = q.gather(-1, first[..., None]).squeeze(-1)
+    prev = (first - 1).clamp_min(0)
+    q_prev = q.gather(-1, prev[..., None]).squeeze(-1)
+    a_at, a_prev = alphas[first], alphas[prev]
+    frac = torch.where((first > 0) & (q_at >= 0) & (q_prev < 0), q_at / (q_at - q_prev), torch.zeros_like(q_at))
+    alpha = torch.where(first > 0, a_at + frac.clamp(0.0, 1.0) * (a_prev - a_at), torch.ones_like(a_at))
+    saturated = (first == g - 1) & (q_at < 0)
+    ess1 = ess[..., 0]
+    if not per_sign:
+        alpha, ess1, saturated = (x.expand(-1, 2) for x in (alpha, ess1, saturated))
+    return alpha, ess1, saturated
+
+
+def _signed_ess(phi: torch.Tensor, positive: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[2] normalised ESS of ``phi`` over valid sequences with A >= 0 and with A < 0 (1 if none)."""
+    out = []
+    for sel in (positive & valid, ~positive & valid):
+        x = phi[sel].double()
+        s2 = (x * x).sum()
+        out.append(torch.where(s2 > 0, x.sum() ** 2 / (x.numel() * s2).clamp_min(1e-300), (x.numel() == 0) * 1.0))
+    return torch.stack(out)
+
+
+@register_policy_loss(
+    "vespo_adaptive",
+    level="sequence",
+    summary="VESPO kernel on the tempered weight W^alpha, alpha per batch and sign so that ESS(phi) >= tau",
+    reference="docs/adaptive.md; reduces to vespo (Eq. 17/20) when alpha = 1",
+    params={
+        "k_pos": Param(2.0, "c1 for A >= 0", low=1.0, note=_C1_NOTE),
+        "lambda_pos": Param(3.0, "c2 for A >= 0", low=0.0, low_open=True),
+        "k_neg": Param(3.0, "c1 for A < 0", low=1.0, note=_C1_NOTE),
+        "lambda_neg": Param(2.0, "c2 for A < 0", low=0.0, low_open=True),
+        "tau": Param(
+            0.9, "target normalised ESS of phi; alpha = 1 when it is already met", low=0.0, high=1.0, high_open=True
+        ),
+        "mass_target": Param(0.0, "also require mean phi >= this (0: off)", low=0.0, high=1.0, high_open=True),
+        "alpha_min": Param(0.02, "smallest tempering exponent", low=0.0, high=1.0, low_open=True),
+        "grid": Param(64, "grid points of alpha in [alpha_min, 1] (log-spaced)", low=2, high=1024),
+        "per_sign": Param(
+            False,
+            "separate alpha for A >= 0 and A < 0 (default: one alpha per batch, "
+            "one geometric bridge for every sequence)",
+        ),
+        "criterion": Param(
+            "phi", "ESS of phi(W^alpha) ('phi') or of W^alpha ('w', SMC tempering)", choices=("phi", "w")
+        ),
+        "adapt": Param(
+            "temper",
+            "'temper': phi(W^alpha); 'kernel': phi(W; c1', c2') with "
+            "c1' = max(1, alpha c1), c2' = c2 c1'/c1 (keeps the mode; ablation)",
+            choices=("temper", "kernel"),
+        ),
+        "saturate_scale": Param(
+            False, "when alpha hits alpha_min with ESS < tau, scale phi by sqrt(ESS/tau) (ablation)"
+        ),
+        "is_mode": Param(
+            "joint", "rollout IS weights: 'joint' folds log(pi_old/mu) into log W (as vespo)", choices=("joint",)
+        ),
+        "batch_stats": Param(
+            None,
+            "precomputed AdaptiveStats of the whole mini-batch (vespo_adaptive_batch_stats); None: this call's batch",
+        ),
+    },
+)
+def vespo_adaptive_loss(
+    batch: LossBatch,
+    *,
+    k_pos: float,
+    lambda_pos: float,
+    k_neg: float,
+    lambda_neg: float,
+    tau: float,
+    mass_target: float,
+    alpha_min: float,
+    grid: float,
+    per_sign: bool,
+    criterion: str,
+    adapt: str,
+    saturate_scale: bool,
+    is_mode: str,
+    batch_stats: AdaptiveStats | None,
+) -> KernelOutput:
+    """Adaptive VESPO: -phi(W^alpha) * A * log pi, alpha from the (mini-)batch statistics."""
+    p = dict(
+        k_pos=k_pos,
+        lambda_pos=lambda_pos,
+        k_neg=k_neg,
+        lambda_neg=lambda_neg,
+        alpha_min=alpha_min,
+        grid=grid,
+        is_mode=is_mode,
+    )
+    grid = int(grid)
+    seq_log_w = adaptive_seq_log_w(batch, is_mode)  # [B], the log W vespo uses (Eq. 5)
+    valid = batch.lengths > 0
+    seq_adv = batch.seq_advantages
+    if batch_stats is None:
+        stats = vespo_adaptive_batch_stats(seq_log_w, seq_adv, valid, **p)
+    else:
+        if not isinstance(batch_stats, AdaptiveStats):
+            raise ValueError(f"batch_stats must be an AdaptiveStats, got {type(batch_stats).__name__}")
+        if batch_stats.key != _key(p):
+            raise ValueError(
+                f"batch_stats were computed with other vespo_adaptive parameters: {dict(batch_stats.key)} vs {p}"
+            )
+        stats = batch_stats
+    alpha_g, _, sat_g = resolve_alpha(
+        stats, alpha_min=alpha_min, grid=grid, tau=tau, mass_target=mass_target, per_sign=per_sign, criterion=criterion
+    )  # [n, 2]
+    positive = seq_adv >= 0
+    sign = (~positive).long()
+    if stats.groups is None:
+        alpha = alpha_g[0][sign]
+        saturated = sat_g[0][sign]
+    else:
+        if stats.groups.numel() != seq_log_w.numel():
+            raise ValueError(f"batch_stats.groups has {stats.groups.numel()} rows, the batch {seq_log_w.numel()}")
+        grp = stats.groups.to(seq_log_w.device)
+        alpha, saturated = alpha_g[grp, sign], sat_g[grp, sign]
+    alpha = alpha.to(seq_log_w.dtype)
+
+    c1, c2 = _coefficients(seq_adv, seq_log_w, p)
+    if adapt == "temper":
+        log_phi = vespo_log_phi(alpha * seq_log_w, c1, c2)  # phi(W^alpha); alpha = 1: vespo exactly
+        mode = (c1 / c2) ** (1.0 / alpha)  # argmax_W phi(W^alpha) = (c1/c2)^(1/alpha)
+    else:
+        c1a = torch.maximum(alpha * c1, torch.ones_like(c1)).where(alpha < 1, c1)
+        c2a = (c2 * c1a / c1).where(alpha < 1, c2)
+        log_phi = vespo_log_phi(seq_log_w, c1a, c2a)
+        mode = c1a / c2a
+    phi = torch.exp(log_phi).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).detach()
+    phi_before = torch.exp(vespo_log_phi(seq_log_w, c1, c2)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    ess_before = _signed_ess(phi_before, positive, valid)
+    ess_after = _signed_ess(phi, positive, valid)
+    if saturate_scale:
+        ess_sign = ess_after[sign].to(phi.dtype)
+        phi = torch.where(saturated, phi * (ess_sign / tau).clamp(max=1.0).sqrt(), phi)
+
+    # Eq. 20 with phi(W^alpha): loss = -phi * A * log pi per sequence (or per token for [B, T] A)
+    if batch.advantages.dim() == 2:
+        coeff = -(phi.unsqueeze(-1) * batch.token_advantages)
+    else:
+        coeff = -(phi * seq_adv)
+
+    # diagnostics: one host transfer
+    v = valid
+    pos_v, neg_v = positive & v, ~positive & v
+    nan = torch.full((), math.nan, dtype=torch.float64, device=phi.device)
+
+    def mean_of(x: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+        return torch.where(sel.any(), (x.double() * sel).sum() / sel.sum().clamp_min(1), nan)
+
+    vals = torch.stack(
+        [
+            mean_of(alpha, pos_v),
+            mean_of(alpha, neg_v),
+            ess_before[0],
+            ess_before[1],
+            ess_after[0],
+            ess_after[1],
+            mean_of(phi, pos_v),
+            mean_of(phi, neg_v),
+            mean_of((phi_before < 0.01).double(), v),
+            mean_of(saturated.double(), v),
+        ]
+    ).tolist()
+    names = (
+        "vespo_adaptive/alpha_pos",
+        "vespo_adaptive/alpha_neg",
+        "phi/ess_pos_before",
+        "phi/ess_neg_before",
+        "phi/ess_pos_after",
+        "phi/ess_neg_after",
+        "phi/mass_pos",
+        "phi/mass_neg",
+        "phi/frac_below_0.01_before",
+        "vespo_adaptive/saturated",
+    )
+    # a sign absent from the batch has nothing adapted: report alpha = 1 and its mass as 0 so that
+    # every call returns the same keys with finite values (frameworks average them)
+    defaults = {
+        "vespo_adaptive/alpha_pos": 1.0,
+        "vespo_adaptive/alpha_neg": 1.0,
+        "phi/mass_pos": 0.0,
+        "phi/mass_neg": 0.0,
+    }
+    metrics = {k: (defaults.get(k, 0.0) if x != x else x) for k, x in zip(names, vals)}
+    metrics.update(length_bucket_quantiles(seq_log_w, batch.lengths, valid))
+    return KernelOutput(
+        loss_mat=None,
+        logp_coeff=coeff,
+        seq_log_w=seq_log_w,
+        seq_weight=phi,
+        uses_rollout_is=batch.rollout_seq_log_w is not None,
+        kernel_mode=mode.clamp(max=math.exp(LOG_RATIO_CLAMP)),
+        metrics=metrics,
+    )
