@@ -34,6 +34,7 @@ OUR_NAMES = (
     "vespo_topr",
     "vespo_seq_clip",
     "vespo_reinforce",
+    "vespo_vespo_adaptive",
 )
 
 
@@ -258,3 +259,109 @@ def test_verl_external_modules_env_registers_in_a_fresh_process():
     )
     env = {**os.environ, "VERL_USE_EXTERNAL_MODULES": "vespo.integrations.verl"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+# ---------------------------------------------------------------------------------------------
+# vespo_adaptive: batch statistics all-reduced across data-parallel ranks (2-process gloo, CPU)
+# ---------------------------------------------------------------------------------------------
+
+DP_WORKER = r"""
+import json, os, sys
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def batch():
+    g = torch.Generator().manual_seed(0)
+    b, t = 16, 24
+    lengths = torch.randint(4, t + 1, (b,), generator=g)
+    mask = torch.arange(t)[None, :] < lengths[:, None]
+    old = -torch.rand(b, t, generator=g, dtype=torch.float64) * 3
+    lp = old + 0.45 * torch.randn(b, t, generator=g, dtype=torch.float64)
+    adv = torch.randn(b, generator=g, dtype=torch.float64)[:, None] * mask
+    return old, lp, adv, mask
+
+
+def worker(rank, port, out_dir):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    from verl.trainer.ppo import core_algos
+    import vespo.integrations.verl  # noqa: F401  (registers the losses)
+    from vespo.losses import (compute_policy_loss, merge_adaptive_stats, vespo_adaptive_batch_stats,
+                              vespo_adaptive_seq_inputs)
+
+    old, lp, adv, mask = batch()
+    sl = slice(8 * rank, 8 * rank + 8)  # this rank's half
+    fn = core_algos.get_policy_loss_fn("vespo_vespo_adaptive")
+    x = lp[sl].clone().requires_grad_()
+    loss, metrics = fn(old[sl], x, adv[sl], mask[sl], "token-mean", None, None)
+    loss.backward()
+
+    # reference, no communication: the statistics of the whole 16-sequence batch
+    stats = vespo_adaptive_batch_stats(*vespo_adaptive_seq_inputs(
+        log_prob=lp, old_log_prob=old, advantages=adv, response_mask=mask))
+    y = lp[sl].clone().requires_grad_()
+    ref = compute_policy_loss("vespo_adaptive", log_prob=y, old_log_prob=old[sl], advantages=adv[sl],
+                              response_mask=mask[sl], batch_stats=stats)
+    ref.loss.backward()
+    full = compute_policy_loss("vespo_adaptive", log_prob=lp, old_log_prob=old, advantages=adv, response_mask=mask)
+    local = compute_policy_loss("vespo_adaptive", log_prob=lp[sl], old_log_prob=old[sl], advantages=adv[sl],
+                                response_mask=mask[sl])
+    json.dump({
+        "loss": loss.item(), "ref_loss": ref.loss.item(), "local_loss": local.loss.item(),
+        "grad_err": (x.grad - y.grad).abs().max().item(), "grad_norm": y.grad.abs().sum().item(),
+        "alpha_neg": metrics["actor/vespo/vespo_adaptive_alpha_neg"],
+        "alpha_pos": metrics["actor/vespo/vespo_adaptive_alpha_pos"],
+        "full_alpha_neg": full.metrics["vespo_adaptive/alpha_neg"],
+        "full_alpha_pos": full.metrics["vespo_adaptive/alpha_pos"],
+        "local_alpha_neg": local.metrics["vespo_adaptive/alpha_neg"],
+    }, open(os.path.join(out_dir, f"rank{rank}.json"), "w"))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    mp.spawn(worker, args=(int(sys.argv[1]), sys.argv[2]), nprocs=2, join=True)
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_vespo_adaptive_all_reduces_statistics_across_two_gloo_ranks(tmp_path):
+    import json
+
+    script = tmp_path / "dp_worker.py"
+    script.write_text(DP_WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop(vverl.ADAPTIVE_STATS_ENV, None)
+    proc = subprocess.run([sys.executable, str(script), str(_free_port()), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for r in ranks:
+        # each rank's loss and gradient are those of its half under the whole batch's statistics
+        assert r["loss"] == pytest.approx(r["ref_loss"], rel=1e-12, abs=1e-15)
+        assert r["grad_err"] <= 1e-13 * max(1.0, r["grad_norm"])
+        assert r["alpha_neg"] == pytest.approx(r["full_alpha_neg"], rel=1e-12)
+        assert r["alpha_pos"] == pytest.approx(r["full_alpha_pos"], rel=1e-12)
+    assert ranks[0]["full_alpha_neg"] < 1.0  # the adaptation is active on this batch
+    # and the all-reduce matters: a rank alone would temper differently
+    assert any(r["local_alpha_neg"] != pytest.approx(r["full_alpha_neg"], rel=1e-6) for r in ranks)
+    assert any(r["local_loss"] != pytest.approx(r["ref_loss"], rel=1e-6) for r in ranks)
+
+
+def test_vespo_adaptive_runs_single_process_with_local_statistics():
+    from vespo.losses import compute_policy_loss
+
+    fn = core_algos.get_policy_loss_fn("vespo_vespo_adaptive")
+    old, log_prob, adv, mask, is_w = make_batch(seed=3, b=16, t=30, extreme=False)
+    loss, metrics = fn(old, log_prob, adv, mask, "token-mean", actor_config(), is_w)
+    ref = compute_policy_loss("vespo_adaptive", log_prob=log_prob, old_log_prob=old, advantages=adv,
+                              response_mask=mask, rollout_is_weights=is_w)
+    assert loss.item() == pytest.approx(ref.loss.item(), rel=1e-12)
+    assert metrics["actor/vespo/vespo_adaptive_alpha_pos"] == ref.metrics["vespo_adaptive/alpha_pos"]

@@ -8,7 +8,7 @@ Importing this module registers every loss of :mod:`vespo.losses` with
 
 Names: ``vespo`` (the released recipe's name) and ``vespo_<name>`` for every loss of the
 registry (``vespo_vespo``, ``vespo_grpo``, ``vespo_gspo``, ``vespo_sapo``, ``vespo_cispo``,
-``vespo_gmpo``, ``vespo_topr``, ``vespo_seq_clip``, ``vespo_reinforce``). If verl itself ever ships
+``vespo_gmpo``, ``vespo_topr``, ``vespo_seq_clip``, ``vespo_reinforce``, ``vespo_vespo_adaptive``). If verl itself ever ships
 a ``vespo`` loss, verl's stays under ``vespo`` (a warning says so) unless the environment variable
 ``VESPO_VERL_REPLACE_BUILTIN=1`` is set; ours is always reachable as ``vespo_vespo``.
 
@@ -33,6 +33,21 @@ The loss matrix is reduced by verl's ``agg_loss`` with ``config.global_batch_inf
 and sequence counts, data-parallel size), exactly as verl's built-in losses do. Metrics: verl's
 ``actor/pg_clipfrac``, ``actor/pg_clipfrac_lower``, ``actor/ppo_kl`` plus every vespo diagnostic
 as ``actor/vespo/<key with '/' -> '_'>`` (``actor/vespo/phi_mean``, ``actor/vespo/is_ess``, ...).
+
+``vespo_adaptive`` across data-parallel ranks: its tempering exponent depends on statistics of the
+whole batch (:class:`vespo.losses.AdaptiveStats`, plain sums). Each call computes the sums of its
+own micro-batch and, when ``torch.distributed`` is initialised with more than one rank, adds them
+over the ranks with one ``all_reduce`` (a [1, 2, 1 + 4 G] float64 tensor, about 4 KiB), so every rank
+uses the alpha of the union of the ranks' current micro-batches. The group is the default (world)
+group unless :func:`set_stats_process_group` names another one (Megatron: the data-parallel group
+of the last pipeline stage). Ranks that hold copies of the same sequences (Ulysses or tensor
+parallel) change nothing: alpha depends on the sums only through ratios that a uniform duplication
+leaves unchanged. Every rank must make the same number of loss calls per step (verl's default
+fixed micro-batches do; with ``use_dynamic_bsz`` the micro-batch counts must be equal across
+ranks). verl calls the loss once per micro-batch with no access to the others, so with gradient
+accumulation (``ppo_micro_batch_size_per_gpu`` < the per-rank mini-batch) the statistics are those
+of one micro-step across ranks, not of the whole mini-batch: set the micro-batch to the per-rank
+mini-batch for exact mini-batch statistics. ``VESPO_ADAPTIVE_STATS=local`` turns the all-reduce off.
 """
 
 from __future__ import annotations
@@ -48,6 +63,7 @@ import torch
 
 from vespo.integrations import flat_metric_name, is_sign_quantile, loss_diagnostics
 from vespo.losses import build_loss_batch, compute_loss_terms, get_loss_spec, loss_specs
+from vespo.losses.vespo_adaptive import adaptive_seq_log_w, vespo_adaptive_batch_stats
 
 #: verl versions this adapter was tested with, and the range it accepts.
 TESTED_VERL_VERSIONS: tuple[str, ...] = ("0.9.1",)
@@ -219,6 +235,40 @@ def verl_metrics(diagnostics: dict[str, float]) -> dict[str, float]:
 
 PolicyLossFn = Callable[..., tuple[torch.Tensor, dict[str, Any]]]
 
+ADAPTIVE_STATS_ENV = "VESPO_ADAPTIVE_STATS"
+_STATS_GROUP: Any = None
+
+
+def set_stats_process_group(group: Any) -> None:
+    """Process group over which ``vespo_adaptive`` adds its batch statistics (None: world)."""
+    global _STATS_GROUP
+    _STATS_GROUP = group
+
+
+def adaptive_stats_across_ranks(batch: Any, params: dict[str, Any]) -> Any:
+    """``vespo_adaptive`` statistics of this call's batch, summed over the data-parallel ranks.
+
+    Returns :class:`vespo.losses.AdaptiveStats`; the all-reduce runs only when torch.distributed is
+    initialised with world size > 1 and ``VESPO_ADAPTIVE_STATS`` is not ``local``.
+    """
+    kernel_params = {k: v for k, v in params.items() if k != "batch_stats"}
+    stats = vespo_adaptive_batch_stats(
+        adaptive_seq_log_w(batch, params["is_mode"]), batch.seq_advantages, batch.lengths > 0, **kernel_params
+    )
+    dist = torch.distributed
+    if (
+        os.environ.get(ADAPTIVE_STATS_ENV, "dp") != "local"
+        and dist.is_available()
+        and dist.is_initialized()
+        and dist.get_world_size(_STATS_GROUP) > 1
+    ):
+        sums = stats.sums
+        if dist.get_backend(_STATS_GROUP) == "nccl" and torch.cuda.is_available():
+            sums = sums.cuda()
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=_STATS_GROUP)
+        stats = type(stats)(sums.to(stats.sums.device), stats.key, None)
+    return stats
+
 
 def make_verl_policy_loss(name: str) -> PolicyLossFn:
     """A verl policy-loss function that runs vespo loss ``name`` (see the module docstring)."""
@@ -241,6 +291,8 @@ def make_verl_policy_loss(name: str) -> PolicyLossFn:
             response_mask=response_mask,
             rollout_is_weights=rollout_is_weights,
         )
+        if name == "vespo_adaptive" and params.get("batch_stats") is None:
+            params = {**params, "batch_stats": adaptive_stats_across_ranks(batch, params)}
         out = compute_loss_terms(name, batch, **params)
         loss = _core_algos.agg_loss(
             loss_mat=out.loss_mat,
@@ -318,11 +370,13 @@ __all__ = [
     "TESTED_VERL_VERSIONS",
     "VERL_STANDARD_KEYS",
     "VespoPolicyLossConfig",
+    "adaptive_stats_across_ranks",
     "config_node_name",
     "global_batch_info",
     "loss_params",
     "make_verl_policy_loss",
     "register_verl_losses",
+    "set_stats_process_group",
     "verl_loss_name",
     "verl_metrics",
 ]
