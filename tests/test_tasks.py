@@ -438,3 +438,125 @@ def test_example_helpers() -> None:
     assert ex.messages() == [{"role": "user", "content": "1+2="}] and ex.metadata == {} and ex.uid == ""
     chat = Example(prompt=[{"role": "user", "content": "hi"}], ground_truth="3", data_source="d")
     assert chat.prompt_text() == "user: hi"
+
+
+# --------------------------------------------------------------------------- code tasks
+
+CODE_PARAMS = {"num_tests": 6, "sandbox": {"case_timeout_s": 1.0, "memory_mb": 64}, "sandbox_workers": 1}
+
+
+@pytest.fixture(scope="module")
+def code_task():
+    from vespo.tasks import CodeTask
+
+    return build_task({"kind": "reasoning_gym", "name": "code_functions", "params": CODE_PARAMS})
+
+
+def test_code_task_by_name_split_and_determinism(code_task) -> None:
+    from vespo.tasks import TEMPLATE_KEYS, CodeTask
+
+    assert isinstance(code_task, CodeTask) and code_task.score_in_process
+    assert isinstance(build_task({"kind": "code", "params": CODE_PARAMS}), CodeTask)
+    train, eval_ = code_task.train_examples(60, 0), code_task.eval_examples(30, 0)
+    assert train == code_task.train_examples(60, 0) and train != code_task.train_examples(60, 1)
+    problem = lambda ex: ex.prompt[0]["content"].split("\n\nFor example:")[0]  # noqa: E731
+    assert not {problem(e) for e in eval_} & {problem(e) for e in train}
+    assert len({problem(e) for e in eval_}) == len(eval_) == 30
+    assert len({e.metadata["template"] for e in train}) >= 10 and set(TEMPLATE_KEYS) >= {
+        e.metadata["template"] for e in train
+    }
+    ex = train[0]
+    tests = json.loads(ex.ground_truth)
+    assert len(tests["inputs"]) == len(tests["outputs"]) == 6 and tests["fn_name"] == ex.metadata["fn_name"]
+    assert "```python" in ex.prompt[0]["content"] and f"`{ex.metadata['fn_name']}(" in ex.prompt[0]["content"]
+    with pytest.raises(ValueError, match="no parameter"):
+        build_task({"kind": "reasoning_gym", "name": "code_functions", "params": {"min_terms": 2}})
+    with pytest.raises(ValueError, match="unknown code template"):
+        build_task({"kind": "code", "params": {"templates": ["nope"]}})
+
+
+def test_code_task_scoring(code_task) -> None:
+    from vespo.tasks import RewardRunner
+
+    examples = code_task.eval_examples(12, 0)
+    demos = [code_task.demonstration(e) for e in examples]
+    assert code_task.score_many(demos, examples) == [1.0] * 12  # every reference solution passes
+    ex = examples[0]
+    fn = ex.metadata["fn_name"]
+    wrong = f"```python\ndef {fn}(*args):\n    return None\n```"
+    unfenced = ex.metadata["solution"]
+    chatty = f"Here:\n```python\nimport os\n```\nand\n```python\n{ex.metadata['solution']}```\nDone."
+    hang = f"```python\ndef {fn}(*args):\n    while True:\n        pass\n```"
+    runner = RewardRunner(code_task)
+    assert runner.isolation == "inline"  # the sandbox contains the code; no reward worker needed
+    scores, stats = runner.score_batch([demos[0], wrong, unfenced, chatty, hang], [ex] * 5)
+    assert scores == [1.0, 0.0, 0.0, 1.0, 0.0] and stats["reward/errors"] == 0
+    partial = build_task({"kind": "code", "params": {**CODE_PARAMS, "partial_credit": True}})
+    first_only = f"```python\nCALLS = []\ndef {fn}(*args):\n    CALLS.append(1)\n"
+    first_only += f"    if len(CALLS) > 1:\n        return None\n    return REF(*args)\n{ex.metadata['solution']}```"
+    first_only = first_only.replace(f"def {fn}(", "def REF(", 2).replace("def REF(*args)", f"def {fn}(*args)", 1)
+    assert partial.score(first_only, ex) == pytest.approx(1 / 6)
+
+
+def test_extract_code_and_pass_at_k() -> None:
+    from vespo.tasks import extract_code, pass_at_k
+    from vespo.tasks.code_tasks import pass_at_k_report
+
+    text = "```python\ndef g():\n    pass\n```\n```py\ndef f(x):\n    return x\n```\n```\nprint(1)\n```"
+    assert extract_code(text, "f") == "def f(x):\n    return x\n"
+    assert extract_code(text) == "print(1)\n" and extract_code("```python\ndef f(): ...") is None
+    assert extract_code("```js\nfunction f() {}\n```") is None
+    assert pass_at_k(10, 0, 1) == 0.0 and pass_at_k(10, 10, 5) == 1.0
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3)
+    assert pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)  # 1 - C(3,2)/C(5,2)
+    assert pass_at_k_report([[True, False], [False, False]], ks=(1, 2, 4)) == {"pass@1": 0.25, "pass@2": 0.5}
+    with pytest.raises(ValueError):
+        pass_at_k(3, 1, 4)
+
+
+def test_evaluate_pass_at_k(code_task) -> None:
+    from vespo.tasks import evaluate_pass_at_k
+
+    examples = code_task.eval_examples(3, 0)
+    good = [code_task.demonstration(e) for e in examples]
+    responses = [[good[0]] * 4, [good[1], "no", "no", "no"], ["no"] * 4]
+    report = evaluate_pass_at_k(code_task, examples, responses, ks=(1, 4))
+    assert report["pass@1"] == pytest.approx((1 + 0.25 + 0) / 3)
+    assert report["pass@4"] == pytest.approx(2 / 3) and report["problems"] == 3
+
+
+def test_verl_file_with_code_rows(tmp_path) -> None:
+    from vespo.tasks import RewardRunner
+
+    rows = [
+        {  # Eurus-2-RL-Data / APPS style: stdin/stdout tests as a JSON string
+            "data_source": "codecontests",
+            "ability": "code",
+            "prompt": [{"role": "user", "content": "Read two integers and print their sum."}],
+            "reward_model": {"style": "rule", "ground_truth": json.dumps({"inputs": ["1 2\n", "5 7\n"],
+                                                                          "outputs": ["3\n", "12\n"]})},
+        },
+        {  # call-based (LeetCode style), tests given as an object
+            "data_source": "leetcode",
+            "prompt": [{"role": "user", "content": "Write twice(x)."}],
+            "reward_model": {"ground_truth": {"fn_name": "twice", "inputs": [[1], [4]], "outputs": [2, 8]}},
+        },
+        {"data_source": "math", "prompt": [{"role": "user", "content": "1/2?"}],
+         "reward_model": {"ground_truth": "\\frac{1}{2}"}},
+    ]
+    path = write_verl_jsonl(tmp_path / "mixed.jsonl", rows)
+    task = VerlFileTask(path, path, overlap="ignore", sandbox={"case_timeout_s": 1.0}, sandbox_workers=1)
+    stdio, call, math_ex = task.eval_examples(3)
+    assert stdio.metadata["ability"] == "code" and task.demonstration(stdio) is None
+    good_stdio = "```python\na, b = map(int, input().split())\nprint(a + b)\n```"
+    good_call = "```python\ndef twice(x):\n    return 2 * x\n```"
+    assert task.score_many([good_stdio, good_call, "\\boxed{0.5}"], [stdio, call, math_ex]) == [1.0, 1.0, 1.0]
+    assert task.score(good_call, stdio) == 0.0 and task.score("\\boxed{3}", math_ex) == 0.0
+    with RewardRunner(task, timeout_s=30.0, workers=1) as runner:  # math-verify: in a worker process
+        assert runner.isolation == "process"
+        scores, stats = runner.score_batch([good_stdio, "```python\nimport os\nos._exit(1)\n```", good_call],
+                                           [stdio, stdio, call])
+    assert scores == [1.0, 0.0, 1.0] and stats["reward/errors"] == 0
+    exported = example_to_verl_row(build_task({"kind": "code", "params": CODE_PARAMS}).train_examples(1, 0)[0],
+                                   ability="code")
+    assert json.loads(exported["reward_model"]["ground_truth"])["fn_name"]

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from vespo.tasks.base import RewardFnTask, Task
+from vespo.tasks.code_tasks import CODE_TASK_NAMES, CodeTask
 from vespo.tasks.reasoning_gym_tasks import ReasoningGymTask
 from vespo.tasks.rewards import load_reward_function, normalize_reward_spec
 from vespo.tasks.verl_files import VerlFileTask
@@ -13,8 +14,15 @@ from vespo.tasks.verl_files import VerlFileTask
 _KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # kind: (required keys, optional keys)
     "reasoning_gym": (("name",), ("params", "prompt_style", "eval_fraction", "partial_credit")),
-    "verl_file": (("train_path",), ("eval_path", "eval_fraction", "overlap", "name")),
+    "verl_file": (
+        ("train_path",),
+        ("eval_path", "eval_fraction", "overlap", "name", "partial_credit", "sandbox", "sandbox_workers"),
+    ),
+    "code": ((), ("name", "params", "prompt_style", "eval_fraction", "partial_credit")),
 }
+#: vespo's own procedural tasks, selected by ``name`` like reasoning-gym datasets
+#: (``task.name=code_functions`` in the trainer config)
+VESPO_TASK_NAMES: tuple[str, ...] = CODE_TASK_NAMES
 TASK_KINDS: tuple[str, ...] = tuple(_KINDS)
 
 
@@ -26,6 +34,7 @@ def build_task(spec: dict[str, Any]) -> Task:
         {"kind": "reasoning_gym", "name": "chain_sum", "params": {"min_terms": 2, "max_terms": 3},
          "prompt_style": "plain"}
         {"kind": "verl_file", "train_path": "dapo_math.parquet", "eval_path": "aime24.parquet"}
+        {"kind": "reasoning_gym", "name": "code_functions", "params": {"num_tests": 10}}  # = kind "code"
 
     Every kind also accepts ``"reward_fn"``: a ``"module:function"`` string (see
     :func:`~vespo.tasks.rewards.load_reward_function`) or a callable ``fn(response, example)``
@@ -49,7 +58,10 @@ def build_task(spec: dict[str, Any]) -> Task:
     spec = {k: v for k, v in spec.items() if v is not None}
 
     task: Task
-    if kind == "reasoning_gym":
+    if kind == "code" or (kind == "reasoning_gym" and spec.get("name") in CODE_TASK_NAMES):
+        spec.setdefault("prompt_style", "instruct")
+        task = CodeTask(spec.pop("name", "code_functions"), spec.pop("params", None), **spec)
+    elif kind == "reasoning_gym":
         task = ReasoningGymTask(spec.pop("name"), spec.pop("params", None), **spec)
     else:
         task = VerlFileTask(spec.pop("train_path"), spec.pop("eval_path", None), **spec)

@@ -358,8 +358,11 @@ class RewardRunner:
         isolation: str = "auto",
         start_timeout_s: float = 120.0,
     ):
+        self._many: Callable[[list[str], list[Example]], list[Any]] | None = None
         if _is_task(task_or_fn):
             self.fn: RewardFn = task_or_fn.score  # type: ignore[union-attr]
+            many = getattr(task_or_fn, "score_many", None)
+            self._many = many if callable(many) else None
             self.name = getattr(task_or_fn, "name", type(task_or_fn).__name__)
         elif callable(task_or_fn):
             self.fn = task_or_fn
@@ -416,6 +419,17 @@ class RewardRunner:
         return CallResult(OK, value, "", time.perf_counter() - start)
 
     def _run(self, responses: Sequence[str], examples: Sequence[Example]) -> list[CallResult]:
+        if self.pool is None and self._many is not None and len(responses) > 1:
+            # a batch scorer (code tasks: one sandbox batch) ; a failure falls back to one by one
+            start = time.perf_counter()
+            try:
+                values = [_portable(v) for v in self._many(list(responses), list(examples))]
+            except Exception as exc:  # noqa: BLE001
+                self._note("error", f"batch scorer failed ({type(exc).__name__}: {exc}); scoring one by one")
+            else:
+                if len(values) == len(responses):
+                    per = (time.perf_counter() - start) / len(values)
+                    return [CallResult(OK, v, "", per) for v in values]
         if self.pool is None:
             return [self._inline(r, e) for r, e in zip(responses, examples, strict=True)]
         return self.pool.map(list(zip(responses, examples, strict=True)), timeout_s=self.timeout_s)

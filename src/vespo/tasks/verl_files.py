@@ -12,6 +12,13 @@ Row schema (the one verl's preprocessing scripts write for DAPO-Math, AIME, AMC,
 
 ``prompt`` may also be a plain string. A response is scored 1.0 when the content of its last
 ``\\boxed{...}`` equals ``ground_truth`` according to math-verify, else 0.0.
+
+Code rows (Eurus-2-RL-Data, PRIME, APPS/TACO style) are recognised per row, by ``ability ==
+"code"`` or a ``ground_truth`` that is a JSON object (or a JSON string of one) with ``inputs`` and
+``outputs`` lists, plus ``fn_name`` for call-based problems; they are scored by running the
+response's last fenced Python block against those tests in the sandbox
+(:func:`vespo.tasks.code_tasks.score_code`), 1.0 when every test passes (or the passed fraction
+with ``partial_credit``). Math and code rows may share one file.
 """
 
 from __future__ import annotations
@@ -132,6 +139,8 @@ def _parse_row(raw: dict[str, Any], path: Path, row: int, line: int | None, spli
     gt = reward_model.get("ground_truth")
     if gt is None:
         raise _fail(path, row, line, "'reward_model' has no 'ground_truth'")
+    if isinstance(gt, dict) and "inputs" in gt:  # code tests given as an object rather than a string
+        gt = json.dumps(gt)
     if isinstance(gt, bool) or not isinstance(gt, (str, int, float)):
         raise _fail(path, row, line, f"'reward_model.ground_truth' must be a string or number, got {type(gt).__name__}")
     gt = str(gt).strip()
@@ -246,6 +255,11 @@ class VerlFileTask(Task):
         overlap: what to do when an eval prompt also occurs in the train file:
             ``"warn"`` (default), ``"error"`` or ``"ignore"``.
         name: task name (default: the train file's stem).
+        partial_credit: code rows score the passed fraction of their tests (default: 1.0 only
+            when all pass).
+        sandbox: :class:`~vespo.tasks.sandbox.SandboxLimits` fields for code rows, e.g.
+            ``{"case_timeout_s": 2.0, "memory_mb": 512}``.
+        sandbox_workers: sandbox supervisor processes (code rows of a batch run that many at once).
     """
 
     def __init__(
@@ -256,7 +270,15 @@ class VerlFileTask(Task):
         eval_fraction: float = 0.1,
         overlap: Literal["warn", "error", "ignore"] = "warn",
         name: str | None = None,
+        partial_credit: bool = False,
+        sandbox: dict[str, Any] | None = None,
+        sandbox_workers: int = 2,
     ):
+        from vespo.tasks.sandbox import SandboxLimits
+
+        self.partial_credit = bool(partial_credit)
+        self.limits = SandboxLimits(**(sandbox or {}))
+        self.sandbox_workers = int(sandbox_workers)
         if overlap not in ("warn", "error", "ignore"):
             raise ValueError(f"overlap must be one of warn, error, ignore; got {overlap!r}")
         if eval_path is None and not 0.0 < eval_fraction < 1.0:
@@ -323,13 +345,37 @@ class VerlFileTask(Task):
         return [self._eval[i] for i in chosen]
 
     def score(self, response: str, example: Example) -> float:
-        return math_verify_score(response, example.ground_truth)
+        """math-verify on the last ``\\boxed{}``, or the sandboxed tests of a code row."""
+        return self.score_many([response], [example])[0]
+
+    def score_many(self, responses: Sequence[str], examples: Sequence[Example]) -> list[float]:
+        """Scores of a batch; its code rows are evaluated ``sandbox_workers`` at a time."""
+        from vespo.tasks.code_tasks import is_code_example, score_code
+
+        scores = [0.0] * len(responses)
+        code = [k for k, ex in enumerate(examples) if is_code_example(ex)]
+        for k, (response, example) in enumerate(zip(responses, examples, strict=True)):
+            if k not in code:
+                scores[k] = math_verify_score(response, example.ground_truth)
+        if code:
+            from vespo.tasks.sandbox import shared_sandbox
+
+            box = shared_sandbox(self.limits, self.sandbox_workers)
+            values = score_code([responses[k] for k in code], [examples[k] for k in code], box, self.partial_credit)
+            for k, v in zip(code, values):
+                scores[k] = v
+        return scores
 
     def demonstration(self, example: Example) -> str | None:
-        """``extra_info["demonstration"]`` if the file has one, else ``"\\boxed{<ground truth>}"``."""
+        """``extra_info["demonstration"]`` if the file has one, else ``"\\boxed{<ground truth>}"``
+        (None for code rows without one)."""
         demo = (example.metadata.get("extra_info") or {}).get("demonstration")
         if isinstance(demo, str) and demo.strip():
             return demo
+        from vespo.tasks.code_tasks import is_code_example
+
+        if is_code_example(example):
+            return None
         return f"\\boxed{{{example.ground_truth}}}"
 
 
