@@ -202,6 +202,51 @@ def test_fully_masked_micro_batch_gives_zero_loss_and_grad(tmp_path, tok):
     assert math.isnan(trainer._metrics["train"]["vespo/phi_mean"][-1])
 
 
+def _rows(inputs: dict, sl: slice) -> dict:
+    return {k: (v[sl] if isinstance(v, torch.Tensor) and v.dim() > 0 else v) for k, v in inputs.items()}
+
+
+def test_vespo_adaptive_statistics_span_the_accumulation_window(tmp_path, tok):
+    base = common_args(tmp_path, steps_per_generation=2, gradient_accumulation_steps=2, max_steps=1)
+    trainer = VespoGRPOTrainer(model=make_model(tok, seed=6), reward_funcs=length_reward,
+                               args=VespoGRPOConfig(**base, vespo_loss="vespo_adaptive"),
+                               train_dataset=dataset(), processing_class=tok)
+    inputs = _prepared_inputs(trainer, tok, seed=7)
+    inputs["old_per_token_logps"] = inputs["old_per_token_logps"] + 0.3 * torch.randn(
+        inputs["old_per_token_logps"].shape, generator=torch.Generator().manual_seed(8))  # staler
+    halves = [_rows(inputs, slice(0, 3)), _rows(inputs, slice(3, 6))]
+    trainer.current_gradient_accumulation_steps = 2
+
+    # reference: the whole window in one call (its own statistics are the window's)
+    trainer._buffered_inputs = None
+    with pytest.warns(UserWarning, match="own statistics"):
+        loss_ref, grads_ref = _loss_and_grads(trainer, inputs)
+    alpha = trainer._metrics["train"]["vespo/vespo_adaptive_alpha_pos"][-1]
+    assert alpha < 1.0  # the adaptation is active
+
+    # the same window as two accumulation steps: the pre-pass gives both the window's statistics
+    trainer._buffered_inputs = halves
+    trainer._adaptive_window = None
+    trainer.model.zero_grad()
+    total = 0.0
+    for step, half in enumerate(halves):
+        trainer._step = step
+        loss = trainer._compute_loss(trainer.model, half)
+        loss.backward()
+        total = total + loss.detach()
+        assert trainer._metrics["train"]["vespo/vespo_adaptive_alpha_pos"][-1] == pytest.approx(alpha, rel=1e-6)
+    grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    torch.testing.assert_close(total, loss_ref, rtol=1e-5, atol=1e-7)
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-6, msg=name)
+
+    # without the window's statistics each half tempers by itself, and the sum differs
+    trainer._buffered_inputs = None
+    with torch.no_grad():
+        naive = sum(trainer._compute_loss(trainer.model, half) for half in halves)
+    assert naive.item() != pytest.approx(loss_ref.item(), rel=1e-3)
+
+
 def test_config_validation(tmp_path):
     with pytest.raises(ValueError, match="unknown policy loss 'vesp'"):
         VespoGRPOConfig(**common_args(tmp_path), vespo_loss="vesp")

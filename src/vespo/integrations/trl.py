@@ -29,6 +29,20 @@ window's global token count like ``dapo``/``vespo`` (default), ``seq-mean-token-
 per-sequence mean, ``token-sum-norm`` is ``dr_grpo``'s B x max_completion_length. TRL's own
 ``loss_type`` is ignored.
 
+``vespo_adaptive`` across gradient-accumulation steps and processes: its tempering exponent depends
+on statistics of the whole optimizer batch. At the first micro-batch of every accumulation window
+the trainer runs a no-grad pre-pass over the window's micro-batches (TRL has buffered them all when
+``steps_per_generation`` is a multiple of ``gradient_accumulation_steps``, the default), computes
+each one's :class:`vespo.losses.AdaptiveStats` from log pi_theta, ``old_per_token_logps`` and the
+vLLM ratios, adds them, sums them over processes (``accelerator.reduce``), and gives the result to
+every micro-batch of the window through ``batch_stats``. Loss and gradient are then those of the
+whole window in one pass, for any ``gradient_accumulation_steps`` and number of processes. The
+pre-pass costs one extra forward (no grad) per window, and none when the window is on-policy (no
+``old_per_token_logps``: log W is then the vLLM part only). It is exact when the forward is
+deterministic (no active dropout: ``disable_dropout=True`` or a model whose dropout is 0). When the
+window cannot be seen in advance (``steps_per_generation`` not a multiple of the accumulation
+steps) each micro-batch uses its own statistics, with a warning. Evaluation batches use their own.
+
 Metrics go to ``self._metrics[mode]`` like TRL's: ``entropy`` and ``kl`` (when ``beta != 0``) as TRL
 computes them, and every vespo diagnostic as ``vespo/<key with '/' -> '_'>`` (``vespo/phi_mean``,
 ``vespo/is_ess``, ``vespo/is_log_w_neg_p90``, ``vespo/loss_clip_frac``, ...), averaged over processes.
@@ -51,8 +65,12 @@ from vespo.losses import (
     build_loss_batch,
     compute_loss_terms,
     get_loss_spec,
+    merge_adaptive_stats,
+    vespo_adaptive_batch_stats,
+    vespo_adaptive_seq_inputs,
 )
 from vespo.losses.aggregation import normalize_agg_mode
+from vespo.losses.vespo_adaptive import adaptive_seq_log_w
 
 TESTED_TRL_VERSIONS: tuple[str, ...] = ("1.16.0",)
 SUPPORTED_TRL = "trl>=1.16,<1.17 (tested: 1.16.0)"
@@ -211,6 +229,71 @@ class VespoGRPOTrainer(GRPOTrainer):
         self.vespo_loss = cfg.vespo_loss
         self.vespo_loss_params = loss_params(cfg.vespo_loss, cfg)
         self.vespo_loss_agg_mode = cfg.vespo_loss_agg_mode
+        self._adaptive_window: tuple[int, Any] | None = None  # (window index, AdaptiveStats)
+        self._adaptive_warned = False
+
+    # -- vespo_adaptive: statistics of the whole accumulation window ------------------------
+
+    def _forward_inputs(self, model: Any, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-token log pi [B, T], loss mask [B, T]) of one micro-batch, as ``_compute_loss`` sees them."""
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        logps, _, _ = self._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=False,
+            compute_aux_loss=False, **{key: inputs.get(key) for key in _FORWARD_KEYS},
+        )
+        return logps, mask
+
+    def _micro_batch_stats(self, model: Any, inputs: dict[str, Any], logps: torch.Tensor | None = None) -> Any:
+        """AdaptiveStats of one micro-batch (None when it has no valid token)."""
+        params = {k: v for k, v in self.vespo_loss_params.items() if k != "batch_stats"}
+        mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+        if not bool(mask.any()):
+            return None
+        old = inputs.get("old_per_token_logps")
+        with torch.no_grad():
+            if old is None:  # on-policy: log pi_theta = log pi_old exactly, no forward needed
+                logps = old = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+            elif logps is None:
+                logps, mask = self._forward_inputs(model, inputs)
+            seq = vespo_adaptive_seq_inputs(
+                log_prob=logps.detach(), old_log_prob=old, advantages=inputs["advantages"], response_mask=mask,
+                rollout_is_weights=inputs.get("importance_sampling_ratio"),
+            )
+        return vespo_adaptive_batch_stats(*seq, **params)
+
+    def adaptive_window_stats(self, model: Any, inputs: dict[str, Any]) -> Any:
+        """``vespo_adaptive`` statistics for the micro-batch ``inputs`` (see the module docstring)."""
+        accum = self.current_gradient_accumulation_steps
+        spg = self.args.steps_per_generation
+        buffered = getattr(self, "_buffered_inputs", None)
+        if buffered is None or spg % accum != 0:
+            if not self._adaptive_warned:
+                warnings.warn(
+                    "vespo_adaptive: steps_per_generation is not a multiple of gradient_accumulation_steps, so "
+                    "each micro-batch uses its own statistics (not those of the optimizer batch)",
+                    stacklevel=2,
+                )
+                self._adaptive_warned = True
+            parts = [self._micro_batch_stats(model, inputs)]
+        else:
+            window = self._step // accum
+            if self._adaptive_window is not None and self._adaptive_window[0] == window:
+                return self._adaptive_window[1]
+            start = (window * accum) % spg
+            parts = [self._micro_batch_stats(model, buffered[j]) for j in range(start, start + accum)]
+        parts = [p for p in parts if p is not None]
+        if not parts:  # nothing valid locally: zero sums still take part in the reduction
+            params = {k: v for k, v in self.vespo_loss_params.items() if k != "batch_stats"}
+            parts = [vespo_adaptive_batch_stats(torch.zeros(0), torch.zeros(0), **params)]
+        stats = merge_adaptive_stats(parts)
+        sums = self.accelerator.reduce(stats.sums.to(self.accelerator.device), reduction="sum")
+        stats = type(stats)(sums, stats.key, None)
+        if buffered is not None and spg % accum == 0:
+            self._adaptive_window = (self._step // accum, stats)
+        return stats
 
     # -- loss -------------------------------------------------------------------------------
 
@@ -264,7 +347,17 @@ class VespoGRPOTrainer(GRPOTrainer):
             response_mask=loss_mask,
             rollout_is_weights=inputs.get("importance_sampling_ratio"),
         )
-        out = compute_loss_terms(self.vespo_loss, batch, **self.vespo_loss_params)
+        params = self.vespo_loss_params
+        if self.vespo_loss == "vespo_adaptive" and params.get("batch_stats") is None:
+            if self.model.training:
+                stats = self.adaptive_window_stats(model, inputs)
+            else:
+                params_k = {k: v for k, v in params.items() if k != "batch_stats"}
+                stats = vespo_adaptive_batch_stats(
+                    adaptive_seq_log_w(batch), batch.seq_advantages, batch.lengths > 0, **params_k
+                )
+            params = {**params, "batch_stats": stats}
+        out = compute_loss_terms(self.vespo_loss, batch, **params)
         loss_mat = out.loss_mat
 
         per_token_kl = None
