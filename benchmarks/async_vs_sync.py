@@ -39,7 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-from vespo.rollout.ray_source import LAG_BUCKETS
+from vespo.rollout.metrics import LAG_BUCKETS
 from vespo.train.config import load_config
 from vespo.train.trainer import Trainer, run_warmup
 

@@ -214,7 +214,7 @@ def worker_sampler(spec: dict) -> dict:
     import torch
     from transformers import GenerationConfig
 
-    from vespo.rollout.source import encode_prompts
+    from vespo.rollout.prompts import encode_prompts
     from vespo.rollout.sampler import Sampler
     from vespo.tasks import build_task
     from vespo.train.trainer import TRAIN_DATA_SEED, build_policy

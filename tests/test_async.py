@@ -19,6 +19,9 @@ import torch
 
 pytest.importorskip("ray")
 
+from vespo.rollout.generate import RolloutSettings
+from vespo.rollout.log_probs import sequence_log_probs
+from vespo.rollout.prompts import encode_prompts
 from vespo.rollout.ray_source import (
     RolloutWorker,
     RolloutWorkerError,
@@ -26,13 +29,11 @@ from vespo.rollout.ray_source import (
     staleness_bound,
     staleness_budget,
 )
+from vespo.rollout.ray_utils import process_alive, start_ray
+from vespo.tasks import build_task
 from vespo.train.checkpoint import latest_checkpoint
 from vespo.train.config import ConfigError, load_config
 from vespo.train.models import build_char_tokenizer, build_tiny_model
-from vespo.rollout.ray_utils import process_alive, start_ray
-from vespo.rollout.source import encode_prompts
-from vespo.rollout.sampler import sequence_log_probs
-from vespo.tasks import build_task
 from vespo.train.trainer import Trainer
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -96,12 +97,12 @@ class Recorder:
         self.batches: list[tuple[int, object]] = []
         self.weights: dict[int, dict[str, torch.Tensor]] = {}
         self.on_step = None
-        next_minibatch, after = self.source.next_minibatch, self.source.after_optimizer_step
+        next_batch, after = self.source.next_batch, self.source.after_optimizer_step
 
         def recording_next(model, policy_version):
             if not self.weights:
                 self.weights[policy_version] = copy.deepcopy(model.state_dict())
-            mb = next_minibatch(model, policy_version)
+            mb = next_batch(model, policy_version)
             self.batches.append((policy_version, mb))
             return mb
 
@@ -113,7 +114,7 @@ class Recorder:
                 self.on_step(step)
             return out
 
-        self.source.next_minibatch = recording_next
+        self.source.next_batch = recording_next
         self.source.after_optimizer_step = recording_after
 
 
@@ -124,7 +125,7 @@ def _mu_error(model_like: torch.nn.Module, weights: dict, mb, select: torch.Tens
     model.eval()
     with torch.no_grad():
         logp = sequence_log_probs(model, mb.input_ids, mb.attention_mask, mb.response_mask.shape[1])
-    return (logp - mb.behaviour_log_prob)[select].abs().max().item()
+    return (logp - mb.rollout_log_prob)[select].abs().max().item()
 
 
 # --------------------------------------------------------------------------------- semantics
@@ -140,9 +141,8 @@ def test_budget_and_bound_follow_verl():
 
 
 def test_queue_smaller_than_a_step_is_refused(tmp_path):
-    cfg = async_config(tmp_path / "run", "async.queue_size=2")
     with pytest.raises(ConfigError, match="queue_size"):
-        Trainer(cfg)
+        async_config(tmp_path / "run", "async.queue_size=2")
 
 
 def test_partial_rollout_tokens_carry_the_weights_that_sampled_them():
@@ -153,9 +153,9 @@ def test_partial_rollout_tokens_carry_the_weights_that_sampled_them():
                              pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                              eos_token_id=tok.eos_token_id, init_std=0.05)
     task = build_task({"kind": "reasoning_gym", "name": "chain_sum"})
-    spec = WorkerSpec(model=model, tokenizer=tok, task=task, group_size=3, max_new_tokens=20, temperature=1.0,
-                      top_p=1.0, sampler_dtype="float32", trainer_dtype="float32", normalize_adv_std=True,
-                      reward_timeout_s=5.0, threads=1, partial_rollout=True, measure_mismatch=True)
+    settings = RolloutSettings(group_size=3, max_new_tokens=20)
+    spec = WorkerSpec(model=model, tokenizer=tok, task=task, settings=settings, threads=1, partial_rollout=True,
+                      measure_mismatch=True)
     worker = RolloutWorker(spec)
     w0 = copy.deepcopy(model.state_dict())
     w1 = {k: v + 0.05 * torch.randn_like(v) for k, v in w0.items()}
@@ -182,7 +182,8 @@ def test_partial_rollout_tokens_carry_the_weights_that_sampled_them():
     out = worker.generate({"ticket": 0, "min_version": 0, "examples": examples})
     assert out["stats"]["segments"] == 2.0
     for group, prompt in zip(out["groups"], encode_prompts(tok, examples)):
-        for resp, mu, ver, ref in zip(group["response_ids"], group["mu"], group["versions"], group["reference"]):
+        for resp, mu, ver, ref in zip(group.response_ids, group.rollout_log_probs, group.token_versions,
+                                      group.reference_log_probs):
             assert ver == sorted(ver) and set(ver) <= {0, 1}
             ids = torch.tensor([prompt + resp])
             mask = torch.ones_like(ids)
@@ -196,9 +197,7 @@ def test_partial_rollout_tokens_carry_the_weights_that_sampled_them():
                 if sel.any():
                     assert torch.allclose(logp[sel], torch.tensor(mu)[sel], atol=1e-4)
                     assert torch.allclose(logp[sel], torch.tensor(ref)[sel], atol=1e-4)
-        assert any(0 in v and 1 in v for v in group["versions"]) or all(
-            len(r) < 6 for r in group["response_ids"]
-        )
+        assert any(0 in v and 1 in v for v in group.token_versions) or all(len(r) < 6 for r in group.response_ids)
     assert out["stats"]["interrupted_rows"] > 0
 
 
@@ -209,14 +208,15 @@ def test_bf16_sampler_flips_moe_routing():
                              num_experts=4, num_experts_per_tok=2, seed=0, pad_token_id=tok.pad_token_id,
                              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     task = build_task({"kind": "reasoning_gym", "name": "chain_sum"})
-    spec = WorkerSpec(model=model, tokenizer=tok, task=task, group_size=4, max_new_tokens=12, temperature=1.0,
-                      top_p=1.0, sampler_dtype="bfloat16", trainer_dtype="float32", normalize_adv_std=True,
-                      reward_timeout_s=5.0, threads=1, partial_rollout=False, measure_mismatch=True)
+    settings = RolloutSettings(group_size=4, max_new_tokens=12, sampler_dtype="bfloat16")
+    spec = WorkerSpec(model=model, tokenizer=tok, task=task, settings=settings, threads=1, partial_rollout=False,
+                      measure_mismatch=True)
     worker = RolloutWorker(spec)
     worker.set_weights(copy.deepcopy(model.state_dict()), 0, seed=0)
     out = worker.generate({"ticket": 0, "min_version": 0, "examples": task.train_examples(4, seed=0)})
     assert out["stats"]["routing_flip_frac"] > 0
-    diffs = [abs(r - m) for g in out["groups"] for rr, mm in zip(g["reference"], g["mu"]) for r, m in zip(rr, mm)]
+    diffs = [abs(r - m) for g in out["groups"]
+             for rr, mm in zip(g.reference_log_probs, g.rollout_log_probs) for r, m in zip(rr, mm)]
     assert max(diffs) > 1e-3  # bf16 sampling against fp32: a real log-prob gap
 
 
@@ -271,7 +271,7 @@ def test_async_two_workers_bf16_moe_without_partial_rollouts(tmp_path, ray_sessi
     trainer = Trainer(cfg)
     rec = Recorder(trainer)
     expected = trainer.source.stream
-    order = [expected._order(0)[i] for i in range(6 * 4)]
+    order = [expected.index(i) for i in range(6 * 4)]
     prompts = encode_prompts(trainer.tokenizer, [trainer.train_examples[i] for i in order])
     trainer.train()
     bound = staleness_bound(2, 0.5, 4)

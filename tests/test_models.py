@@ -8,10 +8,10 @@ import importlib.util
 import pytest
 import torch
 
+from vespo.rollout.prompts import encode_prompt
 from vespo.train.models import (
     ARCHITECTURES,
     ModelLoadError,
-    apply_chat_template_or_plain,
     build_char_tokenizer,
     build_tiny_model,
     count_parameters,
@@ -64,16 +64,16 @@ def test_char_tokenizer_specials_save_load(tok, tmp_path):
     assert len(small) == 4 + 12 and small.decode(small.encode("12+3=15", add_special_tokens=False)) == "12+3=15"
 
 
-def test_apply_chat_template_or_plain(tok):
-    assert apply_chat_template_or_plain(tok, "2+2=") == tok.encode("2+2=", add_special_tokens=False)
+def test_encode_prompt_with_and_without_chat_template(tok):
+    assert encode_prompt(tok, "2+2=") == tok.encode("2+2=", add_special_tokens=False)
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2="}]
-    assert tok.decode(apply_chat_template_or_plain(tok, msgs)) == "Be brief.\n2+2="
+    assert tok.decode(encode_prompt(tok, msgs)) == "Be brief.\n2+2="
     templated = copy.deepcopy(tok)
     templated.chat_template = (
         "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
         "{% if add_generation_prompt %}<assistant>{% endif %}"
     )
-    ids = apply_chat_template_or_plain(templated, "2+2=")
+    ids = encode_prompt(templated, "2+2=")
     assert isinstance(ids, list) and all(isinstance(i, int) for i in ids)
     assert tok.decode(ids) == "<user>2+2=\n<assistant>"
 
@@ -195,7 +195,7 @@ def test_smollm2_checkpoint_greedy_answer(tmp_path_factory):
     assert smollm2_checkpoint(cache) == path  # cached: no second conversion
     model, tokenizer = load_pretrained(path)
     assert 130e6 < count_parameters(model) < 140e6
-    prompt = apply_chat_template_or_plain(tokenizer, "What is 7 + 5?")
+    prompt = encode_prompt(tokenizer, "What is 7 + 5?")
     out = Sampler(model).generate(
         [prompt], max_new_tokens=24, temperature=0.0,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,

@@ -1,4 +1,4 @@
-"""The rollout engine: behaviour log-probs, top-p, precision mismatch, partial rollouts, padding."""
+"""The hf sampler engine: mu (rollout log-probs), top-p, precision mismatch, partial rollouts, padding."""
 
 from __future__ import annotations
 
@@ -7,15 +7,10 @@ import math
 import pytest
 import torch
 
+from vespo.rollout.batch import Rollout, RolloutBatch
+from vespo.rollout.log_probs import sequence_log_probs, sequence_log_probs_and_entropy
+from vespo.rollout.sampler import Sampler, sample_tokens
 from vespo.train.models import build_tiny_model
-from vespo.rollout.sampler import (
-    PaddedRollout,
-    Rollout,
-    Sampler,
-    sample_tokens,
-    sequence_log_probs,
-    sequence_log_probs_and_entropy,
-)
 
 VOCAB = 48
 PAD, EOS = 0, 2
@@ -44,8 +39,8 @@ def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def full_forward(model, rollout: Rollout, temperature: float = 1.0) -> tuple[PaddedRollout, torch.Tensor]:
-    padded = rollout.to_padded(PAD)
+def full_forward(model, rollout: Rollout, temperature: float = 1.0) -> tuple[RolloutBatch, torch.Tensor]:
+    padded = rollout.to_batch(PAD)
     with torch.no_grad():
         logp = sequence_log_probs(
             model, padded.input_ids, padded.attention_mask, padded.response_length, temperature=temperature
@@ -61,7 +56,7 @@ def full_forward(model, rollout: Rollout, temperature: float = 1.0) -> tuple[Pad
 @pytest.mark.parametrize(
     "arch,temperature", [("llama", 1.0), ("llama", 0.7), ("llama", 1.6), ("qwen2", 1.0), ("qwen3_moe", 0.8)]
 )
-def test_behaviour_log_probs_match_full_forward(arch, temperature, prompts):
+def test_rollout_log_probs_match_full_forward(arch, temperature, prompts):
     model = tiny(arch)
     sampler = Sampler(model)
     rollout = sampler.generate(
@@ -76,7 +71,7 @@ def test_behaviour_log_probs_match_full_forward(arch, temperature, prompts):
         assert all(t not in EOS_SET for t in resp[:-1])
     padded, logp = full_forward(model, rollout, temperature)
     m = padded.response_mask
-    assert torch.allclose(logp[m], padded.behaviour_log_prob[m], atol=1e-5, rtol=0)
+    assert torch.allclose(logp[m], padded.rollout_log_prob[m], atol=1e-5, rtol=0)
     assert (padded.token_version[m] == 0).all()
 
 
@@ -89,7 +84,7 @@ def test_equal_length_prompts_match_full_forward(model):
     )
     padded, logp = full_forward(model, rollout, 1.2)
     m = padded.response_mask
-    assert torch.allclose(logp[m], padded.behaviour_log_prob[m], atol=1e-5, rtol=0)
+    assert torch.allclose(logp[m], padded.rollout_log_prob[m], atol=1e-5, rtol=0)
 
 
 def test_logprobs_match_without_pruning(model, prompts):
@@ -98,7 +93,7 @@ def test_logprobs_match_without_pruning(model, prompts):
     a = Sampler(model).generate(prompts, **{**kw, "generator": gen(5)}, prune_finished=True)
     b = Sampler(model).generate(prompts, **{**kw, "generator": gen(5)}, prune_finished=False)
     assert a.response_ids == b.response_ids
-    for x, y in zip(a.behaviour_log_probs, b.behaviour_log_probs):
+    for x, y in zip(a.rollout_log_probs, b.rollout_log_probs):
         assert x == pytest.approx(y, abs=1e-5)
 
 
@@ -134,7 +129,7 @@ def test_top_p_in_sampler_matches_truncated_full_distribution(model, prompts):
         prompts, max_new_tokens=8, temperature=temperature, top_p=top_p, generator=gen(2),
         eos_token_id=EOS, pad_token_id=PAD,
     )
-    padded = rollout.to_padded(PAD)
+    padded = rollout.to_batch(PAD)
     p_len, t_len = padded.prompt_length, padded.response_length
     with torch.no_grad():
         logits = model(
@@ -155,7 +150,7 @@ def test_top_p_in_sampler_matches_truncated_full_distribution(model, prompts):
                     break
             assert tok in kept
             expected = math.log(p[tok].item() / cum)
-            assert rollout.behaviour_log_probs[i][j] == pytest.approx(expected, abs=1e-5)
+            assert rollout.rollout_log_probs[i][j] == pytest.approx(expected, abs=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -168,7 +163,7 @@ def test_greedy_is_argmax_and_deterministic(model, prompts):
     a = s.generate(prompts, max_new_tokens=6, temperature=0.0, eos_token_id=EOS, pad_token_id=PAD)
     b = s.generate(prompts, max_new_tokens=6, temperature=0.0, eos_token_id=EOS, pad_token_id=PAD)
     assert a == b
-    padded = a.to_padded(PAD)
+    padded = a.to_batch(PAD)
     with torch.no_grad():
         out = model(
             input_ids=padded.input_ids,
@@ -181,7 +176,7 @@ def test_greedy_is_argmax_and_deterministic(model, prompts):
     assert torch.equal(argmax[m], padded.response_ids[m])
     # mu for greedy is the untempered log-prob.
     _, logp = full_forward(model, a)
-    assert torch.allclose(logp[m], padded.behaviour_log_prob[m], atol=1e-5)
+    assert torch.allclose(logp[m], padded.rollout_log_prob[m], atol=1e-5)
 
 
 def test_seeded_generator_is_deterministic(model, prompts):
@@ -204,10 +199,10 @@ def test_bf16_sampler_has_small_real_mismatch(model, prompts):
     assert next(model.parameters()).dtype == torch.float32  # the trainer's model is untouched
     rollout = sampler.generate(prompts * 2, max_new_tokens=12, generator=gen(3), eos_token_id=EOS, pad_token_id=PAD)
     padded, logp = full_forward(model, rollout)
-    diff = (logp - padded.behaviour_log_prob)[padded.response_mask].abs()
+    diff = (logp - padded.rollout_log_prob)[padded.response_mask].abs()
     assert diff.max().item() > 1e-4  # the mismatch is real
     assert diff.mean().item() < 0.1  # but small
-    assert torch.isfinite(padded.behaviour_log_prob).all()
+    assert torch.isfinite(padded.rollout_log_prob).all()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -241,16 +236,14 @@ def test_partial_rollout_resume_under_new_weights(model, prompts):
         generator=gen(5),
         eos_token_id=EOS,
         pad_token_id=PAD,
-        continuations=first.response_ids,
-        continuation_log_probs=first.behaviour_log_probs,
-        continuation_versions=first.token_versions,
+        resume=first,
     )
     padded, logp_new = full_forward(new_model, resumed)
     grew = False
     for i in range(len(resumed)):
         n_old = len(first.response_ids[i])
         assert resumed.response_ids[i][:n_old] == first.response_ids[i]
-        assert resumed.behaviour_log_probs[i][:n_old] == first.behaviour_log_probs[i]
+        assert resumed.rollout_log_probs[i][:n_old] == first.rollout_log_probs[i]
         assert resumed.token_versions[i][:n_old] == [3] * n_old
         n = len(resumed.response_ids[i])
         assert resumed.token_versions[i][n_old:] == [4] * (n - n_old)
@@ -260,7 +253,7 @@ def test_partial_rollout_resume_under_new_weights(model, prompts):
         else:
             grew |= n > n_old
             # new tokens: mu equals the NEW policy's log-prob, with the old tokens in context
-            new_mu = padded.behaviour_log_prob[i, n_old:n]
+            new_mu = padded.rollout_log_prob[i, n_old:n]
             assert torch.allclose(logp_new[i, n_old:n], new_mu, atol=1e-5)
     assert grew
     assert all(f or len(r) == 16 for r, f in zip(resumed.response_ids, resumed.finished))
@@ -276,13 +269,14 @@ def test_stop_flag_before_prefill_returns_unfinished_empty(model, prompts):
 def test_continuation_counts_towards_max_new_tokens(model):
     r = Sampler(model).generate(
         [[9, 10, 11]], max_new_tokens=5, generator=gen(0), eos_token_id=-1, pad_token_id=PAD,
-        continuations=[[12, 13]], continuation_log_probs=[[-1.0, -2.0]], continuation_versions=[[0, 0]],
+        resume=Rollout([[9, 10, 11]], [[12, 13]], [[-1.0, -2.0]], [[0, 0]], [False]),
     )
     assert len(r.response_ids[0]) == 5 and r.response_ids[0][:2] == [12, 13] and not r.finished[0]
     no_eos = Sampler(model).generate([[9]] * 4, max_new_tokens=30, generator=gen(0), eos_token_id=None, pad_token_id=None)
     assert no_eos.response_lengths == [30] * 4 and not any(no_eos.finished)
     with pytest.raises(ValueError):
-        Sampler(model).generate([[9]], max_new_tokens=2, eos_token_id=EOS, pad_token_id=PAD, continuations=[[1]])
+        Sampler(model).generate([[9]], max_new_tokens=2, eos_token_id=EOS, pad_token_id=PAD,
+                                resume=Rollout([[9], [9]], [[1], [1]], [[0.0], [0.0]], [[0], [0]], [False, False]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -290,20 +284,20 @@ def test_continuation_counts_towards_max_new_tokens(model):
 # --------------------------------------------------------------------------------------------------
 
 
-def test_to_padded_layout():
+def test_to_batch_layout():
     r = Rollout(
         prompt_ids=[[5, 6, 7], [8]],
         response_ids=[[9, EOS], [10, 11, 12]],
-        behaviour_log_probs=[[-0.1, -0.2], [-0.3, -0.4, -0.5]],
+        rollout_log_probs=[[-0.1, -0.2], [-0.3, -0.4, -0.5]],
         token_versions=[[1, 1], [1, 2, 2]],
         finished=[True, False],
     )
-    p = r.to_padded(PAD)
+    p = r.to_batch(PAD)
     assert p.prompt_length == 3 and p.response_length == 3
     assert p.input_ids.tolist() == [[5, 6, 7, 9, EOS, PAD], [PAD, PAD, 8, 10, 11, 12]]
     assert p.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
     assert p.response_mask.tolist() == [[True, True, False], [True, True, True]]
-    assert torch.allclose(p.behaviour_log_prob, torch.tensor([[-0.1, -0.2, 0.0], [-0.3, -0.4, -0.5]]))
+    assert torch.allclose(p.rollout_log_prob, torch.tensor([[-0.1, -0.2, 0.0], [-0.3, -0.4, -0.5]]))
     assert p.token_version.tolist() == [[1, 1, -1], [1, 2, 2]]
     assert p.finished.tolist() == [True, False]
     assert p.response_ids.tolist() == [[9, EOS, PAD], [10, 11, 12]]
@@ -313,7 +307,7 @@ def test_to_padded_layout():
 
 def test_sequence_log_probs_entropy_and_grad(model, prompts):
     rollout = Sampler(model).generate(prompts, max_new_tokens=6, generator=gen(0), eos_token_id=EOS, pad_token_id=PAD)
-    padded = rollout.to_padded(PAD)
+    padded = rollout.to_batch(PAD)
     args = (padded.input_ids, padded.attention_mask, padded.response_length)
     trainer = tiny()
     trainer.train()

@@ -22,6 +22,7 @@ import torch
 from vespo.losses.numerics import (
     LOG_RATIO_CLAMP,
     clamped_log_ratio,
+    k3_kl,
     masked_mean,
     normalized_ess_from_log,
 )
@@ -83,7 +84,7 @@ def rollout_correction(
         "mismatch/log_prob_diff_mean": masked_mean(-log_r, mask).item(),
         "mismatch/log_prob_diff_abs_mean": masked_mean(log_r.abs(), mask).item(),
         "mismatch/log_prob_diff_abs_max": (log_r.abs() * mask).max().item() if mask.any() else 0.0,
-        "mismatch/k3_kl": masked_mean(r - 1.0 - log_r, mask).item(),
+        "mismatch/k3_kl": masked_mean(k3_kl(log_r), mask).item(),
         "mismatch/seq_log_w_mean": seq_log_r[valid_seq].mean().item() if valid_seq.any() else 0.0,
         "mismatch/seq_ess": normalized_ess_from_log(seq_log_r[valid_seq]).item(),
     }

@@ -42,6 +42,13 @@ def safe_exp(log_x: torch.Tensor, bound: float = LOG_RATIO_CLAMP) -> torch.Tenso
     return torch.exp(log_x.clamp(-bound, bound)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
 
+def k3_kl(log_r: torch.Tensor) -> torch.Tensor:
+    """Per-sample k3 estimator of KL(q || p) from samples of q, with ``log_r = log p - log q``:
+    r - 1 - log r (>= 0, unbiased; Schulman's k3), on the clamped log-ratio."""
+    log_r = log_r.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return torch.exp(log_r) - 1.0 - log_r
+
+
 def normalized_ess_from_log(log_w: torch.Tensor) -> torch.Tensor:
     """Normalised effective sample size (sum w)^2 / (n sum w^2) in [1/n, 1], from log-weights.
 

@@ -53,23 +53,17 @@ from typing import Any
 
 import torch
 
-from vespo.rollout.advantages import group_advantages
-from vespo.train.config import ConfigError, TrainConfig
-from vespo.rollout.source import (
-    MiniBatch,
-    OldLogProbFn,
-    PromptStream,
-    RolloutSourceError,
-    encode_prompts,
-)
-from vespo.rollout.sampler import Rollout, Sampler, sequence_log_probs
+from vespo.rollout.batch import Rollout, RolloutBatch
+from vespo.rollout.engine import DTYPES, build_engine
+from vespo.rollout.generate import RolloutSettings, generate_and_score, rollout_metrics
+from vespo.rollout.metrics import engine_mismatch_metrics, staleness_metrics
+from vespo.rollout.prompts import PromptStream
+from vespo.rollout.reference import ReferencePolicy
+from vespo.rollout.source import OldLogProbFn, RolloutSourceError, set_old_log_prob
 from vespo.tasks import Example, RewardRunner
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 #: Chunks queued on one worker at a time: one running, one ready to start the moment it ends.
 CHUNKS_PER_WORKER = 2
-#: Lag histogram buckets logged per step (``stale/lag_frac_0`` ... ``stale/lag_frac_7``, then ``_ge8``).
-LAG_BUCKETS = 8
 PROCESS_FILE = "ray_processes.json"
 
 
@@ -91,6 +85,25 @@ def staleness_bound(sync_every: int, staleness_threshold: float, mini_batch_prom
 # ======================================================================================
 # Worker (runs inside a Ray actor; plain class so that it also runs in-process in tests)
 # ======================================================================================
+@dataclass(frozen=True)
+class AsyncSettings:
+    """The Ray source's schedule and fault settings (see the module docstring and docs/async.md)."""
+
+    num_workers: int = 1
+    sync_every: int = 4
+    staleness_threshold: float = 1.0
+    partial_rollout: bool = True
+    queue_size: int = 64
+    ray_address: str | None = None
+    worker_timeout_s: float = 300.0
+    chunk_prompts: int | None = None
+    max_worker_restarts: int = 3
+    worker_threads: int = 1
+    worker_cpus: float = 1.0
+    measure_mismatch: bool = True
+    worker_resources: dict[str, float] = field(default_factory=dict)
+
+
 @dataclass
 class WorkerSpec:
     """Everything a rollout worker needs; shipped once to each actor through the object store."""
@@ -98,14 +111,7 @@ class WorkerSpec:
     model: torch.nn.Module
     tokenizer: Any
     task: Any
-    group_size: int
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-    sampler_dtype: str
-    trainer_dtype: str
-    normalize_adv_std: bool
-    reward_timeout_s: float
+    settings: RolloutSettings
     threads: int
     partial_rollout: bool
     measure_mismatch: bool
@@ -132,7 +138,7 @@ def _rebuilt(model: torch.nn.Module) -> torch.nn.Module:
 
 
 class RolloutWorker:
-    """One rollout worker: a sampler with its own weights, a reward runner and a generator.
+    """One rollout worker: a sampler engine with its own weights, a reward runner and a generator.
 
     ``generate`` calls are served in ticket order (``request["ticket"]`` = 0, 1, 2, ...) and only
     once weights of at least ``request["min_version"]`` have arrived. ``set_weights`` may arrive
@@ -145,16 +151,19 @@ class RolloutWorker:
         torch.set_num_threads(max(1, spec.threads))
         self.spec = spec
         self.index = index
+        settings = spec.settings
         model = _rebuilt(spec.model)
-        self.sampler = Sampler(model, dtype=DTYPES[spec.sampler_dtype], policy_version=-1)
-        # The trainer-precision copy: log-probs of the sampled tokens under the sampling weights.
-        self.reference = Sampler(model, dtype=DTYPES[spec.trainer_dtype]) if spec.measure_mismatch else None
+        self.engine = build_engine(settings.engine, model, dtype=settings.sampler_dtype, options=settings.engine_options)
+        self.engine.policy_version = -1
+        pad = spec.tokenizer.pad_token_id if spec.tokenizer.pad_token_id is not None else 0
+        self.reference = (
+            ReferencePolicy(model, dtype=DTYPES[settings.trainer_dtype], pad_id=pad,
+                            engine_model=getattr(self.engine, "model", None))
+            if spec.measure_mismatch else None
+        )
         self.tokenizer = spec.tokenizer
-        self.runner = RewardRunner(spec.task, timeout_s=spec.reward_timeout_s)
+        self.runner = RewardRunner(spec.task, timeout_s=settings.reward_timeout_s)
         self.generator = torch.Generator()
-        self.config = getattr(self.sampler.model, "config", None)
-        self.num_experts_per_tok = getattr(self.config, "num_experts_per_tok", None)
-        self.is_moe = bool(getattr(self.config, "num_experts", None) or getattr(self.config, "num_local_experts", None))
         self._cond = threading.Condition()
         self._pending: tuple[dict[str, torch.Tensor], int, int | None] | None = None
         self._interrupt = threading.Event()
@@ -191,9 +200,9 @@ class RolloutWorker:
         if pending is None:
             return
         state_dict, version, seed = pending
-        self.sampler.load_state_dict(state_dict, version=version)
+        self.engine.load_state_dict(state_dict, version=version)
         if self.reference is not None:
-            self.reference.load_state_dict(state_dict, version=version)
+            self.reference.load_state_dict(state_dict)
         if seed is not None:
             self.generator.manual_seed(int(seed))
         self.version = version
@@ -218,135 +227,22 @@ class RolloutWorker:
                 self._cond.notify_all()
 
     def _run_chunk(self, request: dict[str, Any]) -> dict[str, Any]:
-        spec, tok = self.spec, self.tokenizer
+        """One :func:`generate_and_score` call on the chunk's examples; one :class:`Rollout` per group."""
         examples: list[Example] = request["examples"]
-        g = spec.group_size
+        g = self.spec.settings.group_size
         t0 = time.perf_counter()
         self._load_pending()
-        version_start = self.version
-        prompts = encode_prompts(tok, examples)
-        repeated = [p for p in prompts for _ in range(g)]
-        n = len(repeated)
-        reference: list[list[float]] = [[] for _ in range(n)]
-        flips: list[float] = []
-        interrupted: set[int] = set()
-        segments = 0
-        rollout: Rollout | None = None
-        stop_flag = self._interrupt.is_set if spec.partial_rollout else None
-        while True:
-            before = [0] * n if rollout is None else [len(r) for r in rollout.response_ids]
-            rollout = self.sampler.generate(
-                repeated,
-                max_new_tokens=spec.max_new_tokens,
-                eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id,
-                temperature=spec.temperature,
-                top_p=spec.top_p,
-                generator=self.generator,
-                continuations=None if segments == 0 else rollout.response_ids,
-                continuation_log_probs=None if segments == 0 else rollout.behaviour_log_probs,
-                continuation_versions=None if segments == 0 else rollout.token_versions,
-                stop_flag=stop_flag,
-            )
-            segments += 1
-            if self.reference is not None:
-                flips.extend(self._reference_pass(rollout, before, reference))
-            open_rows = [i for i in range(n) if not rollout.finished[i]
-                         and len(rollout.response_ids[i]) < spec.max_new_tokens]
-            if not open_rows:
-                break
-            # interrupted by a weight sync: continue these responses under the new weights
-            interrupted.update(open_rows)
-            self._load_pending()
-        gen_s = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        responses = [tok.decode(r, skip_special_tokens=True) for r in rollout.response_ids]
-        scores, reward_stats = self.runner.score_batch(responses, [ex for ex in examples for _ in range(g)])
-        rewards = torch.tensor(scores, dtype=torch.float32)
-        advantages = group_advantages(rewards, g, normalize_std=spec.normalize_adv_std)
-        score_s = time.perf_counter() - t1
+        partial = self.spec.partial_rollout and self.engine.supports_partial_rollout
+        rollout, stats = generate_and_score(
+            self.engine, examples, tokenizer=self.tokenizer, reward_runner=self.runner,
+            settings=self.spec.settings, generator=self.generator, reference=self.reference,
+            stop_flag=self._interrupt.is_set if partial else None,
+            on_interrupt=self._load_pending if partial else None,
+        )
         busy = time.perf_counter() - t0
         self.busy_s += busy
-        groups = []
-        for k in range(len(examples)):
-            rows = range(k * g, (k + 1) * g)
-            groups.append({
-                "prompt_ids": [rollout.prompt_ids[i] for i in rows],
-                "response_ids": [rollout.response_ids[i] for i in rows],
-                "mu": [rollout.behaviour_log_probs[i] for i in rows],
-                "versions": [rollout.token_versions[i] for i in rows],
-                "finished": [rollout.finished[i] for i in rows],
-                "reference": [reference[i] for i in rows] if self.reference is not None else None,
-                "rewards": rewards[k * g : (k + 1) * g].tolist(),
-                "advantages": advantages[k * g : (k + 1) * g].tolist(),
-            })
-        stats = {
-            "busy_s": busy,
-            "generate_s": gen_s,
-            "score_s": score_s,
-            "tokens": float(sum(len(r) for r in rollout.response_ids)),
-            "segments": float(segments),
-            "interrupted_rows": float(len(interrupted)),
-            "rows": float(n),
-            "version_start": float(version_start),
-            "version_end": float(self.version),
-            **{k: float(v) for k, v in reward_stats.items() if k != "reward/scoring_time_s"},
-        }
-        if flips:
-            stats["routing_flip_frac"] = sum(flips) / len(flips)
-        return {"groups": groups, "stats": stats, "worker": self.index}
-
-    @torch.no_grad()
-    def _reference_pass(self, rollout: Rollout, before: list[int], out: list[list[float]]) -> list[float]:
-        """Trainer-precision log-probs of the tokens added in the last segment, under the weights that
-        sampled them; for MoE models also the share of (token, layer) routings that differ between
-        the sampler's and the trainer's precision. Appends to ``out``; returns the flip fractions."""
-        rows = [i for i in range(len(rollout)) if len(rollout.response_ids[i]) > before[i]]
-        if not rows:
-            return []
-        sub = rollout.select(rows)
-        padded = sub.to_padded(self.tokenizer.pad_token_id or 0)
-        t = padded.response_length
-        logp = sequence_log_probs(self.reference.model, padded.input_ids, padded.attention_mask, t)
-        for j, i in enumerate(rows):
-            out[i].extend(logp[j, before[i] : len(rollout.response_ids[i])].tolist())
-        if not self.is_moe:
-            return []
-        try:
-            return [self._routing_flips(padded, [before[i] for i in rows])]
-        except Exception:  # noqa: BLE001  # pragma: no cover - a model without router outputs
-            self.is_moe = False
-            return []
-
-    def _routing_flips(self, padded, starts: list[int]) -> float:
-        """Fraction of (new token, layer) pairs whose top-k experts differ between the sampler's
-        precision and the trainer's, on the same inputs (full forward passes)."""
-        from vespo.rollout.sampler import position_ids_from_mask
-
-        ids, mask = padded.input_ids, padded.attention_mask
-        kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids_from_mask(mask),
-                  "output_router_logits": True, "use_cache": False}
-        routed_ref = self.reference.model(**kwargs).router_logits
-        routed_smp = self.sampler.model(**kwargs).router_logits
-        b, width = ids.shape
-        p = padded.prompt_length
-        # responses tokens [p, width); this segment's new tokens start at p + starts[j]
-        new = torch.zeros((b, width), dtype=torch.bool)
-        for j, s in enumerate(starts):
-            new[j, p + s :] = True
-        new &= mask.bool()
-        # router position j decides the hidden state that predicts token j+1; use positions of new tokens
-        sel = new.reshape(-1)
-        if not sel.any():
-            return 0.0
-        k = self.num_experts_per_tok or 1
-        total = flipped = 0.0
-        for r_ref, r_smp in zip(routed_ref, routed_smp):
-            a = r_ref.float().reshape(b * width, -1)[sel].topk(k, -1).indices.sort(-1).values
-            c = r_smp.float().reshape(b * width, -1)[sel].topk(k, -1).indices.sort(-1).values
-            flipped += float((a != c).any(-1).sum())
-            total += float(a.shape[0])
-        return flipped / max(total, 1.0)
+        groups = [rollout.select(range(k * g, (k + 1) * g)) for k in range(len(examples))]
+        return {"groups": groups, "stats": {**stats, "busy_s": busy}, "worker": self.index}
 
 
 # ======================================================================================
@@ -360,7 +256,7 @@ class _Group:
     position: int  # index in the prompt stream (for resume)
     example: Example
     chunk: int | None = None  # chunk in flight, None when waiting for (re)dispatch
-    result: dict[str, Any] | None = None
+    result: Rollout | None = None
 
 
 @dataclass
@@ -386,33 +282,35 @@ class _Slot:
 
 
 class AsyncRolloutSource:
-    """Rollout source of ``run.mode: async`` (see the module docstring).
-
-    Implements the trainer's source interface: ``next_minibatch``, ``commit``,
-    ``after_optimizer_step``, ``log_prob_metrics``, ``state``/``load_state`` and ``close``.
-    """
+    """Rollout source of ``run.mode: async`` (see the module docstring); implements
+    :class:`vespo.rollout.source.RolloutSource`."""
 
     def __init__(
         self,
-        cfg: TrainConfig,
+        settings: RolloutSettings,
+        async_settings: AsyncSettings,
         *,
         model: torch.nn.Module,
-        tokenizer,
-        task,
+        tokenizer: Any,
+        task: Any,
         train_examples: Sequence[Example],
+        mini_batch_prompts: int,
+        seed: int,
+        run_dir: str | Path,
         old_log_prob_fn: OldLogProbFn | None = None,
     ):
         from vespo.rollout import ray_utils
 
         if not ray_utils.ray_installed():
-            raise ConfigError("run.mode=async needs Ray: pip install 'vespo[async]' (or pip install ray)")
-        acfg, alg = cfg.async_, cfg.algorithm
-        self.cfg = cfg
-        self.m = alg.mini_batch_prompts
-        self.group_size = cfg.sampling.group_size
+            raise ValueError("run.mode=async needs Ray: pip install -c constraints.txt 'vespo[async]'")
+        acfg = async_settings
+        self.settings, self.async_settings = settings, acfg
+        self.seed = seed
+        self.m = mini_batch_prompts
+        self.group_size = settings.group_size
         self.sync_every = acfg.sync_every
         if acfg.queue_size < self.m:
-            raise ConfigError(
+            raise ValueError(
                 f"async.queue_size={acfg.queue_size} must be >= algorithm.mini_batch_prompts={self.m} "
                 "(one optimizer step needs that many completed groups)"
             )
@@ -426,12 +324,8 @@ class AsyncRolloutSource:
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.old_log_prob_fn = old_log_prob_fn
-        self.stream = PromptStream(train_examples, seed=cfg.run.seed)
-        self.run_dir = Path(cfg.run.out_dir)
-
-        # threads: each worker gets acfg.worker_threads, the trainer keeps the rest of a local machine
-        if cfg.run.threads is None and not acfg.ray_address:
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) - acfg.num_workers * acfg.worker_threads))
+        self.stream = PromptStream(train_examples, seed=seed)
+        self.run_dir = Path(run_dir)
 
         # a run killed with SIGKILL may have left Ray agents behind: reap them before starting anew
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -450,11 +344,8 @@ class AsyncRolloutSource:
         on_cpu = all(p.device.type == "cpu" for p in model.parameters())
         spec = WorkerSpec(
             model=model if on_cpu else copy.deepcopy(model).cpu(), tokenizer=tokenizer, task=task,
-            group_size=self.group_size, max_new_tokens=cfg.sampling.max_new_tokens,
-            temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
-            sampler_dtype=cfg.sampling.sampler_dtype, trainer_dtype=cfg.model.dtype,
-            normalize_adv_std=alg.normalize_adv_std, reward_timeout_s=cfg.task.reward_timeout_s,
-            threads=acfg.worker_threads, partial_rollout=self.partial, measure_mismatch=acfg.measure_mismatch,
+            settings=settings, threads=acfg.worker_threads, partial_rollout=self.partial,
+            measure_mismatch=acfg.measure_mismatch,
         )
         # reward functions loaded from a .py file live in a module the workers cannot import:
         # ship their code by value
@@ -464,7 +355,10 @@ class AsyncRolloutSource:
             if name.startswith("vespo_user_reward_"):
                 ray.cloudpickle.register_pickle_by_value(module)
         self._spec_ref = ray.put(spec)
-        self._actor_cls = ray.remote(num_cpus=acfg.worker_cpus, max_concurrency=CHUNKS_PER_WORKER + 2)(RolloutWorker)
+        options: dict[str, Any] = {"num_cpus": acfg.worker_cpus, "max_concurrency": CHUNKS_PER_WORKER + 2}
+        if acfg.worker_resources:
+            options["resources"] = dict(acfg.worker_resources)
+        self._actor_cls = ray.remote(**options)(RolloutWorker)
         self._slots = [_Slot(i, self._spawn(i)) for i in range(acfg.num_workers)]
 
         # pipeline state
@@ -481,7 +375,6 @@ class AsyncRolloutSource:
         self._start_step = 0
         self._closed = False
         self._taken: list[_Group] = []
-        self._current: tuple[MiniBatch, torch.Tensor | None] | None = None
         # accounting
         self.restarts = 0
         self.consumed_groups = 0
@@ -497,7 +390,7 @@ class AsyncRolloutSource:
 
     def _worker_seed(self, index: int) -> int:
         """Worker 0 of a fresh run samples with ``run.seed`` itself (as the sync trainer does)."""
-        seed = self.cfg.run.seed
+        seed = self.seed
         return seed + 1_000_003 * index + 7_919 * self._start_step + 104_729 * self.restarts
 
     def _start(self, model: torch.nn.Module, policy_version: int) -> None:
@@ -664,7 +557,7 @@ class AsyncRolloutSource:
                 self._replace(slot, f"no chunk finished for {self.timeout_s:.0f}s (async.worker_timeout_s)")
 
     # ---------------------------------------------------------------- source interface
-    def next_minibatch(self, model: torch.nn.Module, policy_version: int) -> MiniBatch:
+    def next_batch(self, model: torch.nn.Module, policy_version: int) -> RolloutBatch:
         """The m oldest dispatched groups, as one mini-batch (waits until they are complete)."""
         if self._closed:
             raise RolloutSourceError("the async rollout source is closed")
@@ -688,12 +581,9 @@ class AsyncRolloutSource:
         in_flight = sum(len(c.groups) for c in self._chunks.values())
         self._taken = head
         mb = self._assemble(head, policy_version)
-        t1 = time.perf_counter()
+        old_s = set_old_log_prob(mb, self.old_log_prob_fn)
         if self.old_log_prob_fn is not None:
-            mb.old_log_prob = self.old_log_prob_fn(mb)
-            mb.metrics["perf/old_log_prob_time_s"] = time.perf_counter() - t1
-        else:
-            mb.old_log_prob = mb.behaviour_log_prob
+            mb.metrics["perf/old_log_prob_time_s"] = old_s
         now = time.perf_counter()
         elapsed = now - (self._t_start or now)
         interval = now - self._last_return if self._last_return is not None else None
@@ -714,7 +604,7 @@ class AsyncRolloutSource:
         return mb
 
     def commit(self) -> None:
-        """The groups handed out by :meth:`next_minibatch` were trained on: drop them."""
+        """The groups handed out by :meth:`next_batch` were trained on: drop them."""
         for _ in self._taken:
             self._groups.popleft()
         self.consumed_groups += len(self._taken)
@@ -729,13 +619,6 @@ class AsyncRolloutSource:
         self._push_weights(model, step)
         self._dispatch()
         return {"perf/sync_time_s": time.perf_counter() - t0, "async/weight_version": float(step)}
-
-    def log_prob_metrics(self, mb: MiniBatch, log_prob: torch.Tensor) -> dict[str, float]:
-        """Gap between the trainer's log-probs at consumption (``log_prob [b, T]``) and mu, and log W
-        split into its staleness and mismatch parts (see docs/async.md)."""
-        if self._current is None or self._current[0] is not mb:
-            return {}
-        return gap_metrics(mb, log_prob, self._current[1])
 
     def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
         """Prompt positions of every group not yet trained on (dispatched again after a resume)."""
@@ -770,39 +653,13 @@ class AsyncRolloutSource:
             self.process_file.unlink(missing_ok=True)
 
     # --------------------------------------------------------------------- internals
-    def _assemble(self, groups: list[_Group], policy_version: int) -> MiniBatch:
-        res = [g.result for g in groups]
-        rollout = Rollout(
-            prompt_ids=[p for r in res for p in r["prompt_ids"]],
-            response_ids=[x for r in res for x in r["response_ids"]],
-            behaviour_log_probs=[x for r in res for x in r["mu"]],
-            token_versions=[x for r in res for x in r["versions"]],
-            finished=[x for r in res for x in r["finished"]],
-        )
-        padded = rollout.to_padded(self.pad_id)
-        reference = None
-        if all(r["reference"] is not None for r in res):
-            refs = [x for r in res for x in r["reference"]]
-            reference = torch.zeros_like(padded.behaviour_log_prob)
-            for i, lp in enumerate(refs):
-                if lp:
-                    reference[i, : len(lp)] = torch.tensor(lp, dtype=torch.float32)
-        mask = padded.response_mask.bool()
-        lag = (policy_version - padded.token_version).masked_fill(~mask, 0)
-        max_lag = int(lag[mask].max()) if mask.any() else 0
-        mb = MiniBatch.from_rollout(
-            padded,
-            advantages=torch.tensor([a for r in res for a in r["advantages"]], dtype=torch.float32),
-            rewards=torch.tensor([x for r in res for x in r["rewards"]], dtype=torch.float32),
-            stale_index=max_lag,
-        )
-        if max_lag > self.bound:
+    def _assemble(self, groups: list[_Group], policy_version: int) -> RolloutBatch:
+        mb = Rollout.concat([g.result for g in groups]).to_batch(self.pad_id)
+        if mb.stale_index(policy_version) > self.bound:
             self.violations += 1
         mb.metrics = staleness_metrics(mb, policy_version, self.bound)
         mb.metrics["stale/bound_violations"] = float(self.violations)
-        if reference is not None:
-            mb.metrics.update(engine_mismatch_metrics(mb, reference))
-        self._current = (mb, reference)
+        mb.metrics.update(engine_mismatch_metrics(mb))
         return mb
 
     def _worker_util(self, elapsed: float) -> float:
@@ -811,101 +668,11 @@ class AsyncRolloutSource:
         return sum(s.busy_s for s in self._slots) / (len(self._slots) * elapsed)
 
     def _chunk_metrics(self) -> dict[str, float]:
-        """Averages over the chunks that finished since the last step."""
+        """Metrics of the chunks that finished since the last step."""
         stats, self._chunk_stats = self._chunk_stats, []
         if not stats:
             return {}
-        out: dict[str, float] = {}
-        busy = sum(s["busy_s"] for s in stats)
-        out["perf/sample_time_s"] = sum(s["generate_s"] for s in stats) / len(stats)
-        out["perf/sample_tokens_per_s"] = sum(s["tokens"] for s in stats) / max(sum(s["generate_s"] for s in stats), 1e-9)
-        out["perf/reward_time_s"] = sum(s["score_s"] for s in stats) / len(stats)
+        out = rollout_metrics(stats)
         out["async/chunks_done"] = float(len(stats))
-        out["async/interrupted_rows_frac"] = sum(s["interrupted_rows"] for s in stats) / max(sum(s["rows"] for s in stats), 1.0)
-        for key in ("reward/errors", "reward/timeouts", "reward/nonfinite", "reward/clipped"):
-            if any(key in s for s in stats):
-                out[key] = sum(s.get(key, 0.0) for s in stats)
-        flips = [s["routing_flip_frac"] for s in stats if "routing_flip_frac" in s]
-        if flips:
-            out["mismatch/routing_flip_frac"] = sum(flips) / len(flips)
-        out["perf/worker_busy_s"] = busy
+        out["perf/worker_busy_s"] = sum(s["busy_s"] for s in stats)
         return out
-
-
-# ======================================================================================
-# Metrics
-# ======================================================================================
-def staleness_metrics(mb: MiniBatch, policy_version: int, bound: int) -> dict[str, float]:
-    """Token-weighted lag distribution, per-response oldest lag and partial-rollout statistics."""
-    mask = mb.response_mask.bool()
-    lag = (policy_version - mb.token_version).masked_fill(~mask, 0)
-    tokens = lag[mask].float()
-    out: dict[str, float] = {"stale/bound": float(bound)}
-    if tokens.numel() == 0:
-        return out
-    for k in range(LAG_BUCKETS):
-        out[f"stale/lag_frac_{k}"] = (tokens == k).float().mean().item()
-    out[f"stale/lag_frac_ge{LAG_BUCKETS}"] = (tokens >= LAG_BUCKETS).float().mean().item()
-    out["stale/lag_p50"] = tokens.quantile(0.5).item()
-    out["stale/lag_p90"] = tokens.quantile(0.9).item()
-    has = mask.any(-1)
-    big = torch.iinfo(torch.long).max
-    vmax = mb.token_version.masked_fill(~mask, -1).max(-1).values
-    vmin = mb.token_version.masked_fill(~mask, big).min(-1).values
-    span = (vmax - vmin)[has]
-    out["stale/seq_oldest_lag_mean"] = (policy_version - vmin[has]).float().mean().item()
-    out["stale/partial_frac"] = (span > 0).float().mean().item()
-    out["stale/partial_span_max"] = float(span.max().item())
-    return out
-
-
-def _k3(log_r: torch.Tensor) -> torch.Tensor:
-    """k3 estimator of KL(mu || pi) from samples of mu: r - 1 - log r with r = pi/mu."""
-    log_r = log_r.clamp(-20.0, 20.0)
-    return log_r.exp() - 1.0 - log_r
-
-
-def engine_mismatch_metrics(mb: MiniBatch, reference: torch.Tensor) -> dict[str, float]:
-    """Sampler (mu) against trainer precision under the *same* weights: pure engine mismatch."""
-    mask = mb.response_mask.bool()
-    diff = (reference - mb.behaviour_log_prob)[mask]
-    if diff.numel() == 0:
-        return {}
-    return {
-        "mismatch/engine_log_prob_diff_mean": diff.mean().item(),
-        "mismatch/engine_log_prob_diff_abs_mean": diff.abs().mean().item(),
-        "mismatch/engine_log_prob_diff_abs_max": diff.abs().max().item(),
-        "mismatch/engine_k3_kl": _k3(diff).mean().item(),
-    }
-
-
-def gap_metrics(mb: MiniBatch, log_prob: torch.Tensor, reference: torch.Tensor | None) -> dict[str, float]:
-    """pi_theta at consumption against mu per token, and the sequence log W split.
-
-    ``log W = sum_t (log pi_theta - log mu)`` = staleness part ``sum_t (log pi_theta - log pi_v)``
-    + mismatch part ``sum_t (log pi_v - log mu)``, where ``pi_v`` is the trainer-precision policy
-    of the weights that sampled each token (``reference``; the split needs it).
-    """
-    mask = mb.response_mask.bool()
-    if not mask.any():
-        return {}
-    logp = log_prob.detach().float()
-    token = (logp - mb.behaviour_log_prob)[mask]
-    has = mask.any(-1)
-    fm = mask.float()
-    out = {
-        "mismatch/pi_mu_log_prob_diff_mean": token.mean().item(),
-        "mismatch/pi_mu_log_prob_diff_abs_mean": token.abs().mean().item(),
-        "mismatch/pi_mu_k3_kl": _k3(token).mean().item(),
-    }
-    total = ((logp - mb.behaviour_log_prob) * fm).sum(-1)[has]
-    out["is/log_w_pi_mu_mean"] = total.mean().item()
-    out["is/log_w_pi_mu_abs_mean"] = total.abs().mean().item()
-    if reference is not None:
-        stale = ((logp - reference) * fm).sum(-1)[has]
-        engine = ((reference - mb.behaviour_log_prob) * fm).sum(-1)[has]
-        out["stale/log_w_mean"] = stale.mean().item()
-        out["stale/log_w_abs_mean"] = stale.abs().mean().item()
-        out["mismatch/log_w_mean"] = engine.mean().item()
-        out["mismatch/log_w_abs_mean"] = engine.abs().mean().item()
-    return out

@@ -1,243 +1,32 @@
-"""Rollout engine: batched KV-cache sampling that records exact behaviour log-probs.
+"""The ``hf`` sampler engine: batched KV-cache sampling on the transformers model.
 
-Two halves that must agree token for token:
+:class:`Sampler` keeps its own copy of the policy (possibly in bf16) and samples responses. For
+every sampled token it records mu, the log-probability under the distribution the token was
+actually drawn from (temperature-scaled, top-p truncated and renormalised), and the policy version
+that produced it. Generation can be interrupted (``stop_flag``) and resumed later under newer
+weights (``resume``): the partial rollouts of asynchronous training.
 
-* :class:`Sampler` keeps its own copy of the policy (possibly in bf16) and samples responses. For
-  every sampled token it records ``mu``, the log-probability under the distribution the token was
-  actually drawn from (temperature-scaled, top-p truncated and renormalised), and the policy
-  version that produced it. Generation can be interrupted (``stop_flag``) and resumed later under
-  newer weights (``continuations``): the partial rollouts of asynchronous training.
-* :func:`sequence_log_probs` / :func:`sequence_log_probs_and_entropy` recompute log-probs of the
-  same tokens with one full forward pass: the trainer's ``log pi_theta`` (and ``pi_old``).
-
-With the same weights in fp32, temperature and ``top_p=1``, the two agree to ~1e-6; any gap
-left is the train/inference mismatch (bf16 sampler, MoE routing flips) or staleness that the
-off-policy losses correct for.
+With the same weights in fp32, temperature and ``top_p=1``, mu agrees with the trainer's full
+forward (:func:`vespo.rollout.log_probs.sequence_log_probs`) to ~1e-6; any gap left is the
+train/inference mismatch (bf16 sampler, MoE routing flips) or staleness that the off-policy
+losses correct for.
 """
 
 from __future__ import annotations
 
 import copy
-import inspect
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = [
-    "PaddedRollout",
-    "Rollout",
-    "Sampler",
-    "left_pad",
-    "position_ids_from_mask",
-    "sample_tokens",
-    "sequence_log_probs",
-    "sequence_log_probs_and_entropy",
-]
+from vespo.rollout.batch import Rollout
+from vespo.rollout.log_probs import forward_logits, left_pad, position_ids_from_mask
 
-
-# --------------------------------------------------------------------------------------------------
-# Containers
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PaddedRollout:
-    """A :class:`Rollout` as tensors (``B`` sequences, prompt width ``P``, response width ``T``).
-
-    ``input_ids [B, P+T]``: prompts left-padded to ``P``, responses right-padded to ``T``.
-    ``attention_mask [B, P+T]`` (long): 1 on real prompt and response tokens.
-    ``response_mask [B, T]`` (bool): True on response tokens, up to and including EOS.
-    ``behaviour_log_prob [B, T]`` (float32): ``mu`` per token, 0 on padding.
-    ``token_version [B, T]`` (long): policy version per token, -1 on padding.
-    ``finished [B]`` (bool): the response ended with EOS.
-    """
-
-    input_ids: Tensor
-    attention_mask: Tensor
-    response_mask: Tensor
-    behaviour_log_prob: Tensor
-    token_version: Tensor
-    prompt_length: int
-    finished: Tensor
-
-    @property
-    def response_length(self) -> int:
-        """Response width ``T``."""
-        return self.input_ids.shape[1] - self.prompt_length
-
-    @property
-    def response_ids(self) -> Tensor:
-        """``[B, T]`` response tokens (pad id after the end)."""
-        return self.input_ids[:, self.prompt_length :]
-
-    def to(self, device: torch.device | str) -> PaddedRollout:
-        """Copy of the tensors on ``device``."""
-        return PaddedRollout(
-            input_ids=self.input_ids.to(device),
-            attention_mask=self.attention_mask.to(device),
-            response_mask=self.response_mask.to(device),
-            behaviour_log_prob=self.behaviour_log_prob.to(device),
-            token_version=self.token_version.to(device),
-            prompt_length=self.prompt_length,
-            finished=self.finished.to(device),
-        )
-
-
-@dataclass
-class Rollout:
-    """Sampled responses with per-token behaviour log-probs and policy versions (ragged lists).
-
-    ``response_ids[i]`` ends with EOS iff ``finished[i]``; ``behaviour_log_probs[i]`` and
-    ``token_versions[i]`` have the same length as ``response_ids[i]``.
-    """
-
-    prompt_ids: list[list[int]]
-    response_ids: list[list[int]]
-    behaviour_log_probs: list[list[float]]
-    token_versions: list[list[int]]
-    finished: list[bool]
-
-    def __post_init__(self) -> None:
-        n = len(self.prompt_ids)
-        if not (len(self.response_ids) == len(self.behaviour_log_probs) == len(self.token_versions)
-                == len(self.finished) == n):
-            raise ValueError("Rollout fields must all have one entry per sequence")
-        for i, (r, lp, v) in enumerate(zip(self.response_ids, self.behaviour_log_probs, self.token_versions)):
-            if not len(r) == len(lp) == len(v):
-                raise ValueError(
-                    f"sequence {i}: response_ids, behaviour_log_probs and token_versions have lengths "
-                    f"{len(r)}, {len(lp)}, {len(v)}"
-                )
-
-    def __len__(self) -> int:
-        return len(self.prompt_ids)
-
-    @property
-    def response_lengths(self) -> list[int]:
-        return [len(r) for r in self.response_ids]
-
-    def select(self, indices: Iterable[int]) -> Rollout:
-        """The sub-rollout of the given sequence indices (lists are copied)."""
-        idx = list(indices)
-        return Rollout(
-            prompt_ids=[list(self.prompt_ids[i]) for i in idx],
-            response_ids=[list(self.response_ids[i]) for i in idx],
-            behaviour_log_probs=[list(self.behaviour_log_probs[i]) for i in idx],
-            token_versions=[list(self.token_versions[i]) for i in idx],
-            finished=[self.finished[i] for i in idx],
-        )
-
-    @staticmethod
-    def concat(rollouts: Sequence[Rollout]) -> Rollout:
-        """Sequences of several rollouts, in order."""
-        return Rollout(
-            prompt_ids=[p for r in rollouts for p in r.prompt_ids],
-            response_ids=[p for r in rollouts for p in r.response_ids],
-            behaviour_log_probs=[p for r in rollouts for p in r.behaviour_log_probs],
-            token_versions=[p for r in rollouts for p in r.token_versions],
-            finished=[f for r in rollouts for f in r.finished],
-        )
-
-    def to_padded(self, pad_id: int, *, device: torch.device | str | None = None) -> PaddedRollout:
-        """Tensors for the trainer: left-padded prompts, right-padded responses (see :class:`PaddedRollout`)."""
-        b = len(self)
-        p = max((len(x) for x in self.prompt_ids), default=0)
-        t = max((len(x) for x in self.response_ids), default=0)
-        input_ids = torch.full((b, p + t), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((b, p + t), dtype=torch.long)
-        response_mask = torch.zeros((b, t), dtype=torch.bool)
-        mu = torch.zeros((b, t), dtype=torch.float32)
-        version = torch.full((b, t), -1, dtype=torch.long)
-        for i in range(b):
-            prompt, resp = self.prompt_ids[i], self.response_ids[i]
-            lp, lr = len(prompt), len(resp)
-            if lp:
-                input_ids[i, p - lp : p] = torch.tensor(prompt, dtype=torch.long)
-                attention_mask[i, p - lp : p] = 1
-            if lr:
-                input_ids[i, p : p + lr] = torch.tensor(resp, dtype=torch.long)
-                attention_mask[i, p : p + lr] = 1
-                response_mask[i, :lr] = True
-                mu[i, :lr] = torch.tensor(self.behaviour_log_probs[i], dtype=torch.float32)
-                version[i, :lr] = torch.tensor(self.token_versions[i], dtype=torch.long)
-        out = PaddedRollout(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            response_mask=response_mask,
-            behaviour_log_prob=mu,
-            token_version=version,
-            prompt_length=p,
-            finished=torch.tensor(self.finished, dtype=torch.bool),
-        )
-        return out.to(device) if device is not None else out
-
-
-# --------------------------------------------------------------------------------------------------
-# Shared helpers
-# --------------------------------------------------------------------------------------------------
-
-
-def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
-    """Positions counted over real tokens only, so a left-padded row starts at 0 (pads get 0)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-
-
-def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
-    """``(input_ids, attention_mask)`` ``[B, L]`` with every sequence right-aligned."""
-    width = max((len(s) for s in seqs), default=0)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if len(s):
-            ids[i, width - len(s) :] = torch.as_tensor(list(s), dtype=torch.long)
-            mask[i, width - len(s) :] = 1
-    if device is not None:
-        ids, mask = ids.to(device), mask.to(device)
-    return ids, mask
-
-
-_FORWARD_PARAMS: dict[type, frozenset[str]] = {}
-
-
-def _forward_params(model: nn.Module) -> frozenset[str]:
-    """Keyword names of ``model.forward`` (cached per class)."""
-    cls = type(model)
-    if cls not in _FORWARD_PARAMS:
-        try:
-            _FORWARD_PARAMS[cls] = frozenset(inspect.signature(model.forward).parameters)
-        except (TypeError, ValueError):  # pragma: no cover
-            _FORWARD_PARAMS[cls] = frozenset()
-    return _FORWARD_PARAMS[cls]
-
-
-def _forward_logits(model: nn.Module, keep: int, cache: Any = None, **inputs: Any) -> Tensor:
-    """Logits of the last ``keep`` positions, ``[B, keep, V]``.
-
-    Only those positions go through the LM head when the model takes ``logits_to_keep``. They are
-    given as an index tensor, not an int: transformers turns an int into a slice of the hidden
-    states, and torch's CPU ``linear`` on that non-contiguous 3-D view is 6x (fp32) to 250x (bf16)
-    slower than on a contiguous copy (2.2 s instead of 9 ms for SmolLM2's LM head at B=16, bf16);
-    indexing with a tensor makes the copy. A KV ``cache`` is passed as ``cache=`` (transformers >=
-    5.2x) or ``past_key_values=`` (older) and is updated in place.
-    """
-    params = _forward_params(model)
-    if "logits_to_keep" in params:
-        length = inputs["input_ids"].shape[1]
-        if length > keep:
-            inputs["logits_to_keep"] = torch.arange(length - keep, length, device=inputs["input_ids"].device)
-        else:
-            inputs["logits_to_keep"] = keep
-    if cache is not None:
-        inputs["cache" if "cache" in params else "past_key_values"] = cache
-        inputs["use_cache"] = True
-    logits = model(**inputs).logits
-    if logits.shape[1] != keep:
-        logits = logits[:, -keep:]
-    return logits
+__all__ = ["Sampler", "sample_tokens"]
 
 
 def sample_tokens(
@@ -283,87 +72,6 @@ def sample_tokens(
     if bool(overflow.any()):
         tokens = torch.where(overflow, cdf.argmax(-1), tokens)
     return tokens, logp_all.gather(-1, tokens[:, None]).squeeze(-1)
-
-
-# --------------------------------------------------------------------------------------------------
-# Trainer side: full-forward log-probs
-# --------------------------------------------------------------------------------------------------
-
-
-def sequence_log_probs_and_entropy(
-    model: nn.Module,
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    response_length: int,
-    *,
-    temperature: float = 1.0,
-    grad: bool | None = None,
-    with_entropy: bool = True,
-    entropy_grad: bool = False,
-) -> tuple[Tensor, Tensor | None]:
-    """Log-probs ``[B, T]`` of the last ``T = response_length`` tokens, and their entropies ``[B, T]``.
-
-    One forward pass over ``input_ids [B, P+T]`` (left-padded prompts, right-padded responses, as in
-    :meth:`Rollout.to_padded`), with position ids counted from ``attention_mask`` so left padding
-    does not shift positions. Only the ``T`` response positions reach the LM head and the float32
-    ``log_softmax``. Logits are divided by ``temperature`` but *not* top-p truncated: this is the
-    trainer's ``pi_theta``, the full tempered policy being optimised, whose support is the whole
-    vocabulary; the sampler's truncation is part of the behaviour policy ``mu`` and shows up in
-    the importance ratio instead. Entries where ``attention_mask`` is 0 are set to 0.
-
-    Gradients flow when ``grad`` is True; by default (``grad=None``) they do when the model is in
-    training mode and grad mode is on, so ``model.eval()`` gives the no-grad ``pi_old`` pass. The
-    entropy is detached unless ``entropy_grad=True`` (for an entropy bonus).
-    """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}")
-    b, length = input_ids.shape
-    t = int(response_length)
-    if not 0 <= t < length:
-        raise ValueError(f"response_length={t} must be in [0, {length - 1}] for input width {length}")
-    if t == 0:
-        empty = torch.zeros((b, 0), dtype=torch.float32, device=input_ids.device)
-        return empty, (empty.clone() if with_entropy else None)
-    use_grad = (model.training and torch.is_grad_enabled()) if grad is None else grad
-    with torch.set_grad_enabled(use_grad):
-        logits = _forward_logits(
-            model,
-            t + 1,
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-            use_cache=False,
-        )
-        logits = logits[:, :-1].float()  # position j predicts token j + 1 -> [B, T, V]
-        if temperature != 1.0:
-            logits = logits / temperature
-        logp_all = torch.log_softmax(logits, dim=-1)
-        targets = input_ids[:, -t:]
-        valid = attention_mask[:, -t:].bool()
-        logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        logp = torch.where(valid, logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
-        entropy = None
-        if with_entropy:  # a metric: computed without a graph, so it costs no activation memory
-            with torch.set_grad_enabled(use_grad and entropy_grad):
-                entropy = -(logp_all.exp() * logp_all).sum(-1)
-                entropy = torch.where(valid, entropy, torch.zeros((), dtype=entropy.dtype, device=entropy.device))
-    return logp, entropy
-
-
-def sequence_log_probs(
-    model: nn.Module,
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    response_length: int,
-    *,
-    temperature: float = 1.0,
-    grad: bool | None = None,
-) -> Tensor:
-    """Log-probs ``[B, T]`` of the response tokens; see :func:`sequence_log_probs_and_entropy`."""
-    logp, _ = sequence_log_probs_and_entropy(
-        model, input_ids, attention_mask, response_length, temperature=temperature, grad=grad, with_entropy=False
-    )
-    return logp
 
 
 # --------------------------------------------------------------------------------------------------
@@ -469,7 +177,8 @@ class _Row:
 
 
 class Sampler:
-    """The inference engine: a private, frozen copy of the policy that samples rollouts.
+    """The ``hf`` engine (:class:`vespo.rollout.engine.SamplerEngine`): a private, frozen copy of the
+    policy that samples rollouts.
 
     ``Sampler(model, dtype=torch.bfloat16)`` deep-copies ``model`` (so the trainer's weights and
     optimizer never alias it), puts the copy in eval mode without gradients and optionally casts it
@@ -489,6 +198,11 @@ class Sampler:
         self.model.requires_grad_(False)
         self.policy_version: int = int(policy_version)
         self._lock = threading.RLock()
+
+    supports_partial_rollout = True
+
+    def close(self) -> None:
+        """Nothing to release: the engine lives in this process."""
 
     @property
     def dtype(self) -> torch.dtype:
@@ -530,9 +244,7 @@ class Sampler:
         temperature: float = 1.0,
         top_p: float = 1.0,
         generator: torch.Generator | None = None,
-        continuations: Sequence[Sequence[int]] | None = None,
-        continuation_log_probs: Sequence[Sequence[float]] | None = None,
-        continuation_versions: Sequence[Sequence[int]] | None = None,
+        resume: Rollout | None = None,
         stop_flag: Callable[[], bool] | None = None,
         prune_finished: bool = True,
     ) -> Rollout:
@@ -547,15 +259,14 @@ class Sampler:
         depend on it). ``eos_token_id`` may be one id, several, or None (no EOS); ``pad_token_id``
         only fills masked positions (None means 0).
 
-        Partial rollouts: ``continuations[i]`` is an already generated partial response of prompt
-        ``i``. Prompt + partial response are prefilled under the *current* weights and sampling goes
-        on; the partial tokens keep their recorded ``continuation_log_probs`` / ``continuation_versions``
-        (required when ``continuations`` is given). They count towards ``max_new_tokens``, so a
-        resumed response ends at the same length limit as an uninterrupted one.
+        Partial rollouts: ``resume`` is the rollout an earlier (interrupted) call returned for the
+        same prompts. Prompt + partial response are prefilled under the *current* weights and
+        sampling goes on; the partial tokens keep their recorded mu and versions. They count towards
+        ``max_new_tokens``, so a resumed response ends at the same length limit as an uninterrupted one.
 
         ``stop_flag`` is called before every decoding step (the prefill included); once it returns
         True, generation ends and unfinished sequences come back with ``finished=False``, ready to
-        be passed as ``continuations`` later. Sampling is deterministic given ``generator``.
+        be passed as ``resume`` later. Sampling is deterministic given ``generator``.
         """
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -571,7 +282,7 @@ class Sampler:
             eos_ids = {int(e) for e in eos_token_id}
         pad = 0 if pad_token_id is None else int(pad_token_id)
         n = len(prompts)
-        rows = self._init_rows(n, continuations, continuation_log_probs, continuation_versions)
+        rows = self._init_rows(n, resume)
         for i, p in enumerate(prompts):
             if len(p) + len(rows[i].tokens) == 0:
                 raise ValueError(f"prompt {i} is empty: generation needs at least one token to condition on")
@@ -596,7 +307,7 @@ class Sampler:
         return Rollout(
             prompt_ids=[list(p) for p in prompts],
             response_ids=[r.tokens for r in rows],
-            behaviour_log_probs=[r.log_probs for r in rows],
+            rollout_log_probs=[r.log_probs for r in rows],
             token_versions=[r.versions for r in rows],
             finished=[r.finished for r in rows],
         )
@@ -604,26 +315,15 @@ class Sampler:
     # -- internals ----------------------------------------------------------------------------------
 
     @staticmethod
-    def _init_rows(
-        n: int,
-        continuations: Sequence[Sequence[int]] | None,
-        log_probs: Sequence[Sequence[float]] | None,
-        versions: Sequence[Sequence[int]] | None,
-    ) -> list[_Row]:
-        if continuations is None:
-            if log_probs is not None or versions is not None:
-                raise ValueError("continuation_log_probs/versions given without continuations")
+    def _init_rows(n: int, resume: Rollout | None) -> list[_Row]:
+        if resume is None:
             return [_Row([], [], []) for _ in range(n)]
-        if log_probs is None or versions is None:
-            raise ValueError("continuations need continuation_log_probs and continuation_versions")
-        if not len(continuations) == len(log_probs) == len(versions) == n:
-            raise ValueError("continuations, their log-probs and versions need one entry per prompt")
-        rows = []
-        for i, (c, lp, v) in enumerate(zip(continuations, log_probs, versions)):
-            if not len(c) == len(lp) == len(v):
-                raise ValueError(f"continuation {i}: tokens, log-probs and versions differ in length")
-            rows.append(_Row([int(x) for x in c], [float(x) for x in lp], [int(x) for x in v]))
-        return rows
+        if len(resume) != n:
+            raise ValueError(f"resume holds {len(resume)} sequences for {n} prompts")
+        return [
+            _Row(list(r), list(lp), list(v))
+            for r, lp, v in zip(resume.response_ids, resume.rollout_log_probs, resume.token_versions)
+        ]
 
     def _decode(
         self,
@@ -653,7 +353,7 @@ class Sampler:
             if stop_flag is not None and stop_flag():
                 return
             # Without padding the causal mask alone is right; skipping the 2D mask saves its expansion.
-            logits = _forward_logits(model, 1, cache, attention_mask=mask if padded else None, **inputs)
+            logits = forward_logits(model, 1, cache, attention_mask=mask if padded else None, **inputs)
             uniform = None
             if temperature > 0:  # one number per original sequence: pruning never shifts the draws
                 uniform = torch.rand(len(rows), generator=generator, dtype=torch.float64)

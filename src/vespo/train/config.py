@@ -152,6 +152,9 @@ class WarmupConfig(_Section):
     steps: int = Field(600, ge=0)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(3e-3, gt=0)
+    checkpoint_every: int = Field(
+        100, ge=1, description="warm-up steps between warm-up checkpoints (a resumed run continues from the last)"
+    )
 
 
 class EvalConfig(_Section):
@@ -221,6 +224,16 @@ class TrainConfig(_Section):
     async_: AsyncConfig = Field(default_factory=AsyncConfig, alias="async")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _check_async(self) -> "TrainConfig":
+        m = self.algorithm.mini_batch_prompts
+        if self.run.mode == "async" and self.async_.queue_size < m:
+            raise ValueError(
+                f"async.queue_size={self.async_.queue_size} must be >= algorithm.mini_batch_prompts={m} "
+                "(one optimizer step needs that many completed groups)"
+            )
+        return self
 
     @property
     def rollout_prompts(self) -> int:

@@ -40,7 +40,6 @@ __all__ = [
     "DEFAULT_ALPHABET",
     "SMOLLM2_GGUF",
     "ModelLoadError",
-    "apply_chat_template_or_plain",
     "build_char_tokenizer",
     "build_tiny_model",
     "count_parameters",
@@ -447,31 +446,3 @@ def smollm2_checkpoint(cache_dir: str | os.PathLike[str] | None = None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
-
-
-# --------------------------------------------------------------------------------------------------
-# Prompts
-# --------------------------------------------------------------------------------------------------
-
-
-def apply_chat_template_or_plain(
-    tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict[str, str]]
-) -> list[int]:
-    """Token ids of ``prompt`` ready for generation.
-
-    If the tokenizer has a chat template, the prompt (a string becomes one user message) is rendered
-    with ``add_generation_prompt=True``. Otherwise the text (messages' contents joined by newlines) is
-    encoded as plain text without special tokens.
-    """
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    if getattr(tokenizer, "chat_template", None):
-        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if hasattr(out, "keys") and "input_ids" in out:  # BatchEncoding in newer transformers
-            out = out["input_ids"]
-        if isinstance(out, torch.Tensor):
-            out = out.tolist()
-        if out and isinstance(out[0], list):
-            out = out[0]
-        return [int(t) for t in out]
-    text = prompt if isinstance(prompt, str) else "\n".join(str(m.get("content", "")) for m in messages)
-    return list(tokenizer.encode(text, add_special_tokens=False))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import signal
 import time
@@ -27,15 +28,26 @@ from typing import Any
 
 import torch
 
+from vespo.losses import compute_policy_loss
+from vespo.rollout.batch import RolloutBatch
+from vespo.rollout.engine import DTYPES, build_engine
+from vespo.rollout.generate import RolloutSettings
+from vespo.rollout.log_probs import sequence_log_probs_and_entropy
+from vespo.rollout.metrics import batch_metrics, log_w_split_metrics, staleness_metrics
+from vespo.rollout.prompts import PromptStream, encode_prompts
+from vespo.rollout.source import RolloutSource, RolloutSourceError, SyncRolloutSource
+from vespo.tasks import RewardRunner, build_task
+from vespo.train import preflight
 from vespo.train.checkpoint import (
     CheckpointError,
+    WarmupCheckpoints,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
     write_json_atomic,
 )
 from vespo.train.config import ConfigError, TrainConfig, load_config, save_config
-from vespo.losses import compute_policy_loss
+from vespo.train.evaluation import evaluate_policy
 from vespo.train.metrics_log import MetricsWriter
 from vespo.train.models import (
     build_char_tokenizer,
@@ -44,18 +56,6 @@ from vespo.train.models import (
     load_pretrained,
     smollm2_checkpoint,
 )
-from vespo.rollout.source import (
-    MiniBatch,
-    PromptStream,
-    RolloutSourceError,
-    SyncRolloutSource,
-    encode_prompts,
-    minibatch_metrics,
-)
-from vespo.rollout.sampler import Sampler, sequence_log_probs_and_entropy
-from vespo.tasks import Example, RewardRunner, build_task
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 #: the eval and train splits of procedural tasks come from fixed data seeds, so that runs with
 #: different ``run.seed`` (sampling, order, init) are scored on the same eval prompts.
 TRAIN_DATA_SEED, EVAL_DATA_SEED = 1234, 98765
@@ -148,15 +148,10 @@ class Trainer:
         self.run_dir = Path(cfg.run.out_dir)
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
-        if resume and latest_checkpoint(self.run_dir) is None:
-            raise CheckpointError(f"{self.run_dir} has no checkpoint to resume from")
-        if not resume and latest_checkpoint(self.run_dir) is not None:
-            raise ConfigError(
-                f"{self.run_dir} already holds a run; use 'vespo train --resume {self.run_dir}' "
-                "or choose another run.out_dir"
-            )
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.run_dir / "config.yaml")
+        # pre-flight (train/preflight.py): nothing is written before every check has passed
+        restore = preflight.check_run_dir(cfg, resume=resume)
+        self.continue_warmup = resume and not restore  # resumed before its first checkpoint
+        preflight.check_data_files(cfg)
         _seed_everything(cfg.run.seed)
 
         self.task = build_task(cfg.task.spec())
@@ -166,6 +161,8 @@ class Trainer:
 
         self.device = resolve_device(cfg.run.device)
         self.model, self.tokenizer = build_policy(cfg)
+        self.train_examples, self.eval_examples = preflight.check_examples(
+            cfg, self.tokenizer, self.model, self.train_examples, self.eval_examples)
         self.model.to(self.device).train()
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
@@ -177,34 +174,54 @@ class Trainer:
         self.best_eval: dict[str, float] = {}
         self.last_eval: dict[str, float] = {}
         self.elapsed_before = 0.0
-        self.source = self._build_source()
-        self.eval_sampler = Sampler(self.model, dtype=DTYPES[cfg.model.dtype])
+        self.source: RolloutSource = self._build_source()
+        self.eval_engine = build_engine("hf", self.model, dtype=cfg.model.dtype)
         self.resumed = False
-        if resume:
-            self._restore()
+        if restore:
+            try:
+                self._restore()
+            except BaseException:
+                self.source.close()
+                raise
             self.resumed = True
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.run_dir / "config.yaml")  # only once the run is valid (and restored)
 
-    def _build_source(self):
+    def rollout_settings(self) -> RolloutSettings:
+        """The rollout layer's view of the config."""
+        cfg, smp = self.cfg, self.cfg.sampling
+        return RolloutSettings(
+            group_size=smp.group_size, max_new_tokens=smp.max_new_tokens, temperature=smp.temperature,
+            top_p=smp.top_p, normalize_adv_std=cfg.algorithm.normalize_adv_std, engine=smp.engine,
+            sampler_dtype=smp.sampler_dtype, trainer_dtype=cfg.model.dtype, engine_options=dict(smp.engine_options),
+            reward_timeout_s=cfg.task.reward_timeout_s,
+        )
+
+    def _build_source(self) -> RolloutSource:
         cfg = self.cfg
+        settings = self.rollout_settings()
         old_fn = self.recompute_old_log_prob if cfg.algorithm.old_log_prob == "recompute" else None
         if cfg.run.mode == "async":
-            from vespo.rollout.ray_source import AsyncRolloutSource
+            from vespo.rollout.ray_source import AsyncRolloutSource, AsyncSettings
 
-            return AsyncRolloutSource(cfg, model=self.model, tokenizer=self.tokenizer, task=self.task,
-                                      train_examples=self.train_examples, old_log_prob_fn=old_fn)
+            acfg = cfg.async_
+            if cfg.run.threads is None and not acfg.ray_address:  # the workers' cores are not the trainer's
+                torch.set_num_threads(max(1, (os.cpu_count() or 1) - acfg.num_workers * acfg.worker_threads))
+            async_settings = AsyncSettings(**{name: getattr(acfg, name) for name in AsyncSettings.__dataclass_fields__})
+            return AsyncRolloutSource(
+                settings, async_settings, model=self.model, tokenizer=self.tokenizer, task=self.task,
+                train_examples=self.train_examples, mini_batch_prompts=cfg.algorithm.mini_batch_prompts,
+                seed=cfg.run.seed, run_dir=self.run_dir, old_log_prob_fn=old_fn,
+            )
         return SyncRolloutSource(
-            sampler=Sampler(self.model, dtype=DTYPES[cfg.sampling.sampler_dtype]),
+            settings=settings,
+            engine=build_engine(settings.engine, self.model, dtype=settings.sampler_dtype, options=settings.engine_options),
             stream=PromptStream(self.train_examples, seed=cfg.run.seed),
             tokenizer=self.tokenizer,
             reward_runner=self.reward_runner,
-            generator=torch.Generator().manual_seed(cfg.run.seed),
             num_minibatches=cfg.algorithm.staleness,
             minibatch_prompts=cfg.algorithm.mini_batch_prompts,
-            group_size=cfg.sampling.group_size,
-            max_new_tokens=cfg.sampling.max_new_tokens,
-            temperature=cfg.sampling.temperature,
-            top_p=cfg.sampling.top_p,
-            normalize_adv_std=cfg.algorithm.normalize_adv_std,
+            seed=cfg.run.seed,
             old_log_prob_fn=old_fn,
         )
 
@@ -257,22 +274,20 @@ class Trainer:
         """One optimizer step on the next mini-batch; returns its metrics row."""
         cfg = self.cfg
         t0 = time.perf_counter()
-        mb = self.source.next_minibatch(self.model, policy_version=self.step)
+        version = self.step
+        mb = self.source.next_batch(self.model, policy_version=version)
         t_data = time.perf_counter() - t0
         t1 = time.perf_counter()
         metrics = self._optimize(mb)
         self.source.commit()
         self.step += 1
-        if hasattr(self.source, "after_optimizer_step"):
-            metrics.update(self.source.after_optimizer_step(self.model, self.step))
+        metrics.update(self.source.after_optimizer_step(self.model, self.step))
         t_train = time.perf_counter() - t1
         tokens = float(mb.attention_mask.sum())
-        versions_behind = self._versions_behind(mb, policy_version=self.step - 1)
-        row = {
+        return {
             "step": self.step,
-            "stale/index": float(mb.stale_index),
-            **versions_behind,
-            **minibatch_metrics(mb, cfg.sampling.group_size),
+            **staleness_metrics(mb, version),
+            **batch_metrics(mb, cfg.sampling.group_size),
             **mb.metrics,
             **metrics,
             "perf/step_time_s": t_data + t_train,
@@ -280,20 +295,12 @@ class Trainer:
             "perf/tokens_per_s": tokens / max(t_train, 1e-9),
             "optim/lr": self.optimizer.param_groups[0]["lr"],
         }
-        return row
-
-    @staticmethod
-    def _versions_behind(mb: MiniBatch, policy_version: int) -> dict[str, float]:
-        """Token-weighted staleness: how many optimizer steps old each trained token is."""
-        mask = mb.response_mask.bool()
-        lag = (policy_version - mb.token_version)[mask].float()
-        return {"stale/versions_behind_mean": lag.mean().item(), "stale/versions_behind_max": lag.max().item()}
 
     def _micro_slices(self, n: int) -> list[tuple[int, int]]:
         size = self.cfg.algorithm.micro_batch_size or n
         return [(i, min(i + size, n)) for i in range(0, n, size)]
 
-    def _log_probs(self, mb: MiniBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _log_probs(self, mb: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
         mb = mb.to(self.device)
         return sequence_log_probs_and_entropy(
             self.model, mb.input_ids, mb.attention_mask, mb.response_mask.shape[1],
@@ -301,75 +308,79 @@ class Trainer:
         )
 
     @torch.no_grad()
-    def recompute_old_log_prob(self, mb: MiniBatch) -> torch.Tensor:
+    def recompute_old_log_prob(self, mb: RolloutBatch) -> torch.Tensor:
         """pi_old of a freshly sampled mini-batch, by the trainer (same micro-batches as training)."""
         parts = [self._log_probs(mb.slice(a, b))[0] for a, b in self._micro_slices(mb.num_sequences)]
         return torch.cat(parts).float().cpu()
 
-    def _optimize(self, mb: MiniBatch) -> dict[str, float]:
-        cfg, alg = self.cfg, self.cfg.algorithm
-        mask = mb.response_mask.bool()
+    def _loss(self, mb: RolloutBatch, log_prob: torch.Tensor, n_tokens: float, n_seqs: float):
+        """compute_policy_loss on (a slice of) a mini-batch, normalised by the mini-batch's counts."""
+        alg = self.cfg.algorithm
+        use_correction = alg.correction != "none"
+        return compute_policy_loss(
+            alg.loss,
+            log_prob=log_prob,
+            old_log_prob=mb.old_log_prob,
+            advantages=mb.advantages,
+            response_mask=mb.response_mask,
+            loss_agg_mode=alg.loss_agg_mode,
+            rollout_log_prob=mb.rollout_log_prob if use_correction else None,
+            correction=alg.correction if use_correction else None,
+            correction_high=alg.correction_high if use_correction else None,
+            correction_low=alg.correction_low if use_correction else None,
+            global_num_tokens=n_tokens,
+            global_num_seqs=n_seqs,
+            norm_length=self.cfg.sampling.max_new_tokens,
+            **alg.loss_params,
+        )
+
+    def _optimize(self, mb: RolloutBatch) -> dict[str, float]:
+        """Forward + backward over micro-batches, one optimizer step; metrics of the whole mini-batch.
+
+        Each micro-batch's loss is normalised by the mini-batch's token/sequence counts, so the
+        gradients add up to the mini-batch's. The diagnostics (quantiles, ESS, phi shares, ...) are
+        not additive: they are computed once on the whole mini-batch's detached log-probs.
+        """
+        cfg = self.cfg
+        mask = mb.response_mask
         n_tokens = float(mask.sum())
         n_seqs = float(mask.any(-1).sum())
-        sums: dict[str, float] = {}
+        slices = self._micro_slices(mb.num_sequences)
+        log_prob_all = torch.zeros_like(mb.rollout_log_prob)
         entropy_sum = 0.0
-        use_correction = alg.correction != "none"
-        # sources that report pi_theta-vs-mu gaps (async) get the log-probs of this step's forward
-        seen = torch.zeros_like(mb.behaviour_log_prob) if hasattr(self.source, "log_prob_metrics") else None
-        for a, b in self._micro_slices(mb.num_sequences):
+        metrics: dict[str, float] = {}
+        for a, b in slices:
             micro = mb.slice(a, b).to(self.device)
             if not micro.response_mask.any():
                 continue
             log_prob, entropy = self._log_probs(micro)
-            if seen is not None:
-                seen[a:b] = log_prob.detach().float().cpu()
-            out = compute_policy_loss(
-                alg.loss,
-                log_prob=log_prob,
-                old_log_prob=micro.old_log_prob,
-                advantages=micro.advantages,
-                response_mask=micro.response_mask,
-                loss_agg_mode=alg.loss_agg_mode,
-                rollout_log_prob=micro.behaviour_log_prob if use_correction else None,
-                correction=alg.correction if use_correction else None,
-                correction_high=alg.correction_high if use_correction else None,
-                correction_low=alg.correction_low if use_correction else None,
-                global_num_tokens=n_tokens,
-                global_num_seqs=n_seqs,
-                norm_length=cfg.sampling.max_new_tokens,
-                **alg.loss_params,
-            )
+            out = self._loss(micro, log_prob, n_tokens, n_seqs)
             out.loss.backward()
-            # micro losses use the mini-batch's global counts, so they add up to its loss;
-            # the other metrics are averaged, weighted by the micro-batch's share of sequences
-            share = (b - a) / mb.num_sequences
-            for key, value in out.metrics.items():
-                weight = 1.0 if key == "loss/value" else share
-                sums[key] = sums.get(key, 0.0) + weight * value
+            log_prob_all[a:b] = log_prob.detach().float().cpu()
             entropy_sum += float((entropy.detach().float() * micro.response_mask).sum().cpu())
+            if len(slices) == 1:
+                metrics = dict(out.metrics)
+        if len(slices) > 1:  # diagnostics of the whole mini-batch, not averages over micro-batches
+            with torch.no_grad():
+                metrics = dict(self._loss(mb, log_prob_all, n_tokens, n_seqs).metrics)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
         skipped = not math.isfinite(float(grad_norm))
-        if skipped:  # never let a NaN/Inf reach the weights
-            self.optimizer.zero_grad(set_to_none=True)
-        else:
+        if not skipped:  # never let a NaN/Inf reach the weights
             self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        sums["grad/norm"] = float(grad_norm) if not skipped else float("nan")
-        sums["grad/skipped"] = float(skipped)
-        sums["policy/entropy"] = entropy_sum / max(n_tokens, 1.0)
-        if mb.old_log_prob is not None:
-            diff = (mb.old_log_prob - mb.behaviour_log_prob)[mask]
-            sums["mismatch/old_vs_sampler_abs_diff"] = diff.abs().mean().item()
-        if seen is not None:
-            sums.update(self.source.log_prob_metrics(mb, seen))
-        return sums
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics["grad/norm"] = float(grad_norm) if not skipped else float("nan")
+        metrics["grad/skipped"] = float(skipped)
+        metrics["policy/entropy"] = entropy_sum / max(n_tokens, 1.0)
+        metrics.update(log_w_split_metrics(mb, log_prob_all))
+        return metrics
 
     # --------------------------------------------------------------------------- warm-up
     def warm_up(self, stop: "_StopFlag | None" = None) -> None:
         """Supervised steps on task demonstrations (prompt masked), before RL; logged to warmup.jsonl.
 
-        Interrupted (SIGTERM/Ctrl-C), it stops at once without a checkpoint: the warm-up is short
-        and a rerun starts it again.
+        Interrupted (SIGTERM/Ctrl-C), it stops at once. It checkpoints every
+        ``warmup.checkpoint_every`` steps (``RUN/warmup/checkpoints``), so ``--resume`` after a kill
+        continues it from the last of them.
         """
         wcfg = self.cfg.warmup
         if wcfg.steps == 0:
@@ -386,9 +397,11 @@ class Trainer:
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=wcfg.lr, weight_decay=0.0)
         rng = random.Random(self.cfg.run.seed + 17)
         pad = self.tokenizer.pad_token_id
-        with open(self.run_dir / "warmup.jsonl", "w", buffering=1) as log, \
-                _progress(self.cfg, 0, total=wcfg.steps, label="warm-up") as progress:
-            for step in range(1, wcfg.steps + 1):
+        ckpts = WarmupCheckpoints(self.run_dir, wcfg.checkpoint_every, resume=self.continue_warmup)
+        start = ckpts.restore(self.model, optimizer, rng, log_path=self.run_dir / "warmup.jsonl")
+        with open(self.run_dir / "warmup.jsonl", "a" if start else "w", buffering=1) as log, \
+                _progress(self.cfg, start, total=wcfg.steps, label="warm-up") as progress:
+            for step in range(start + 1, wcfg.steps + 1):
                 if stop is not None and stop.requested:
                     raise KeyboardInterrupt
                 batch = [pairs[rng.randrange(len(pairs))] for _ in range(wcfg.batch_size)]
@@ -400,6 +413,7 @@ class Trainer:
                 row = {"warmup/step": step, "warmup/loss": loss.item()}
                 log.write(json.dumps(row) + "\n")
                 progress(step, row, {})
+                ckpts.maybe_save(step, self.model, optimizer, rng)
         out = self.run_dir / "warmup"
         out.mkdir(exist_ok=True)
         from safetensors.torch import save_model
@@ -407,6 +421,7 @@ class Trainer:
         tmp = out / "model.safetensors.tmp"
         save_model(self.model, str(tmp))
         tmp.replace(out / "model.safetensors")  # atomic: sweeps treat its existence as "done"
+        ckpts.done()
 
     def _sft_loss(self, batch: list[tuple[list[int], list[int]]], pad: int) -> torch.Tensor:
         seqs = [p + r for p, r in batch]
@@ -422,35 +437,10 @@ class Trainer:
         return self.model(input_ids=ids, attention_mask=attn, labels=labels).loss
 
     # -------------------------------------------------------------------------- evaluation
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Greedy accuracy and sampled avg@k on the held-out prompts; tracks the best checkpoint."""
-        cfg = self.cfg
-        t0 = time.perf_counter()
-        self.eval_sampler.load_state_dict(self.model.state_dict(), version=self.step)
-        examples = self.eval_examples
-        prompts = encode_prompts(self.tokenizer, examples)
-        gen = torch.Generator().manual_seed(cfg.run.seed * 7919 + self.step)
-        common = dict(max_new_tokens=cfg.sampling.max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
-                      pad_token_id=self.tokenizer.pad_token_id, generator=gen)
-        greedy = self.eval_sampler.generate(prompts, temperature=0.0, **common)
-        greedy_scores, _ = self.reward_runner.score_batch(
-            [self.tokenizer.decode(r, skip_special_tokens=True) for r in greedy.response_ids], examples)
-        k = cfg.eval.avg_k
-        sampled = self.eval_sampler.generate([p for p in prompts for _ in range(k)],
-                                             temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
-                                             **common)
-        sampled_scores, _ = self.reward_runner.score_batch(
-            [self.tokenizer.decode(r, skip_special_tokens=True) for r in sampled.response_ids],
-            [ex for ex in examples for _ in range(k)])
-        per_prompt = torch.tensor(sampled_scores).reshape(-1, k)
-        result = {
-            "eval/accuracy": sum(greedy_scores) / len(greedy_scores),
-            f"eval/avg_at_{k}": per_prompt.mean().item(),
-            f"eval/pass_at_{k}": (per_prompt.max(-1).values > 0.5).float().mean().item(),
-            "eval/response_length": sum(map(len, greedy.response_ids)) / len(greedy.response_ids),
-            "perf/eval_time_s": time.perf_counter() - t0,
-        }
+        """Evaluate the current weights (:func:`evaluate_policy`); keep the best weights in ``best/``."""
+        result = run_evaluation(self.cfg, self.eval_engine, self.model, self.tokenizer, self.eval_examples,
+                                self.reward_runner, step=self.step)
         self.last_eval = {"step": float(self.step), **result}
         if not self.best_eval or result["eval/accuracy"] > self.best_eval["eval/accuracy"]:
             self.best_eval = dict(self.last_eval)
@@ -482,7 +472,8 @@ class Trainer:
                                tensors=tensors, state=state, keep_last=self.cfg.checkpoint.keep_last)
 
     def _restore(self) -> None:
-        ckpt = load_checkpoint(self.run_dir, model=self.model, optimizer=self.optimizer)
+        ckpt = load_checkpoint(self.run_dir, model=self.model, optimizer=self.optimizer,
+                               verify=self.cfg.checkpoint.verify)
         self.step = int(ckpt.state["step"])
         self.best_eval = ckpt.state.get("best_eval", {})
         self.last_eval = ckpt.state.get("last_eval", {})
@@ -542,30 +533,45 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Tr
     return cfg
 
 
+def run_evaluation(cfg: TrainConfig, engine, model: torch.nn.Module, tokenizer: Any, examples, reward_runner,
+                   *, step: int) -> dict[str, float]:
+    """:func:`evaluate_policy` of ``model``'s weights with the config's sampling settings."""
+    engine.load_state_dict(model.state_dict(), version=step)
+    smp = cfg.sampling
+    return evaluate_policy(engine, examples, tokenizer=tokenizer, reward_runner=reward_runner,
+                           max_new_tokens=smp.max_new_tokens, temperature=smp.temperature, top_p=smp.top_p,
+                           avg_k=cfg.eval.avg_k, seed=cfg.run.seed * 7919 + step)
+
+
 def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, *, which: str = "latest") -> dict[str, float]:
-    """Evaluate a run's latest (or best) weights on its eval split and print the result."""
+    """Evaluate a run's latest checkpoint or its best weights on its eval split and print the result."""
+    if which not in ("latest", "best"):
+        raise ConfigError(f"--which must be 'latest' or 'best', got '{which}'")
     cfg = resume_config(run_dir, overrides)
-    trainer = Trainer.__new__(Trainer)
-    trainer.cfg = cfg
-    trainer.run_dir = Path(run_dir)
-    trainer.task = build_task(cfg.task.spec())
-    trainer.eval_examples = trainer.task.eval_examples(cfg.eval.num_prompts, seed=EVAL_DATA_SEED)
-    trainer.reward_runner = RewardRunner(trainer.task, timeout_s=cfg.task.reward_timeout_s)
-    trainer.device = resolve_device(cfg.run.device)
-    trainer.model, trainer.tokenizer = build_policy(cfg)
-    trainer.model.to(trainer.device)
     ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise CheckpointError(f"{run_dir} has no checkpoint to evaluate")
-    load_init_weights(trainer.model, str(ckpt / "model.safetensors"))
-    trainer.step = int(json.loads((ckpt / "state.json").read_text())["step"])
-    trainer.eval_sampler = Sampler(trainer.model, dtype=DTYPES[cfg.model.dtype])
-    trainer.best_eval, trainer.last_eval = {"eval/accuracy": math.inf}, {}
-    result = trainer.evaluate()
+    if which == "best":
+        weights = Path(run_dir) / "best" / "model.safetensors"
+        info = Path(run_dir) / "best" / "best.json"
+        if not weights.exists() or not info.exists():
+            raise CheckpointError(f"{run_dir} has no best weights yet (best/model.safetensors)")
+        step = int(json.loads(info.read_text())["step"])
+    else:
+        if ckpt is None:
+            raise CheckpointError(f"{run_dir} has no checkpoint to evaluate")
+        weights = ckpt / "model.safetensors"
+        step = int(json.loads((ckpt / "state.json").read_text())["step"])
+    task = build_task(cfg.task.spec())
+    examples = task.eval_examples(cfg.eval.num_prompts, seed=EVAL_DATA_SEED)
+    runner = RewardRunner(task, timeout_s=cfg.task.reward_timeout_s)
+    model, tokenizer = build_policy(cfg)
+    model.to(resolve_device(cfg.run.device))
+    load_init_weights(model, str(weights))
+    engine = build_engine("hf", model, dtype=cfg.model.dtype)
+    result = run_evaluation(cfg, engine, model, tokenizer, examples, runner, step=step)
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"evaluation of {run_dir} at step {trainer.step}")
+    table = Table(title=f"evaluation of {run_dir} ({which} weights, step {step})")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in result.items():
