@@ -49,6 +49,10 @@ import torch
 SIZES = {"small": (16, 512), "large": (256, 8192)}
 BASELINE = "grpo"
 TRL = "trl"
+#: vespo_adaptive the way a trainer with micro-batches calls it: a no-grad pre-pass computes the
+#: whole batch's statistics (vespo_adaptive_seq_inputs + vespo_adaptive_batch_stats), then the loss
+#: call receives them through ``batch_stats``
+PREPASS = "vespo_adaptive+prepass"
 
 
 def make_inputs(batch: int, length: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -83,6 +87,19 @@ def step_fn(name: str, x: dict[str, torch.Tensor]):
         return run
 
     from vespo.losses import compute_policy_loss
+
+    if name == PREPASS:
+        from vespo.losses import vespo_adaptive_batch_stats, vespo_adaptive_seq_inputs
+
+        def run_prepass() -> None:
+            lp.grad = None
+            seq = vespo_adaptive_seq_inputs(log_prob=lp, old_log_prob=old, advantages=adv, response_mask=mask)
+            stats = vespo_adaptive_batch_stats(*seq)
+            out = compute_policy_loss("vespo_adaptive", log_prob=lp, old_log_prob=old, advantages=adv,
+                                      response_mask=mask, batch_stats=stats)
+            out.loss.backward()
+
+        return run_prepass
 
     def run() -> None:
         lp.grad = None
@@ -214,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         have_trl = False
     names = sorted(list_losses()) if args.losses is None else sorted(set(args.losses.split(",")) | {BASELINE})
+    if "vespo_adaptive" in names:
+        names.append(PREPASS)
     if have_trl:
         names.append(TRL)
     repeats = args.repeats or (2 if args.quick else 7)
@@ -264,6 +283,10 @@ def main(argv: list[str] | None = None) -> int:
         if memory:
             checks.append((f"peak memory vespo / {BASELINE} (large)",
                            memory["vespo"]["peak_mib"] / memory[BASELINE]["peak_mib"], 1.10))
+        for name in ("vespo_adaptive", PREPASS):
+            if name in names:
+                for size in SIZES:
+                    checks.append((f"time {name} / vespo ({size})", times[size][name] / times[size]["vespo"], 1.20))
         print("| measure | ratio | target | met |")
         print("|---|---|---|---|")
         for label, r, target in checks:

@@ -173,8 +173,12 @@ def run_one(cfg: Config, experiment: str, loss: str, n: int, *, lr: float, label
         "metrics": {k: _finite_mean(v) for k, v in res.metrics.items()},
         "metrics_by_staleness": {k: [None if x != x else round(x, 4) for x in v]
                                  for k, v in res.metrics_by_staleness.items()
-                                 if k in ("phi/frac_below_0.01", "is/abs_log_w_mean", "phi/mean")
-                                 and loss == "vespo" and experiment == "main"},
+                                 if k in ("phi/frac_below_0.01", "is/abs_log_w_mean", "phi/mean",
+                                          "vespo_adaptive/alpha_pos", "vespo_adaptive/alpha_neg",
+                                          "phi/ess_pos_before", "phi/ess_pos_after")
+                                 and loss in ("vespo", "vespo_adaptive")
+                                 and experiment in ("main", "adaptive_fixed", "adaptive_variable")},
+        "min_length": spec.min_length,
         "grad_norm_max": max(res.grad_norm),
         "seconds": round(res.seconds, 2),
         "cpu_seconds": round(res.cpu_seconds, 2),
@@ -1299,6 +1303,410 @@ $fix_table
 # ---------------------------------------------------------------------------------------------
 
 
+# ---------------------------------------------------------------------------------------------
+# vespo_adaptive sweep (docs/adaptive.md): python benchmarks/simulator.py --adaptive
+# ---------------------------------------------------------------------------------------------
+
+ADAPTIVE_OUT = ROOT / "benchmarks" / "results" / "simulator_adaptive.json"
+ADAPTIVE_DOC = ROOT / "docs" / "adaptive.md"
+ADAPTIVE_LOSSES = ("vespo_adaptive", "vespo", "grpo", "gspo", "sapo", "cispo", "topr", "gmpo")
+ADAPTIVE_BASELINES = ADAPTIVE_LOSSES[1:]
+#: ablations of vespo_adaptive: label -> parameters (the default is the first)
+ADAPTIVE_ABLATIONS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "per_sign": {"per_sign": True},
+    "criterion=w": {"criterion": "w"},
+    "tau=0.5": {"tau": 0.5},
+    "tau=0.7": {"tau": 0.7},
+    "tau=0.95": {"tau": 0.95},
+    "mass_target=0.5": {"mass_target": 0.5},
+    "adapt=kernel": {"adapt": "kernel"},
+    "saturate_scale": {"saturate_scale": True},
+    "alpha_min=0.2": {"alpha_min": 0.2},
+}
+ADAPTIVE_STUDY: dict[str, tuple[str, dict[str, Any]]] = {
+    "reinforce": ("reinforce", {}),
+    "tok_is": ("cispo", {"eps_high": 1e8}),
+    "vespo": ("vespo", {}),
+    "vespo_adaptive": ("vespo_adaptive", {}),
+    "cispo": ("cispo", {}),
+    "topr": ("topr", {}),
+    "grpo": ("grpo", {}),
+}
+
+
+@dataclass
+class AdaptiveConfig:
+    """The vespo_adaptive sweep (stored in its JSON)."""
+
+    steps: int = 256
+    eval_every: int = 32
+    lr: float = 0.007  # the on-policy-tuned lr of the main simulator run (docs/results_simulator.md)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    t_values: tuple[int, ...] = (32, 128, 256, 512)
+    ns: tuple[int, ...] = (1, 4, 16, 64)
+    arm_t: tuple[int, ...] = (128, 512)  # T of the variable-length and the mismatch arms
+    mismatch: Mismatch = field(default_factory=lambda: Mismatch("noise", 0.1))
+    min_length_frac: float = 0.25  # variable lengths: EOS allowed from T/4 on
+    stop_rate: float = 3.0
+    ablation_t: tuple[int, ...] = (128, 512)
+    ablation_n: int = 64
+    study_t: tuple[int, ...] = (32, 128, 256)
+    study_k: tuple[int, ...] = (4, 16)
+    study_batches: int = 384
+    quick: bool = False
+
+
+def adaptive_quick() -> AdaptiveConfig:
+    return AdaptiveConfig(steps=16, eval_every=8, seeds=(0, 1), t_values=(16,), ns=(1, 4), arm_t=(16,),
+                          ablation_t=(16,), ablation_n=4, study_t=(16,), study_k=(2,), study_batches=64, quick=True)
+
+
+def _adaptive_jobs(acfg: AdaptiveConfig) -> list[dict[str, Any]]:
+    jobs: list[dict[str, Any]] = []
+
+    def grid(experiment: str, t: int, mismatch: Mismatch | None, variable: bool) -> None:
+        for n in acfg.ns:
+            # on-policy without mismatch every loss computes the same update (test_simulator checks
+            # it); N = 1 is run for vespo and vespo_adaptive only, unless there is a mismatch
+            losses = ADAPTIVE_LOSSES if (n > 1 or mismatch is not None) else ("vespo_adaptive", "vespo")
+            if mismatch is not None and n in (1, 4):
+                losses = ("vespo_adaptive", "vespo")
+            for loss in losses:
+                jobs.append(dict(experiment=experiment, loss=loss, n=n, t=t, mismatch=mismatch, variable=variable))
+
+    for t in acfg.t_values:
+        grid("adaptive_fixed", t, None, False)
+    for t in acfg.arm_t:
+        grid("adaptive_variable", t, None, True)
+    for t in acfg.arm_t:
+        grid("adaptive_mismatch", t, acfg.mismatch, False)
+    for t in acfg.ablation_t:
+        for label, params in ADAPTIVE_ABLATIONS.items():
+            if label != "default":
+                jobs.append(dict(experiment="adaptive_ablation", loss="vespo_adaptive", n=acfg.ablation_n, t=t,
+                                 mismatch=None, variable=False, label=label, loss_params=params))
+        jobs.append(dict(experiment="adaptive_ablation", loss="vespo", n=acfg.ablation_n, t=t, mismatch=None,
+                         variable=False, label="vespo len_sqrt", loss_params={"length_norm": "sqrt"}))
+    for t in acfg.arm_t:  # length normalisation with variable lengths (the paper's Fig. 6 concern)
+        jobs.append(dict(experiment="adaptive_ablation", loss="vespo", n=acfg.ablation_n, t=t, mismatch=None,
+                         variable=True, label="vespo len_sqrt (variable)", loss_params={"length_norm": "sqrt"}))
+    return jobs
+
+
+def adaptive_sweep(acfg: AdaptiveConfig, save_to: Path | None = None) -> dict[str, Any]:
+    """Run the whole vespo_adaptive sweep; returns the JSON-ready results."""
+    t_start, cpu_start = time.perf_counter(), time.process_time()
+    base = quick_config() if acfg.quick else full_config()
+    cfg = replace(base, steps=acfg.steps, eval_every=acfg.eval_every, seeds=acfg.seeds)
+    results: dict[str, Any] = {"config": {**asdict(acfg), "mismatch": asdict(acfg.mismatch),
+                                          "spec": asdict(cfg.spec), "policy": asdict(cfg.policy)},
+                               "runs": [], "gradient": [], "timing": {}}
+    for job in _adaptive_jobs(acfg):
+        t, variable = job.pop("t"), job.pop("variable")
+        spec = replace(cfg.spec, length=t, keys=min(cfg.spec.keys, t),
+                       min_length=max(cfg.spec.keys, int(t * acfg.min_length_frac)) if variable else None,
+                       stop_rate=acfg.stop_rate)
+        rec = run_one(cfg, job.pop("experiment"), lr=acfg.lr, spec=spec, **job)
+        results["runs"].append(rec)
+        _log(_fmt_run(rec) + (f"  len {rec['metrics'].get('sim/length_mean') or 0:.0f}" if variable else ""))
+        if save_to is not None and len(results["runs"]) % 8 == 0:
+            save(results, save_to)
+    t0 = time.perf_counter()
+    for t in acfg.study_t:
+        for k in acfg.study_k:
+            spec = replace(cfg.spec, length=t, keys=min(cfg.spec.keys, t))
+            res = gradient_study(ADAPTIVE_STUDY, spec, policy=cfg.policy, drift_steps=k, drift_lr=acfg.lr,
+                                 n_batches=acfg.study_batches, chunk=128, seed=0)
+            for label, st in res.stats.items():
+                row = {"T": t, "k": k, "loss": label, "token_kl": res.token_kl}
+                row.update({key: val for key, val in asdict(st).items() if key != "metrics"})
+                row["phi_frac_below_0.01"] = st.metrics.get("phi/frac_below_0.01")
+                row["alpha"] = st.metrics.get("vespo_adaptive/alpha_pos")
+                results["gradient"].append(row)
+            _log(f"  gradient T={t} k={k} KL/token {res.token_kl:.4f}")
+    results["timing"]["gradient"] = time.perf_counter() - t0
+    results["timing"]["total"] = time.perf_counter() - t_start
+    results["timing"]["total_cpu"] = time.process_time() - cpu_start
+    results["timing"]["runs_cpu"] = sum(r["cpu_seconds"] for r in results["runs"])
+    return results
+
+
+def _paired(a: list[float], b: list[float]) -> tuple[float, float]:
+    d = [x - y for x, y in zip(a, b)]
+    return _mean(d), (_std(d) / math.sqrt(len(d)) if len(d) > 1 else 0.0)
+
+
+def adaptive_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per arm and T: N=64/N=4 ratio, paired differences against every baseline at N >= 16, N = 1."""
+    rows = []
+    for exp in ("adaptive_fixed", "adaptive_variable", "adaptive_mismatch"):
+        for t in sorted({r["T"] for r in runs_of(results, exp)}):
+            def get(loss: str, n: int, exp: str = exp, t: int = t) -> dict[str, Any] | None:
+                return one(results, exp, loss=loss, n=n, T=t)
+
+            ad4, ad64 = get("vespo_adaptive", 4), get("vespo_adaptive", 64)
+            row: dict[str, Any] = {"experiment": exp, "T": t}
+            if ad4 and ad64:
+                row["ratio"] = _mean(ad64["final"]) / _mean(ad4["final"])
+            diffs = []
+            for n in (16, 64):
+                ad = get("vespo_adaptive", n)
+                for base in ADAPTIVE_BASELINES:
+                    other = get(base, n)
+                    if ad and other:
+                        m, se = _paired(ad["final"], other["final"])
+                        diffs.append({"n": n, "baseline": base, "diff": m, "se": se})
+            row["diffs"] = diffs
+            v1, a1 = get("vespo", 1), get("vespo_adaptive", 1)
+            if v1 and a1:
+                row["n1_max_abs_diff"] = max(abs(x - y) for x, y in zip(v1["final"], a1["final"]))
+            rows.append(row)
+    return rows
+
+
+def _arm_table(results: dict[str, Any], exp: str, t: int) -> str:
+    ns = sorted({r["n"] for r in runs_of(results, exp, T=t)})
+    header = ["loss"] + [f"N={n}" for n in ns] + ["N=64 / N=4"]
+    rows = []
+    for loss in ADAPTIVE_LOSSES:
+        cells = []
+        for n in ns:
+            r = one(results, exp, loss=loss, n=n, T=t)
+            cells.append(ms(r["final"]) if r else "—")
+        r4, r64 = one(results, exp, loss=loss, n=4, T=t), one(results, exp, loss=loss, n=64, T=t)
+        ratio = f"{_mean(r64['final']) / _mean(r4['final']):.2f}" if r4 and r64 else "—"
+        name = f"**{loss}**" if loss == "vespo_adaptive" else loss
+        rows.append([name] + cells + [ratio])
+    return _table(header, rows)
+
+
+def _targets_md(results: dict[str, Any]) -> str:
+    lines = []
+    names = {"adaptive_fixed": "fixed lengths", "adaptive_variable": "variable lengths",
+             "adaptive_mismatch": "fixed lengths + sampler mismatch"}
+    rows = []
+    for row in adaptive_targets(results):
+        if row["T"] not in (128, 512) and row["experiment"] == "adaptive_fixed":
+            continue
+        ratio = row.get("ratio")
+        behind = [d for d in row["diffs"] if d["diff"] < 0]
+        behind_2se = [d for d in behind if -d["diff"] > 2 * d["se"]]
+        ahead_2se = [d for d in row["diffs"] if d["diff"] > 2 * d["se"]]
+        rows.append([
+            names[row["experiment"]], str(row["T"]),
+            f"{ratio:.3f} ({'met' if ratio is not None and ratio >= 0.9 else 'not met'})" if ratio is not None else "—",
+            "met" if not behind else "not met: behind " + ", ".join(
+                f"{d['baseline']}@N={d['n']} ({d['diff']:+.3f} ± {d['se']:.3f})" for d in behind),
+            ", ".join(f"{d['baseline']}@N={d['n']}" for d in behind_2se) or "none",
+            f"{len(ahead_2se)} of {len(row['diffs'])}",
+            f"{row['n1_max_abs_diff']:.1e}" if "n1_max_abs_diff" in row else "—",
+        ])
+    lines.append(_table(["arm", "T", "J(N=64)/J(N=4) ≥ 0.90", "≥ every baseline at N ≥ 16",
+                         "behind by > 2 SE", "ahead by > 2 SE", "N=1: max |J − J_vespo| over seeds"], rows))
+    lines.append("")
+    lines.append("Paired differences vespo_adaptive − baseline (final J, mean ± standard error over the 5 paired "
+                 "seeds), every arm and T:")
+    lines.append("")
+    drows = []
+    for row in adaptive_targets(results):
+        for n in (16, 64):
+            cells = []
+            for base in ADAPTIVE_BASELINES:
+                d = next((d for d in row["diffs"] if d["n"] == n and d["baseline"] == base), None)
+                if d is None:
+                    cells.append("—")
+                else:
+                    mark = "**" if abs(d["diff"]) > 2 * d["se"] else ""
+                    cells.append(f"{mark}{d['diff']:+.3f} ± {d['se']:.3f}{mark}")
+            drows.append([names[row["experiment"]], str(row["T"]), str(n)] + cells)
+    lines.append(_table(["arm", "T", "N"] + list(ADAPTIVE_BASELINES), drows))
+    lines.append("")
+    lines.append("Bold: beyond two standard errors.")
+    return "\n".join(lines)
+
+
+def _alpha_table(results: dict[str, Any]) -> str:
+    rows = []
+    ks = (0, 1, 2, 4, 8, 16, 32, 63)
+    for exp in ("adaptive_fixed", "adaptive_variable"):
+        for t in sorted({r["T"] for r in runs_of(results, exp)}):
+            r = one(results, exp, loss="vespo_adaptive", n=64, T=t)
+            v = one(results, exp, loss="vespo", n=64, T=t)
+            if not r:
+                continue
+            by = r["metrics_by_staleness"]
+            for key, label, src in (("vespo_adaptive/alpha_pos", "alpha", r), ("phi/ess_pos_before", "ESS(phi) before, A>0", r),
+                                    ("phi/ess_pos_after", "ESS(phi) after, A>0", r),
+                                    ("phi/frac_below_0.01", "vespo_adaptive: share phi<0.01", r)):
+                vals = src["metrics_by_staleness"].get(key) if src else None
+                if vals:
+                    rows.append([exp.replace("adaptive_", ""), str(t), label] + [_f(vals[k], 2) if k < len(vals) else "—" for k in ks])
+            if v and v["metrics_by_staleness"].get("phi/frac_below_0.01"):
+                vals = v["metrics_by_staleness"]["phi/frac_below_0.01"]
+                rows.append([exp.replace("adaptive_", ""), str(t), "vespo: share phi<0.01"] + [_f(vals[k], 2) if k < len(vals) else "—" for k in ks])
+            del by
+    return _table(["lengths", "T", "quantity (N=64)"] + [f"k={k}" for k in ks], rows)
+
+
+def _ablation_md(results: dict[str, Any]) -> str:
+    rows = []
+    for r in runs_of(results, "adaptive_ablation"):
+        fixed = r.get("min_length") is None
+        default = one(results, "adaptive_fixed" if fixed else "adaptive_variable", loss="vespo_adaptive",
+                      n=r["n"], T=r["T"])
+        d = _paired(r["final"], default["final"]) if default else None
+        rows.append([r["label"], str(r["T"]), "fixed" if fixed else "variable", json.dumps(r["params"]),
+                     ms(r["final"]), f"{d[0]:+.3f} ± {d[1]:.3f}" if d else "—",
+                     _f(r["metrics"].get("vespo_adaptive/alpha_pos"), 3)])
+    for t in sorted({r["T"] for r in runs_of(results, "adaptive_ablation")}):
+        r = one(results, "adaptive_fixed", loss="vespo_adaptive", n=64, T=t)
+        if r:
+            rows.insert(0, ["**default**", str(t), "fixed", "{}", ms(r["final"]), "0", _f(r["metrics"].get("vespo_adaptive/alpha_pos"), 3)])
+    return _table(["variant (N=64)", "T", "lengths", "parameters", "final J", "minus default (paired, ± SE)",
+                   "mean alpha (A>0)"], rows)
+
+
+def _gradient_md(results: dict[str, Any]) -> str:
+    rows = []
+    for g in results["gradient"]:
+        rows.append([str(g["T"]), str(g["k"]), g["loss"], _f(g["cosine_debiased"], 2), _f(g["rel_bias_debiased"], 2),
+                     _f(g["rel_var"], 3), _f(g["scale"], 2), _f(g["phi_frac_below_0.01"], 2)])
+    return _table(["T", "k", "loss", "cos (debiased)", "rel. bias (debiased)", "rel. var", "scale", "phi<0.01"], rows)
+
+
+def _length_md(results: dict[str, Any]) -> str:
+    rows = []
+    for t in sorted({r["T"] for r in runs_of(results, "adaptive_variable")}):
+        for loss in ("vespo_adaptive", "vespo", "topr", "cispo"):
+            r = one(results, "adaptive_variable", loss=loss, n=64, T=t)
+            if r:
+                rows.append([str(t), loss, _f(r["metrics"].get("sim/length_mean"), 1), ms(r["final"])])
+        r = next((x for x in runs_of(results, "adaptive_ablation", T=t) if x.get("min_length") is not None), None)
+        if r:
+            rows.append([str(t), r["label"], _f(r["metrics"].get("sim/length_mean"), 1), ms(r["final"])])
+    return _table(["T max", "loss (N=64, variable lengths)", "mean length over training", "final J"], rows)
+
+
+def plot_adaptive(results: dict[str, Any], img_dir: Path) -> list[Path]:
+    plt = _plt()
+    panels = [("adaptive_fixed", t) for t in sorted({r["T"] for r in runs_of(results, "adaptive_fixed")})]
+    panels += [(e, t) for e in ("adaptive_variable", "adaptive_mismatch") for t in sorted({r["T"] for r in runs_of(results, e)})]
+    cols = 4
+    rows_n = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4 * cols, 3.2 * rows_n), squeeze=False)
+    colors = {**COLORS, "vespo_adaptive": "black", "gmpo": "tab:brown"}
+    for ax, (exp, t) in zip(axes.flat, panels):
+        for loss in ADAPTIVE_LOSSES:
+            pts = sorted((r["n"], _mean(r["final"]), _std(r["final"])) for r in runs_of(results, exp, loss=loss, T=t))
+            if not pts:
+                continue
+            ns, mu, sd = zip(*pts)
+            ax.errorbar(ns, mu, yerr=sd, marker="o", ms=3, capsize=2, label=loss, color=colors.get(loss),
+                        lw=2.2 if loss == "vespo_adaptive" else 1.0)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{exp.replace('adaptive_', '')}, T={t}", fontsize=9)
+        ax.set_xlabel("staleness N")
+        ax.set_ylabel("final exact J")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    out = [img_dir / "sim_adaptive_final_vs_n.png"]
+    fig.savefig(out[0], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.4))
+    for exp, ls in (("adaptive_fixed", "-"), ("adaptive_variable", "--")):
+        for t in sorted({r["T"] for r in runs_of(results, exp)}):
+            r = one(results, exp, loss="vespo_adaptive", n=64, T=t)
+            v = one(results, exp, loss="vespo", n=64, T=t)
+            if r and r["metrics_by_staleness"].get("vespo_adaptive/alpha_pos"):
+                ax[0].plot(r["metrics_by_staleness"]["vespo_adaptive/alpha_pos"], ls, label=f"{exp[9:]} T={t}")
+            if v and v["metrics_by_staleness"].get("phi/frac_below_0.01"):
+                ax[1].plot(v["metrics_by_staleness"]["phi/frac_below_0.01"], ls, label=f"vespo {exp[9:]} T={t}")
+            if r and r["metrics_by_staleness"].get("phi/frac_below_0.01"):
+                ax[1].plot(r["metrics_by_staleness"]["phi/frac_below_0.01"], ls, lw=2.2, label=f"adaptive {exp[9:]} T={t}")
+    ax[0].set_xlabel("staleness k of the mini-batch (N = 64)")
+    ax[0].set_ylabel("alpha")
+    ax[0].set_yscale("log")
+    ax[1].set_xlabel("staleness k of the mini-batch (N = 64)")
+    ax[1].set_ylabel("share of sequences with phi < 0.01")
+    ax[0].legend(fontsize=7)
+    ax[1].legend(fontsize=6)
+    fig.tight_layout()
+    out.append(img_dir / "sim_adaptive_alpha.png")
+    fig.savefig(out[1], dpi=110)
+    plt.close(fig)
+    return out
+
+
+def render_adaptive(results: dict[str, Any]) -> str:
+    """The generated block of docs/adaptive.md."""
+    tm = results["timing"]
+    parts = [
+        f"Generated by `{results.get('command', 'python benchmarks/simulator.py --adaptive')}` from "
+        f"`benchmarks/results/simulator_adaptive.json`: {tm['total'] / 60:.1f} minutes wall clock, "
+        f"{tm['total_cpu'] / 60:.1f} CPU-minutes on one thread. {results['config']['steps']} optimizer steps of "
+        f"64 responses, lr {results['config']['lr']}, seeds {', '.join(map(str, results['config']['seeds']))}; "
+        "final exact J, mean ± std over seeds.",
+        "",
+        "### Targets",
+        "",
+        _targets_md(results),
+        "",
+    ]
+    for exp, title in (("adaptive_fixed", "Fixed lengths, no mismatch"),
+                       ("adaptive_variable", "Variable lengths (EOS from T/4 on), no mismatch"),
+                       ("adaptive_mismatch", "Fixed lengths, sampler mismatch (logit noise 0.1, ratio against mu)")):
+        for t in sorted({r["T"] for r in runs_of(results, exp)}):
+            parts += [f"### {title}, T = {t}", "", _arm_table(results, exp, t), ""]
+    parts += ["![final J vs N](img/sim_adaptive_final_vs_n.png)", "",
+              "### What the adaptation does, by staleness k of the mini-batch (N = 64, mean over training)", "",
+              _alpha_table(results), "", "![alpha and dropped share](img/sim_adaptive_alpha.png)", "",
+              "### Response length with variable lengths", "", _length_md(results), "",
+              "### Ablations", "", _ablation_md(results), "",
+              "### Gradient bias and variance against the exact gradient (fixed lengths, seed 0)", "",
+              _gradient_md(results), ""]
+    return "\n".join(parts)
+
+
+def write_adaptive_doc(results: dict[str, Any], path: Path = ADAPTIVE_DOC) -> None:
+    """Replace the generated block of docs/adaptive.md (between the markers) with fresh tables."""
+    begin, end = "<!-- BEGIN GENERATED: benchmarks/simulator.py --adaptive -->", "<!-- END GENERATED -->"
+    text = path.read_text() if path.exists() else f"# Adaptive VESPO\n\n{begin}\n{end}\n"
+    if begin not in text or end not in text:
+        text += f"\n{begin}\n{end}\n"
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{begin}\n{render_adaptive(results)}\n{end}{tail}")
+
+
+def adaptive_main(args: argparse.Namespace, argv: list[str] | None) -> int:
+    if args.from_json:
+        results = json.loads(args.from_json.read_text())
+    else:
+        acfg = adaptive_quick() if args.quick else AdaptiveConfig()
+        out = args.out or (ADAPTIVE_OUT.with_name("simulator_adaptive_quick.json") if args.quick else ADAPTIVE_OUT)
+        results = adaptive_sweep(acfg, save_to=out)
+        results["command"] = "OMP_NUM_THREADS=1 python benchmarks/simulator.py " + " ".join(
+            argv if argv is not None else sys.argv[1:])
+        save(results, out)
+        print(f"wrote {out} ({results['timing']['total']:.0f}s wall, {results['timing']['total_cpu']:.0f}s cpu)")
+    for row in adaptive_targets(results):
+        print(row["experiment"], row["T"], "ratio", row.get("ratio"), "n1", row.get("n1_max_abs_diff"))
+    if results["config"].get("quick"):
+        print(render_adaptive(results)[:2000])
+        return 0
+    if not args.no_plots:
+        for p in plot_adaptive(results, args.img_dir):
+            print(f"wrote {p}")
+    if not args.no_doc:
+        write_adaptive_doc(results)
+        print(f"wrote {ADAPTIVE_DOC}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="CI-sized run (seconds)")
@@ -1312,8 +1720,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-doc", action="store_true")
     parser.add_argument("--from-json", type=Path, default=None, help="only redo plots, summary and doc from a JSON")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--adaptive", action="store_true",
+                        help="the vespo_adaptive sweep (docs/adaptive.md, benchmarks/results/simulator_adaptive.json)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.adaptive:
+        return adaptive_main(args, argv)
 
     if args.from_json:
         results = json.loads(args.from_json.read_text())

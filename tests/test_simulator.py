@@ -147,3 +147,100 @@ def test_quick_benchmark_smoke(tmp_path):
     out = tmp_path / "sim.json"
     bench.save(results, out)
     assert out.stat().st_size < 200_000
+
+
+# ---------------------------------------------------------------------------------------------
+# Variable response lengths and vespo_adaptive in the simulator
+# ---------------------------------------------------------------------------------------------
+
+
+def test_variable_lengths_mask_and_exact_reward():
+    spec = TaskSpec(length=24, keys=4, prompts=3, group_size=4, min_length=8, stop_rate=4.0, init_success=0.3)
+    task = make_task(spec, [0], dtype=torch.float64)
+    assert int(task.key_pos.max()) < spec.min_length  # the keys come before any EOS
+    # the stop hazard at every position >= min_length is stop_rate / (T - min_length), in every context
+    p_eos = torch.softmax(task.init_logits[0, :, spec.min_length:], -1)[..., 0]
+    torch.testing.assert_close(p_eos, torch.full_like(p_eos, 4.0 / 16))
+    gen = torch.Generator().manual_seed(0)
+    pid = torch.arange(spec.prompts).repeat_interleave(20_000)
+    batch = sample_batch(task.init_logits, task, gen, prompt_ids=pid)
+    mask = batch.mask[0]
+    lengths = mask.sum(-1)
+    assert int(lengths.min()) >= spec.min_length + 1 and int(lengths.max()) == spec.length
+    # the mask ends at the first EOS at a position >= min_length, EOS included
+    tok = batch.tokens[0]
+    for b in range(200):
+        eos = [t for t in range(spec.min_length, spec.length) if tok[b, t] == 0]
+        assert int(lengths[b]) == (eos[0] + 1 if eos else spec.length)
+    # length T means no EOS before the last position: P = (1 - h)^(T - min_length - 1)
+    full = float((lengths == spec.length).double().mean())
+    assert full == pytest.approx((1 - 0.25) ** (spec.length - spec.min_length - 1), abs=0.002)
+    # EOS does not change the reward: the exact J still matches sampling
+    emp = batch.rewards[0].reshape(spec.prompts, -1).double().mean(-1)
+    assert torch.allclose(emp, success_prob(task.init_logits, task)[0], atol=4 * math.sqrt(0.25 / 20_000))
+
+
+def test_fixed_length_tasks_are_unchanged_by_the_variable_option():
+    spec = TaskSpec(length=16, keys=4, prompts=2, group_size=4)
+    a = make_task(spec, [0, 1])
+    b = make_task(TaskSpec(length=16, keys=4, prompts=2, group_size=4, min_length=None, stop_rate=5.0), [0, 1])
+    assert torch.equal(a.init_logits, b.init_logits) and torch.equal(a.key_pos, b.key_pos)
+    batch = sample_batch(a.init_logits, a, torch.Generator().manual_seed(0))
+    assert batch.mask is None
+
+
+def test_variable_length_loss_is_the_mean_of_per_seed_losses():
+    spec = TaskSpec(length=16, keys=4, prompts=4, group_size=4, min_length=6)
+    task = make_task(spec, [0, 1, 2])
+    pol = Policy(PolicySpec("mlp", embed=8, hidden=8), task)
+    batch = sample_batch(pol.logits().detach(), task, torch.Generator().manual_seed(1))
+    adv = compute_advantages(batch.rewards, spec.group_size)
+    lp = token_log_probs(pol.logits(), batch.prompt_ids, batch.tokens).detach()
+    old = lp + 0.3 * torch.randn(lp.shape, generator=torch.Generator().manual_seed(2))
+    from dataclasses import replace as dc_replace
+
+    batch = dc_replace(batch, old_log_prob=old)
+    out = loss_on_batch("vespo", lp, batch, adv)
+    from vespo.losses import compute_policy_loss
+
+    per_seed = [
+        compute_policy_loss("vespo", log_prob=lp[i], old_log_prob=old[i], advantages=adv[i].float(),
+                            response_mask=batch.mask[i]).loss
+        for i in range(3)
+    ]
+    torch.testing.assert_close(out.loss, sum(per_seed) / 3)
+
+
+def test_vespo_adaptive_statistics_are_per_seed_in_pooled_calls():
+    task, pol, batch, adv = _one_batch()
+    lp = token_log_probs(pol.logits(), batch.prompt_ids, batch.tokens).detach()
+    g = torch.Generator().manual_seed(4)
+    # seed 0 nearly on-policy, seed 1 far off-policy: a pooled alpha would mix them
+    old = lp.clone()
+    old[0] = lp[0] + 0.01 * torch.randn(lp[0].shape, generator=g)
+    old[1] = lp[1] + 0.5 * torch.randn(lp[1].shape, generator=g)
+    from dataclasses import replace as dc_replace
+
+    batch = dc_replace(batch, old_log_prob=old)
+    pooled = loss_on_batch("vespo_adaptive", lp, batch, adv)
+    from vespo.losses import compute_policy_loss
+
+    alphas = []
+    losses = []
+    for i in range(2):
+        out = compute_policy_loss("vespo_adaptive", log_prob=lp[i], old_log_prob=old[i],
+                                  advantages=adv[i].float(), response_mask=torch.ones_like(lp[i], dtype=torch.bool))
+        alphas.append(out.metrics["vespo_adaptive/alpha_pos"])
+        losses.append(out.loss)
+    assert alphas[0] == 1.0 and alphas[1] < 0.5
+    # the pooled call's token-mean over equal lengths is the mean of the per-seed losses
+    torch.testing.assert_close(pooled.loss, sum(losses) / 2)
+
+
+def test_on_policy_vespo_adaptive_trains_exactly_like_vespo():
+    spec = TaskSpec(length=16, keys=4, prompts=4, group_size=4, min_length=6)
+    task = make_task(spec, [0, 1])
+    kw = dict(n_stale=1, steps=5, lr=0.01, policy=PolicySpec("mlp", embed=8, hidden=8), keep_params=True)
+    r1, r2 = train("vespo", task, **kw), train("vespo_adaptive", task, **kw)
+    assert r1.reward == r2.reward
+    assert all(torch.equal(a, b) for a, b in zip(r1.params, r2.params))

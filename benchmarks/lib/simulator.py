@@ -38,8 +38,12 @@ from typing import Any
 
 import torch
 
-from vespo.rollout.advantages import group_advantages
-from vespo.losses import compute_policy_loss
+from vespo.losses import compute_policy_loss, vespo_adaptive_batch_stats, vespo_adaptive_seq_inputs
+
+try:
+    from vespo.rollout.advantages import group_advantages
+except ImportError:  # before the package split
+    from vespo.advantages import group_advantages
 
 # ---------------------------------------------------------------------------------------------
 # Task
@@ -63,6 +67,12 @@ class TaskSpec:
             4.0 gives a mean per-token entropy of about 0.6 nats, mostly peaked rows with some
             high-entropy "forks", closer to a pretrained LM than a flat start.
         context: ``prev`` (autoregressive: logits depend on the previous token) or ``none``.
+        min_length: ``None`` for fixed lengths (every response has T tokens). Otherwise response
+            lengths vary: token 0 acts as EOS from position ``min_length`` on (the response ends
+            with it, inclusive), the keys lie in [0, min_length), and T is the maximum length.
+        stop_rate: with ``min_length``, the initial EOS probability at every position
+            >= min_length is stop_rate / (T - min_length) (about e^-stop_rate of the responses
+            reach T); training may move it, so the length distribution drifts with the policy.
     """
 
     vocab: int = 8
@@ -74,6 +84,18 @@ class TaskSpec:
     init_success: float = 0.1
     init_scale: float = 4.0
     context: str = "prev"
+    min_length: int | None = None
+    stop_rate: float = 3.0
+
+    @property
+    def variable(self) -> bool:
+        """True when response lengths vary (an EOS token from ``min_length`` on)."""
+        return self.min_length is not None
+
+    @property
+    def key_span(self) -> int:
+        """Positions the keys are spread over: T, or ``min_length`` with variable lengths."""
+        return self.length if self.min_length is None else self.min_length
 
     @property
     def contexts(self) -> int:
@@ -92,8 +114,12 @@ class TaskSpec:
     def validate(self) -> None:
         if self.vocab < 2 or self.length < 1 or self.prompts < 1 or self.group_size < 2:
             raise ValueError("need vocab >= 2, length >= 1, prompts >= 1, group_size >= 2")
-        if not 1 <= self.keys <= self.length:
-            raise ValueError(f"keys must be in [1, length={self.length}], got {self.keys}")
+        if self.min_length is not None and not 1 <= self.min_length < self.length:
+            raise ValueError(f"min_length must be in [1, length={self.length}), got {self.min_length}")
+        if self.min_length is not None and not 0 < self.stop_rate < self.length - self.min_length:
+            raise ValueError("stop_rate must be in (0, length - min_length)")
+        if not 1 <= self.keys <= self.key_span:
+            raise ValueError(f"keys must be in [1, {self.key_span}], got {self.keys}")
         if not 1 <= self.need_ <= self.keys:
             raise ValueError(f"need must be in [1, keys={self.keys}], got {self.need_}")
         if not 0.0 < self.init_success < 1.0:
@@ -153,7 +179,8 @@ def make_task(spec: TaskSpec, seeds: Sequence[int], dtype: torch.dtype = torch.f
     """
     spec.validate()
     s_count, p, t, v, k, c = len(seeds), spec.prompts, spec.length, spec.vocab, spec.keys, spec.contexts
-    key_pos = torch.linspace(0, t - 1, k).round().long() if k > 1 else torch.tensor([t // 2])
+    span = spec.key_span
+    key_pos = torch.linspace(0, span - 1, k).round().long() if k > 1 else torch.tensor([span // 2])
     key_pos = torch.unique(key_pos)
     if key_pos.numel() != k:  # only when K is close to T: fall back to the first K positions
         key_pos = torch.arange(k)
@@ -169,6 +196,11 @@ def make_task(spec: TaskSpec, seeds: Sequence[int], dtype: torch.dtype = torch.f
     others = key_logits.scatter(-1, tgt, -math.inf)
     new_tgt = math.log(q0 / (1 - q0)) + torch.logsumexp(others, -1, keepdim=True)
     logits[:, :, key_pos] = key_logits.scatter(-1, tgt, new_tgt)
+    if spec.min_length is not None:  # EOS (token 0) with probability h at every later position
+        h = spec.stop_rate / (t - spec.min_length)
+        tail = logits[:, :, spec.min_length:]
+        rest = torch.logsumexp(tail[..., 1:], -1)
+        logits[:, :, spec.min_length:, :, 0] = math.log(h / (1 - h)) + rest
     return Task(spec=spec, key_pos=key_pos, targets=targets, init_logits=logits.to(dtype),
                 seeds=tuple(int(s) for s in seeds))
 
@@ -294,6 +326,8 @@ class Batch:
         rewards: [S, B] 0/1.
         staleness: optimizer steps between the rollout and the step that trains on this batch.
         behaviour_step: the optimizer step whose weights generated the batch.
+        mask: [S, B, T] bool response mask (True up to and including EOS) with variable lengths,
+            ``None`` with fixed lengths.
     """
 
     tokens: torch.Tensor
@@ -303,6 +337,7 @@ class Batch:
     rewards: torch.Tensor
     staleness: int = 0
     behaviour_step: int = 0
+    mask: torch.Tensor | None = None
 
 
 def prompt_layout(spec: TaskSpec) -> torch.Tensor:
@@ -409,7 +444,18 @@ def sample_batch(
         old_log_prob=_pick(log_pi, pid, tokens),
         sampler_log_prob=sampler_lp,
         rewards=rewards_of(tokens, pid, task),
+        mask=response_mask(tokens, task.spec),
     )
+
+
+def response_mask(tokens: torch.Tensor, spec: TaskSpec) -> torch.Tensor | None:
+    """[S, B, T] True up to and including the first EOS (token 0) at a position >= min_length;
+    ``None`` for fixed lengths. Tokens after EOS are sampled but never enter W or the loss."""
+    if spec.min_length is None:
+        return None
+    pos = torch.arange(tokens.shape[-1])
+    eos = (tokens == 0) & (pos >= spec.min_length)
+    return (eos.long().cumsum(-1) - eos.long()) == 0
 
 
 def sample_rollout(
@@ -433,6 +479,7 @@ def sample_rollout(
                 tokens=big.tokens[:, sl], prompt_ids=layout, old_log_prob=big.old_log_prob[:, sl],
                 sampler_log_prob=big.sampler_log_prob[:, sl], rewards=big.rewards[:, sl],
                 staleness=len(out), behaviour_step=behaviour_step,
+                mask=None if big.mask is None else big.mask[:, sl],
             ))
     return out
 
@@ -482,6 +529,7 @@ def loss_on_batch(
     is_source: str = "trainer",
     loss_params: dict[str, Any] | None = None,
     loss_agg_mode: str = "token-mean",
+    _mask: torch.Tensor | None = None,
 ):
     """:func:`compute_policy_loss` on a [S, B, T] mini-batch, flattened to [S*B, T].
 
@@ -491,7 +539,44 @@ def loss_on_batch(
             and mismatch together);
         ``tis``: old_log_prob = pi_old, rollout_log_prob = mu, correction = token_tis.
     Returns the :class:`~vespo.losses.LossOutput` of the pooled batch.
+
+    Every seed's mini-batch is its own batch: with fixed lengths the S seeds are pooled in one call
+    (token-mean over equal lengths then divides by a constant), and ``vespo_adaptive`` gets its
+    statistics per seed through ``batch_stats`` groups. With variable lengths each seed is one call
+    (its own token count) and the result is the mean over seeds.
     """
+    s, b, t = log_prob.shape
+    if batch.mask is not None:
+        outs = [
+            loss_on_batch(loss, log_prob[i:i + 1], _seed_slice(batch, i), advantages[i:i + 1], is_source=is_source,
+                          loss_params=loss_params, loss_agg_mode=loss_agg_mode, _mask=batch.mask[i])
+            for i in range(s)
+        ]
+        keys = set.intersection(*(set(o.metrics) for o in outs))
+        return PooledOutput(
+            loss=sum(o.loss for o in outs) / s,
+            metrics={k: sum(o.metrics[k] for o in outs) / s for k in keys},
+        )
+    return _loss_call(loss, log_prob, batch, advantages, is_source=is_source, loss_params=loss_params,
+                      loss_agg_mode=loss_agg_mode, mask=_mask)
+
+
+@dataclass
+class PooledOutput:
+    """Loss and metrics of several per-seed calls (the loss is their mean)."""
+
+    loss: torch.Tensor
+    metrics: dict[str, float]
+
+
+def _seed_slice(batch: Batch, i: int) -> Batch:
+    return Batch(tokens=batch.tokens[i:i + 1], prompt_ids=batch.prompt_ids, old_log_prob=batch.old_log_prob[i:i + 1],
+                 sampler_log_prob=batch.sampler_log_prob[i:i + 1], rewards=batch.rewards[i:i + 1],
+                 staleness=batch.staleness, behaviour_step=batch.behaviour_step, mask=None)
+
+
+def _loss_call(loss: str, log_prob: torch.Tensor, batch: Batch, advantages: torch.Tensor, *, is_source: str,
+               loss_params: dict[str, Any] | None, loss_agg_mode: str, mask: torch.Tensor | None = None):
     s, b, t = log_prob.shape
     kw: dict[str, Any] = dict(loss_params or {})
     if is_source == "trainer":
@@ -503,15 +588,27 @@ def loss_on_batch(
         kw.update(rollout_log_prob=batch.sampler_log_prob.reshape(s * b, t), correction="token_tis")
     else:
         raise ValueError(f"is_source must be one of {IS_SOURCES}, got '{is_source}'")
-    return compute_policy_loss(
-        loss,
+    inputs = dict(
         log_prob=log_prob.reshape(s * b, t),
         old_log_prob=old.reshape(s * b, t).to(log_prob.dtype),
         advantages=advantages.reshape(s * b).to(log_prob.dtype),
-        response_mask=torch.ones(s * b, t, dtype=torch.bool),
-        loss_agg_mode=loss_agg_mode,
-        **kw,
+        response_mask=torch.ones(s * b, t, dtype=torch.bool) if mask is None else mask.reshape(s * b, t),
     )
+    if loss == "vespo_adaptive" and kw.get("batch_stats") is None:
+        # one set of statistics per seed's mini-batch (the rows of seed i are i * b .. i * b + b - 1)
+        extra = {k: kw[k] for k in ("rollout_log_prob", "correction") if k in kw}
+        params = {k: v for k, v in kw.items() if k not in extra}
+        if extra:  # the token-TIS weights enter log W as in the loss call
+            from vespo.losses import rollout_correction
+
+            corr = rollout_correction(inputs["old_log_prob"], extra["rollout_log_prob"], inputs["response_mask"],
+                                      extra["correction"])
+            seq = vespo_adaptive_seq_inputs(**inputs, rollout_is_weights=corr.weights)
+        else:
+            seq = vespo_adaptive_seq_inputs(**inputs)
+        groups = torch.arange(s).repeat_interleave(b)
+        kw["batch_stats"] = vespo_adaptive_batch_stats(*seq, groups=groups, n_groups=s, **params)
+    return compute_policy_loss(loss, loss_agg_mode=loss_agg_mode, **inputs, **kw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -639,6 +736,15 @@ TRACKED_METRICS = (
     "is/log_w_pos_p50",
     "is/log_w_neg_p50",
     "sim/mismatch_abs",  # mean |log pi_old - log mu| per token of the mini-batch
+    "sim/length_mean",  # mean response length of the mini-batch
+    "vespo_adaptive/alpha_pos",
+    "vespo_adaptive/alpha_neg",
+    "phi/ess_pos_before",
+    "phi/ess_neg_before",
+    "phi/ess_pos_after",
+    "phi/ess_neg_after",
+    "phi/frac_below_0.01_before",
+    "vespo_adaptive/saturated",
 )
 
 
@@ -722,6 +828,7 @@ def train(
     for p in theta:
         p.requires_grad_(True)
     s_count = task.init_logits.shape[0]
+    t_len = task.spec.length
     opt = VecAdam(theta, lr, grad_clip=grad_clip)
     gen = torch.Generator().manual_seed(sample_seed)
 
@@ -754,6 +861,7 @@ def train(
         gnorms.append(float(opt.step(grads).mean()))
         step_metrics = dict(out.metrics)
         step_metrics["sim/mismatch_abs"] = float((batch.old_log_prob - batch.sampler_log_prob).abs().mean())
+        step_metrics["sim/length_mean"] = float(t_len if batch.mask is None else batch.mask.sum(-1).double().mean())
         for name in TRACKED_METRICS:
             if name in step_metrics:
                 window[name].append(step_metrics[name])
