@@ -117,13 +117,15 @@ def _worker_main(fd: int) -> None:
         parent = setup["parent_pid"]
         if os.getppid() != parent:
             return
-        threading.Thread(target=_watchdog, args=(parent,), daemon=True).start()
         sys.path[:] = [p for p in setup["sys_path"] if isinstance(p, str)]
         from vespo.tasks.rewards import preload_user_modules
 
         preload_user_modules(setup.get("user_modules") or {})
         factory = resolve(setup["factory"])
+        # still single-threaded here (the sandbox's factory may call unshare(CLONE_NEWUSER));
+        # a factory that hangs is killed by the parent's start timeout
         handler = factory(pickle.loads(setup["arg"]))
+        threading.Thread(target=_watchdog, args=(parent,), daemon=True).start()
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises
         try:
             conn.send(("init_error", None, _short(exc)))

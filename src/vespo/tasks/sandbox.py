@@ -382,6 +382,7 @@ class _Jailer:
             except ImportError:
                 pass
         self.root = os.geteuid() == 0
+        self.outer_uid = os.geteuid()
         self.userns = False
         if not self.root:
             # an unprivileged user namespace gives the capabilities the namespaces below need
@@ -412,12 +413,17 @@ class _Jailer:
             self.netns = True
         except OSError:
             self.netns = False
-        try:
-            self.own_pidns: int | None = os.open("/proc/self/ns/pid", os.O_RDONLY)
-            _unshare(CLONE_NEWPID)
-            _setns(self.own_pidns, CLONE_NEWPID)
-        except OSError:
-            self.own_pidns = None
+        # A fresh PID namespace per evaluation: unshare(CLONE_NEWPID) before each fork, then
+        # setns back to our own. setns needs CAP_SYS_ADMIN in the namespace's owner, i.e. real
+        # root; inside a user namespace of our own it fails, so there is no PID namespace there.
+        self.own_pidns: int | None = None
+        if self.root:
+            try:
+                self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY)
+                _unshare(CLONE_NEWPID)
+                _setns(self.own_pidns, CLONE_NEWPID)
+            except OSError:
+                self.own_pidns = None
         try:
             _check(_libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl")
         except OSError:
@@ -578,13 +584,41 @@ class _Jailer:
             except (ProcessLookupError, PermissionError):
                 pass
         self._reap(pid)
-        while True:  # orphans adopted by this subreaper (no PID namespace)
+        if self.own_pidns is None:
+            # no PID namespace: descendants that left the process group were re-parented to
+            # this subreaper; kill them too
+            for _ in range(20):
+                orphans = self._children()
+                if not orphans:
+                    break
+                for child in orphans:
+                    try:
+                        os.kill(child, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                time.sleep(0.01)
+        while True:  # reap what was killed
             try:
                 child, _ = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 break
             if child == 0:
                 break
+
+    def _children(self) -> list[int]:
+        """Live (not zombie) children of this process."""
+        out = []
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{name}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[1]) == self.pid and fields[0] != "Z":
+                out.append(int(name))
+        return out
 
     def _cleanup(self) -> None:
         # with the tmpfs nothing is left (files vanished with the mount namespace); without it
@@ -686,7 +720,10 @@ class _Jailer:
                 mode["user"] = f"{lim.user} (uid {self.uid})"
                 mode["processes"] = f"RLIMIT_NPROC={lim.max_processes} for uid {self.uid}"
             else:
-                mode["user"] = "root (user=None)" if self.root else f"uid {self.real_uid}"
+                mode["user"] = "root (user=None)" if self.root else f"uid {self.outer_uid}"
+                if self.userns:  # root of our own user namespace: give up its capabilities
+                    _drop_capabilities()
+                    mode["user"] += ", all capabilities dropped"
                 if self.root:
                     mode["processes"] = "not limited (RLIMIT_NPROC does not apply to root)"
                 else:
@@ -710,6 +747,21 @@ class _Jailer:
             os._exit(71)
         _harness(send, job, start, stdin_fds, lim.max_output_bytes, mode)
         os._exit(0)
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def _drop_capabilities() -> None:
+    """Clear every capability of this process (capset with empty sets)."""
+    header = _CapHeader(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
+    data = (_CapData * 2)()
+    _check(_libc.capset(ctypes.byref(header), data), "capset")
 
 
 def _block_sockets() -> None:
