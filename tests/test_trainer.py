@@ -84,8 +84,12 @@ def test_on_policy_vespo_grpo_gspo_cispo_train_bit_identically(tmp_path):
 
 
 @pytest.mark.parametrize("loss", sorted(list_losses()))
-def test_every_loss_trains_a_few_steps(tmp_path, loss):
-    cfg = tiny_config(tmp_path, f"algorithm.loss={loss}", "algorithm.staleness=2", "run.total_steps=2")
+def test_every_loss_takes_an_informative_step(tmp_path, loss):
+    """Every registered loss moves the weights through its gradient: rewards that split every group
+    (so A != 0), no weight decay (so only the loss's gradient can move a weight), and staleness 2
+    (so the second step sees W != 1)."""
+    cfg = tiny_config(tmp_path, f"algorithm.loss={loss}", "algorithm.staleness=2", "run.total_steps=2",
+                      "optim.weight_decay=0.0", "task.reward_fn=tiny_run:text_hash_reward")
     trainer = Trainer(cfg)
     before = [p.detach().clone() for p in trainer.model.parameters()]
     trainer.train()
@@ -93,11 +97,30 @@ def test_every_loss_trains_a_few_steps(tmp_path, loss):
     assert len(rows) == 2
     for row in rows:
         assert row["grad/skipped"] == 0.0
+        assert row["reward/informative_group_frac"] > 0
+        assert row["grad/norm"] > 0, f"{loss}: zero gradient at step {row['step']}"
         assert all(v is None or isinstance(v, (int, float)) for v in row.values())
-    changed = any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
-    # with all-equal rewards in every group the gradient is exactly zero; otherwise weights move
-    informative = any(r["reward/informative_group_frac"] > 0 for r in rows)
-    assert changed or not informative
+    assert rows[1]["is/abs_log_w_mean"] > 0  # the second step is off-policy
+    moved = sum(float((a - b.detach()).abs().sum()) for a, b in zip(before, trainer.model.parameters()))
+    assert moved > 0, f"{loss}: the weights did not move"
+
+
+def test_micro_batches_log_the_same_diagnostics_as_one_pass(tmp_path):
+    """Quantiles, ESS and phi shares are not additive: with micro-batches they must still be the
+    whole mini-batch's (the first rollout batch: the same data in both runs)."""
+    common = ["algorithm.staleness=3", "run.total_steps=3", "algorithm.mini_batch_prompts=4",
+              "task.reward_fn=tiny_run:text_hash_reward"]
+    train(tiny_config(tmp_path / "whole", *common))
+    train(tiny_config(tmp_path / "micro", *common, "algorithm.micro_batch_size=3"))
+    whole = [r for r in read_rows(tmp_path / "whole" / "run") if "stale/index" in r]
+    micro = [r for r in read_rows(tmp_path / "micro" / "run") if "stale/index" in r]
+    keys = [k for k in whole[-1] if k.startswith(("is/", "phi/", "loss/")) and isinstance(whole[-1][k], float)]
+    assert any("p90" in k or "ess" in k for k in keys) and len(keys) > 10
+    for a, b in zip(whole, micro):
+        for key in keys:
+            assert key in b, key
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key)
+    assert whole[-1]["is/abs_log_w_mean"] > 0  # the comparison covers stale mini-batches too
 
 
 def _train_rows(run_dir: Path) -> list[dict]:

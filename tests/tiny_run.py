@@ -20,3 +20,11 @@ TINY_RUN = [
 def length_parity_reward(response: str, example: object) -> float:
     """A reward that splits every group even for an untrained model: 1 for an even-length response."""
     return float(len(response) % 2 == 0)
+
+
+def text_hash_reward(response: str, example: object) -> float:
+    """1 for half of all distinct texts (a CRC bit): any group of distinct responses is likely split,
+    whatever their lengths, and the reward is deterministic across processes."""
+    import zlib
+
+    return float(zlib.crc32(response.encode()) & 1)
