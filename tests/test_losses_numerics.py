@@ -37,7 +37,7 @@ def long_batch():
     log_ratio[0] = 1e4  # W = e^(3e8): far beyond any float
     log_ratio[1] = -1e4  # W = e^(-3e8)
     log_ratio[2] = (torch.rand(T_LONG, generator=g) * 2 - 1) * 1e4
-    log_ratio[3] = 1e-3  # the "small drift, long sequence" case of method.md: W = e^32.8
+    log_ratio[3] = 1e-3  # small drift over a long sequence: W = e^32.8
     log_ratio[4] = torch.tensor([1e4, -1e4]).repeat(T_LONG // 2)  # cancels exactly after the +-20 clamp
     old = lp - log_ratio
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0])

