@@ -2,24 +2,29 @@
 
     vespo train [CONFIG.yaml] [key=value ...]   train (default: the offline CPU config)
     vespo train --resume RUN_DIR                continue a stopped run
-    vespo eval RUN_DIR [key=value ...]          evaluate a run's latest checkpoint
+    vespo eval RUN_DIR [--which best] [k=v ...] evaluate a run's latest checkpoint (or best weights)
     vespo plot RUN_DIR [RUN_DIR ...]            training curves as PNG
     vespo sweep --out DIR --grid KEY=V1,V2 ...  a grid of runs, parallel and resumable
     vespo warmup [CONFIG.yaml] [key=value ...]  only the supervised warm-up (shared by sweeps)
     vespo kernels                               phi(W) of every loss: table + PNG (paper Fig. 2)
     vespo losses                                registered losses, parameters and defaults
 
-Bad input (unknown key, wrong type, missing file) prints one line and exits with code 2
-(set VESPO_DEBUG=1 to see the traceback instead). The base install (torch only) runs ``vespo losses``;
+Bad input and expected environment problems print one line and exit with code 2 (set
+VESPO_DEBUG=1 to see the traceback instead): every ``ValueError`` (ConfigError, DataFileError,
+ModelLoadError, CheckpointError, a file that is not UTF-8 -- named) and every ``OSError`` (a path
+that exists, is a file or a directory where the other is needed, permissions, a full disk ...).
+Python warnings are printed as one line each (``vespo: warning: ...``). The base install (torch only) runs ``vespo losses``;
 every other command needs the ``train`` extra and says so in one line when it is missing.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib.util
 import os
 import sys
+import warnings
 from pathlib import Path
 
 EXIT_USAGE = 2
@@ -137,7 +142,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from vespo.train.trainer import evaluate_run
 
-    evaluate_run(args.run_dir, args.overrides)
+    evaluate_run(args.run_dir, args.overrides, which=args.which)
     return 0
 
 
@@ -185,8 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train nothing; write results and plots of the cells evaluated so far")
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("eval", help="evaluate the latest checkpoint of a run")
+    p = sub.add_parser("eval", help="evaluate the latest checkpoint (or the best weights) of a run")
     p.add_argument("run_dir")
+    p.add_argument("--which", choices=("latest", "best"), default="latest",
+                   help="the latest checkpoint (default) or the best weights seen in evaluation")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval.num_prompts=512")
     p.set_defaults(func=cmd_eval)
 
@@ -203,6 +210,60 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("losses", help="list the registered losses and their parameters")
     p.set_defaults(func=cmd_losses)
     return parser
+
+
+def _file_in_traceback(exc: BaseException) -> str | None:
+    """The name of the file being read where ``exc`` was raised (innermost frame first), if any."""
+    import io
+
+    tb, frames = exc.__traceback__, []
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        for value in frame.f_locals.values():
+            if isinstance(value, (io.TextIOWrapper, io.BufferedReader)) and isinstance(getattr(value, "name", None), str):
+                return value.name
+        for name in ("path", "filename", "file", "p"):
+            value = frame.f_locals.get(name)
+            if isinstance(value, (str, Path)) and str(value) and os.path.isfile(value):
+                return str(value)
+    return None
+
+
+_OS_HINTS = {
+    errno.ENOSPC: "the disk is full: free space, then continue with 'vespo train --resume RUN_DIR'",
+    errno.EDQUOT: "the disk quota is used up: free space, then continue with 'vespo train --resume RUN_DIR'",
+    errno.EROFS: "the file system is read-only: choose another run.out_dir",
+    errno.EACCES: "permission denied: choose a directory you can write to",
+    errno.EPERM: "operation not permitted: choose a directory you can write to",
+    errno.EEXIST: "it exists already",
+    errno.ENOTDIR: "a part of the path is a file, not a directory",
+    errno.EISDIR: "it is a directory, not a file",
+    errno.ENOENT: "no such file or directory",
+}
+
+
+def describe_error(exc: BaseException) -> str | None:
+    """One line for an expected error (the classes the CLI reports with exit code 2), else None."""
+    if isinstance(exc, UnicodeDecodeError):
+        where = _file_in_traceback(exc)
+        byte = f"byte 0x{exc.object[exc.start]:02x} at offset {exc.start}" if exc.object else "a byte"
+        return f"{where or 'a file'} is not {exc.encoding.upper()} text ({byte})"
+    if isinstance(exc, OSError):
+        files = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+        reason = _OS_HINTS.get(exc.errno or -1) or (exc.strerror or str(exc) or type(exc).__name__)
+        text = f"{files}: {reason}" if files else f"{exc.strerror or exc}: {reason}" if exc.strerror else reason
+        return " ".join(text.split())
+    if isinstance(exc, ValueError):
+        text = str(exc).strip() or type(exc).__name__
+        lines = [line for line in text.splitlines() if line.strip()]
+        return lines[0] + (f" (+{len(lines) - 1} more lines; VESPO_DEBUG=1 shows all)" if len(lines) > 1 else "")
+    return None
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"vespo: warning: {' '.join(str(message).split())}\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,15 +284,17 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
+    if not os.environ.get("VESPO_DEBUG"):
+        warnings.formatwarning = _one_line_warning
     try:
         return args.func(args)
     except KeyboardInterrupt:
         print("vespo: interrupted", file=sys.stderr)
         return 130
-    except ValueError as exc:  # ConfigError, DataFileError, ModelLoadError, CheckpointError, ...
+    except (ValueError, OSError) as exc:  # the one place that turns expected errors into one line
         if os.environ.get("VESPO_DEBUG"):
             raise
-        print(f"vespo: error: {exc}", file=sys.stderr)
+        print(f"vespo: error: {describe_error(exc)}", file=sys.stderr)
         return EXIT_USAGE
 
 

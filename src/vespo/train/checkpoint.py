@@ -372,3 +372,63 @@ def _is_tied(model: torch.nn.Module, name: str) -> bool:
     if target is None:
         return False
     return any(other is target for key, other in params.items() if key != name)
+
+
+class WarmupCheckpoints:
+    """Checkpoints of the supervised warm-up in ``RUN/warmup/checkpoints``, every ``every`` steps.
+
+    A run killed in the warm-up and resumed (``vespo train --resume``) continues the warm-up from
+    the newest of them, with the same model, optimizer and data order, so it loses at most
+    ``warmup.checkpoint_every`` steps. A fresh run (``resume=False``) discards any left behind.
+    They are removed once the warm-up's weights are written.
+    """
+
+    def __init__(self, run_dir: str | Path, every: int, *, resume: bool):
+        self.dir = Path(run_dir) / "warmup"
+        self.every = every
+        if not resume:
+            shutil.rmtree(self.dir / CHECKPOINT_DIR, ignore_errors=True)
+
+    def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rng: Any,
+                log_path: str | Path | None = None) -> int:
+        """Load the newest intact warm-up checkpoint; returns its step (0 when there is none)."""
+        if latest_checkpoint(self.dir) is None:
+            return 0
+        try:
+            ckpt = load_checkpoint(self.dir, model=model, optimizer=optimizer)
+        except CheckpointError as exc:
+            print(f"vespo: warning: {exc}; the warm-up starts again", file=sys.stderr)
+            return 0
+        torch.set_rng_state(ckpt.tensors["rng.torch"])
+        version, internal, gauss = ckpt.state["rng"]
+        rng.setstate((version, tuple(internal), gauss))
+        step = int(ckpt.state["step"])
+        if log_path is not None:
+            _truncate_jsonl(Path(log_path), "warmup/step", step)
+        return step
+
+    def maybe_save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rng: Any) -> None:
+        if step % self.every:
+            return
+        version, internal, gauss = rng.getstate()
+        save_checkpoint(self.dir, step, model=model, optimizer=optimizer,
+                        tensors={"rng.torch": torch.get_rng_state()},
+                        state={"rng": [version, list(internal), gauss]}, keep_last=1)
+
+    def done(self) -> None:
+        shutil.rmtree(self.dir / CHECKPOINT_DIR, ignore_errors=True)
+
+
+def _truncate_jsonl(path: Path, key: str, step: int) -> None:
+    """Keep the rows of a JSON-lines log up to ``step`` (and drop a line cut by a kill)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get(key, 0) <= step:
+            kept.append(line)
+    _write_text_atomic(path, "".join(k + "\n" for k in kept))
