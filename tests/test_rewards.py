@@ -22,6 +22,7 @@ from vespo.tasks import (
     load_reward_function,
     math_verify_equal,
     math_verify_score,
+    write_verl_jsonl,
 )
 from vespo.tasks.procpool import PoolStartError, ProcessPool
 
@@ -313,7 +314,10 @@ def test_reward_from_py_file_runs_in_workers(tmp_path) -> None:
         "        os._exit(9)\n"
         "    return float(len(response) > 3)\n"
     )
-    task = build_task({"kind": "reasoning_gym", "name": "chain_sum", "reward_fn": f"{reward_file}:longer"})
+    data = write_verl_jsonl(tmp_path / "rows.jsonl", [
+        {"data_source": "d", "prompt": "q", "reward_model": {"ground_truth": "1"}}])
+    task = build_task({"kind": "verl_file", "train_path": str(data), "eval_path": str(data),
+                       "overlap": "ignore", "reward_fn": f"{reward_file}:longer"})
     ex = task.train_examples(1, 0)[0]
     with RewardRunner(task, timeout_s=5.0, workers=1) as runner:
         assert runner.isolation == "process"  # a user reward: never in the trainer process

@@ -447,8 +447,6 @@ CODE_PARAMS = {"num_tests": 6, "sandbox": {"case_timeout_s": 1.0, "memory_mb": 6
 
 @pytest.fixture(scope="module")
 def code_task():
-    from vespo.tasks import CodeTask
-
     return build_task({"kind": "reasoning_gym", "name": "code_functions", "params": CODE_PARAMS})
 
 

@@ -354,8 +354,9 @@ class VerlFileTask(Task):
 
         scores = [0.0] * len(responses)
         code = [k for k, ex in enumerate(examples) if is_code_example(ex)]
+        code_set = set(code)
         for k, (response, example) in enumerate(zip(responses, examples, strict=True)):
-            if k not in code:
+            if k not in code_set:
                 scores[k] = math_verify_score(response, example.ground_truth)
         if code:
             from vespo.tasks.sandbox import shared_sandbox
