@@ -139,7 +139,9 @@ def _worker_main(fd: int) -> None:
         try:
             call_id, args = conn.recv()
         except (EOFError, OSError):
-            os._exit(0)
+            # the pool closed: a normal exit, so that atexit closes pools this worker made
+            # (a code task's sandbox) and removes their directories
+            return
         try:
             reply = ("ok", call_id, handler(*args))
         except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt included
@@ -151,7 +153,7 @@ def _worker_main(fd: int) -> None:
         try:
             conn.send_bytes(data)
         except OSError:
-            os._exit(0)
+            return
 
 
 # --------------------------------------------------------------------------- parent side
