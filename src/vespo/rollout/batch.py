@@ -40,9 +40,10 @@ class Rollout:
     reference_log_probs: list[list[float]] | None = None
     rewards: list[float] | None = None
     advantages: list[float] | None = None
+    routed_experts: list[Tensor] | None = None  # per sequence [prompt + response, MoE layers, k] (routing.py)
 
     _PER_TOKEN = ("rollout_log_probs", "token_versions")
-    _OPTIONAL = ("reference_log_probs", "rewards", "advantages")
+    _OPTIONAL = ("reference_log_probs", "rewards", "advantages", "routed_experts")
 
     def __post_init__(self) -> None:
         n = len(self.prompt_ids)
@@ -58,6 +59,8 @@ class Rollout:
                 raise ValueError(
                     f"sequence {i}: {len(response)} response tokens but per-token fields of lengths {lengths}"
                 )
+            if self.routed_experts is not None and len(self.routed_experts[i]) != len(self.prompt_ids[i]) + len(response):
+                raise ValueError(f"sequence {i}: routed_experts must cover its prompt and response tokens")
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -98,6 +101,7 @@ class Rollout:
         mu = torch.zeros((b, t), dtype=torch.float32)
         version = torch.full((b, t), -1, dtype=torch.long)
         reference = torch.zeros((b, t), dtype=torch.float32) if self.reference_log_probs is not None else None
+        routed = _routing_like(self.routed_experts, (b, p + t))
         for i in range(b):
             prompt, resp = self.prompt_ids[i], self.response_ids[i]
             lp, lr = len(prompt), len(resp)
@@ -112,6 +116,8 @@ class Rollout:
                 version[i, :lr] = torch.tensor(self.token_versions[i], dtype=torch.long)
                 if reference is not None:
                     reference[i, :lr] = torch.tensor(self.reference_log_probs[i], dtype=torch.float32)
+            if routed is not None:
+                routed[i, p - lp : p + lr] = self.routed_experts[i]
         batch = RolloutBatch(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -123,8 +129,19 @@ class Rollout:
             reference_log_prob=reference,
             rewards=None if self.rewards is None else torch.tensor(self.rewards, dtype=torch.float32),
             advantages=None if self.advantages is None else torch.tensor(self.advantages, dtype=torch.float32),
+            routed_experts=routed,
         )
         return batch.to(device) if device is not None else batch
+
+
+def _routing_like(per_seq: list[Tensor] | None, shape: tuple[int, int]) -> Tensor | None:
+    """An all-"not recorded" routing tensor ``[b, P + T, L, k]`` shaped like ``per_seq``'s entries."""
+    if not per_seq:
+        return None
+    from vespo.rollout.routing import unknown_index
+
+    first = per_seq[0]
+    return torch.full((*shape, *first.shape[1:]), unknown_index(first.dtype), dtype=first.dtype)
 
 
 @dataclass
@@ -143,6 +160,8 @@ class RolloutBatch:
             into staleness and engine mismatch), when measured.
         rewards, advantages: [b] once scored.
         old_log_prob: [b, T] what the loss's ratio is taken against, once the source has set it.
+        routed_experts: [b, P + T, L, k] the experts each position was routed to in the L MoE layers
+            (sampler's for R3, pi_old's for R2; :mod:`vespo.rollout.routing`), when recorded.
         metrics: rollout metrics that go into the step's metrics row.
     """
 
@@ -157,11 +176,12 @@ class RolloutBatch:
     rewards: Tensor | None = None
     advantages: Tensor | None = None
     old_log_prob: Tensor | None = None
+    routed_experts: Tensor | None = None
     metrics: dict[str, float] = field(default_factory=dict)
 
     TENSORS = (
         "input_ids", "attention_mask", "response_mask", "rollout_log_prob", "token_version", "finished",
-        "reference_log_prob", "rewards", "advantages", "old_log_prob",
+        "reference_log_prob", "rewards", "advantages", "old_log_prob", "routed_experts",
     )
 
     @property

@@ -48,6 +48,7 @@ class RolloutSettings:
     trainer_dtype: str = "float32"
     engine_options: dict[str, Any] = field(default_factory=dict)
     reward_timeout_s: float | None = 5.0
+    record_routing: bool = False  # MoE on the hf engine: each token's experts travel with the rollout (R3)
 
 
 def generate_and_score(
@@ -77,6 +78,8 @@ def generate_and_score(
     interrupted: set[int] = set()
     segments = 0
     version_start = engine.policy_version
+    if settings.record_routing:
+        engine.record_routing = True
     t0 = time.perf_counter()
     rollout: Rollout | None = None
     while True:

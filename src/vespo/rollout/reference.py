@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor, nn
 
 from vespo.rollout.batch import Rollout
 from vespo.rollout.log_probs import position_ids_from_mask, sequence_log_probs
+from vespo.rollout.routing import replay_routing
 
 __all__ = ["ReferencePolicy", "is_moe"]
 
@@ -57,7 +59,8 @@ class ReferencePolicy:
         if not rows:
             return []
         batch = rollout.select(rows).to_batch(self.pad_id)
-        logp = sequence_log_probs(self.model, batch.input_ids, batch.attention_mask, batch.response_length)
+        with replay_routing(self.model, batch.routed_experts) if batch.routed_experts is not None else nullcontext():
+            logp = sequence_log_probs(self.model, batch.input_ids, batch.attention_mask, batch.response_length)
         for j, i in enumerate(rows):
             out[i].extend(logp[j, before[i] : len(rollout.response_ids[i])].tolist())
         if self.engine_model is None:

@@ -14,6 +14,7 @@ losses correct for.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -174,6 +175,7 @@ class _Row:
     log_probs: list[float]
     versions: list[int]
     finished: bool = False
+    routing: Any = None  # recorded experts, when recording (vespo.rollout.routing.SamplerRouting)
 
 
 class Sampler:
@@ -198,6 +200,7 @@ class Sampler:
         self.model.requires_grad_(False)
         self.policy_version: int = int(policy_version)
         self._lock = threading.RLock()
+        self.record_routing = False  # MoE: record each token's experts (routing replay R3)
 
     supports_partial_rollout = True
 
@@ -289,7 +292,10 @@ class Sampler:
             if rows[i].tokens and rows[i].tokens[-1] in eos_ids:
                 rows[i].finished = True
 
-        with self._lock, torch.inference_mode():
+        from vespo.rollout.routing import SamplerRouting
+
+        routing = SamplerRouting(self.model) if self.record_routing else contextlib.nullcontext()
+        with self._lock, torch.inference_mode(), routing:
             todo = [i for i in range(n) if not rows[i].finished and len(rows[i].tokens) < max_new_tokens]
             if todo:
                 self._decode(
@@ -303,6 +309,7 @@ class Sampler:
                     generator=generator,
                     stop_flag=stop_flag,
                     prune_finished=prune_finished,
+                    routing=routing if self.record_routing else None,
                 )
         return Rollout(
             prompt_ids=[list(p) for p in prompts],
@@ -310,6 +317,7 @@ class Sampler:
             rollout_log_probs=[r.log_probs for r in rows],
             token_versions=[r.versions for r in rows],
             finished=[r.finished for r in rows],
+            routed_experts=routing.finish(prompts, rows) if self.record_routing else None,
         )
 
     # -- internals ----------------------------------------------------------------------------------
@@ -320,9 +328,10 @@ class Sampler:
             return [_Row([], [], []) for _ in range(n)]
         if len(resume) != n:
             raise ValueError(f"resume holds {len(resume)} sequences for {n} prompts")
+        routed = resume.routed_experts or [None] * n
         return [
-            _Row(list(r), list(lp), list(v))
-            for r, lp, v in zip(resume.response_ids, resume.rollout_log_probs, resume.token_versions)
+            _Row(list(r), list(lp), list(v), routing=e)
+            for r, lp, v, e in zip(resume.response_ids, resume.rollout_log_probs, resume.token_versions, routed)
         ]
 
     def _decode(
@@ -338,6 +347,7 @@ class Sampler:
         generator: torch.Generator | None,
         stop_flag: Callable[[], bool] | None,
         prune_finished: bool,
+        routing: Any = None,
     ) -> None:
         """The decoding loop over the rows that still need tokens; fills ``rows`` in place."""
         model, device, version = self.model, self.device, self.policy_version
@@ -354,6 +364,8 @@ class Sampler:
                 return
             # Without padding the causal mask alone is right; skipping the 2D mask saves its expansion.
             logits = forward_logits(model, 1, cache, attention_mask=mask if padded else None, **inputs)
+            if routing is not None:
+                routing.collect(rows, live, mask if padded else None)
             uniform = None
             if temperature > 0:  # one number per original sequence: pruning never shifts the draws
                 uniform = torch.rand(len(rows), generator=generator, dtype=torch.float64)

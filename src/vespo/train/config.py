@@ -122,6 +122,10 @@ class AlgorithmConfig(_Section):
     correction: Literal["none", "token_tis", "seq_tis", "token_mis", "seq_mis", "icepop"] = "none"
     correction_high: float | None = Field(None, gt=0)
     correction_low: float | None = Field(None, ge=0)
+    routing_replay: Literal["none", "r2", "r3"] = Field(
+        "none", description="MoE routing replay: r2 replays pi_old's routing in pi_theta, r3 the sampler's "
+        "in pi_old and pi_theta (docs/routing_replay.md)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "AlgorithmConfig":
@@ -233,6 +237,16 @@ class TrainConfig(_Section):
                 f"async.queue_size={self.async_.queue_size} must be >= algorithm.mini_batch_prompts={m} "
                 "(one optimizer step needs that many completed groups)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_routing(self) -> "TrainConfig":
+        from vespo.rollout.routing import config_error
+
+        error = config_error(mode=self.algorithm.routing_replay, kind=self.model.kind, arch=self.model.arch,
+                             engine=self.sampling.engine, old_log_prob=self.algorithm.old_log_prob)
+        if error:
+            raise ValueError(error)
         return self
 
     @property

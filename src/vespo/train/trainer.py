@@ -35,6 +35,7 @@ from vespo.rollout.generate import RolloutSettings
 from vespo.rollout.log_probs import sequence_log_probs_and_entropy
 from vespo.rollout.metrics import batch_metrics, log_w_split_metrics, staleness_metrics
 from vespo.rollout.prompts import PromptStream, encode_prompts
+from vespo.rollout.routing import TrainerRouting
 from vespo.rollout.source import RolloutSource, RolloutSourceError, SyncRolloutSource
 from vespo.tasks import RewardRunner, build_task
 from vespo.train import preflight
@@ -194,11 +195,12 @@ class Trainer:
             group_size=smp.group_size, max_new_tokens=smp.max_new_tokens, temperature=smp.temperature,
             top_p=smp.top_p, normalize_adv_std=cfg.algorithm.normalize_adv_std, engine=smp.engine,
             sampler_dtype=smp.sampler_dtype, trainer_dtype=cfg.model.dtype, engine_options=dict(smp.engine_options),
-            reward_timeout_s=cfg.task.reward_timeout_s,
+            reward_timeout_s=cfg.task.reward_timeout_s, record_routing=cfg.algorithm.routing_replay == "r3",
         )
 
     def _build_source(self) -> RolloutSource:
         cfg = self.cfg
+        self.routing = TrainerRouting(cfg.algorithm.routing_replay, self.model)  # MoE routing replay (R2/R3)
         settings = self.rollout_settings()
         old_fn = self.recompute_old_log_prob if cfg.algorithm.old_log_prob == "recompute" else None
         if cfg.run.mode == "async":
@@ -302,15 +304,17 @@ class Trainer:
 
     def _log_probs(self, mb: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
         mb = mb.to(self.device)
-        return sequence_log_probs_and_entropy(
-            self.model, mb.input_ids, mb.attention_mask, mb.response_mask.shape[1],
-            temperature=self.cfg.sampling.temperature,
-        )
+        with self.routing.forward(mb):
+            return sequence_log_probs_and_entropy(
+                self.model, mb.input_ids, mb.attention_mask, mb.response_mask.shape[1],
+                temperature=self.cfg.sampling.temperature,
+            )
 
     @torch.no_grad()
     def recompute_old_log_prob(self, mb: RolloutBatch) -> torch.Tensor:
         """pi_old of a freshly sampled mini-batch, by the trainer (same micro-batches as training)."""
-        parts = [self._log_probs(mb.slice(a, b))[0] for a, b in self._micro_slices(mb.num_sequences)]
+        with self.routing.old_pass(mb):  # R2: records pi_old's routing into mb.routed_experts
+            parts = [self._log_probs(mb.slice(a, b))[0] for a, b in self._micro_slices(mb.num_sequences)]
         return torch.cat(parts).float().cpu()
 
     def _loss(self, mb: RolloutBatch, log_prob: torch.Tensor, n_tokens: float, n_seqs: float):
@@ -372,6 +376,7 @@ class Trainer:
         metrics["grad/skipped"] = float(skipped)
         metrics["policy/entropy"] = entropy_sum / max(n_tokens, 1.0)
         metrics.update(log_w_split_metrics(mb, log_prob_all))
+        metrics.update(self.routing.metrics(mb))
         return metrics
 
     # --------------------------------------------------------------------------- warm-up
