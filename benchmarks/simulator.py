@@ -1345,13 +1345,14 @@ class AdaptiveConfig:
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     t_values: tuple[int, ...] = (32, 128, 256, 512)
     ns: tuple[int, ...] = (1, 4, 16, 64)
-    arm_t: tuple[int, ...] = (128, 512)  # T of the variable-length and the mismatch arms
+    arm_t: tuple[int, ...] = (128,)  # T of the variable-length and the mismatch arms
+    n1_max_t: int = 256  # N = 1 (identical to vespo by construction) is run up to this T
     mismatch: Mismatch = field(default_factory=lambda: Mismatch("noise", 0.1))
     min_length_frac: float = 0.25  # variable lengths: EOS allowed from T/4 on
     stop_rate: float = 3.0
-    ablation_t: tuple[int, ...] = (128, 512)
+    ablation_t: tuple[int, ...] = (128,)
     ablation_n: int = 64
-    study_t: tuple[int, ...] = (32, 128, 256)
+    study_t: tuple[int, ...] = (128,)
     study_k: tuple[int, ...] = (4, 16)
     study_batches: int = 384
     quick: bool = False
@@ -1367,11 +1368,13 @@ def _adaptive_jobs(acfg: AdaptiveConfig) -> list[dict[str, Any]]:
 
     def grid(experiment: str, t: int, mismatch: Mismatch | None, variable: bool) -> None:
         for n in acfg.ns:
+            if n == 1 and t > acfg.n1_max_t:
+                continue
             # on-policy without mismatch every loss computes the same update (test_simulator checks
             # it); N = 1 is run for vespo and vespo_adaptive only, unless there is a mismatch
             losses = ADAPTIVE_LOSSES if (n > 1 or mismatch is not None) else ("vespo_adaptive", "vespo")
-            if mismatch is not None and n in (1, 4):
-                losses = ("vespo_adaptive", "vespo")
+            if (mismatch is not None and n in (1, 4)) or (n == 4 and t > acfg.n1_max_t):
+                losses = ("vespo_adaptive", "vespo")  # enough for the N = 64 / N = 4 ratio
             for loss in losses:
                 jobs.append(dict(experiment=experiment, loss=loss, n=n, t=t, mismatch=mismatch, variable=variable))
 
@@ -1388,21 +1391,39 @@ def _adaptive_jobs(acfg: AdaptiveConfig) -> list[dict[str, Any]]:
                                  mismatch=None, variable=False, label=label, loss_params=params))
         jobs.append(dict(experiment="adaptive_ablation", loss="vespo", n=acfg.ablation_n, t=t, mismatch=None,
                          variable=False, label="vespo len_sqrt", loss_params={"length_norm": "sqrt"}))
-    for t in acfg.arm_t:  # length normalisation with variable lengths (the paper's Fig. 6 concern)
+    for t in acfg.ablation_t:  # length normalisation with variable lengths (the paper's Fig. 6 concern)
         jobs.append(dict(experiment="adaptive_ablation", loss="vespo", n=acfg.ablation_n, t=t, mismatch=None,
                          variable=True, label="vespo len_sqrt (variable)", loss_params={"length_norm": "sqrt"}))
     return jobs
 
 
-def adaptive_sweep(acfg: AdaptiveConfig, save_to: Path | None = None) -> dict[str, Any]:
-    """Run the whole vespo_adaptive sweep; returns the JSON-ready results."""
+def _job_key(experiment: str, loss: str, n: int, t: int, variable: bool, mismatch: str, label: str) -> tuple:
+    return (experiment, loss, n, t, variable, mismatch, label)
+
+
+def adaptive_sweep(acfg: AdaptiveConfig, save_to: Path | None = None,
+                   resume: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the whole vespo_adaptive sweep; returns the JSON-ready results. With ``resume`` (the
+    results of an interrupted run with the same settings) the runs it holds are kept, not rerun."""
     t_start, cpu_start = time.perf_counter(), time.process_time()
     base = quick_config() if acfg.quick else full_config()
     cfg = replace(base, steps=acfg.steps, eval_every=acfg.eval_every, seeds=acfg.seeds)
     results: dict[str, Any] = {"config": {**asdict(acfg), "mismatch": asdict(acfg.mismatch),
                                           "spec": asdict(cfg.spec), "policy": asdict(cfg.policy)},
                                "runs": [], "gradient": [], "timing": {}}
+    done = {}
+    if resume is not None:
+        for r in resume["runs"]:
+            done[_job_key(r["experiment"], r["loss"], r["n"], r["T"], r.get("min_length") is not None,
+                          r["mismatch"], r["label"])] = r
+        results["timing"]["resumed_runs_cpu"] = sum(r["cpu_seconds"] for r in resume["runs"])
+        results["timing"]["resumed_wall"] = resume.get("timing", {}).get("total", sum(r["seconds"] for r in resume["runs"]))
     for job in _adaptive_jobs(acfg):
+        key = _job_key(job["experiment"], job["loss"], job["n"], job["t"], job["variable"],
+                       job["mismatch"].kind if job["mismatch"] else "none", job.get("label") or job["loss"])
+        if key in done:
+            results["runs"].append(done[key])
+            continue
         t, variable = job.pop("t"), job.pop("variable")
         spec = replace(cfg.spec, length=t, keys=min(cfg.spec.keys, t),
                        min_length=max(cfg.spec.keys, int(t * acfg.min_length_frac)) if variable else None,
@@ -1429,6 +1450,7 @@ def adaptive_sweep(acfg: AdaptiveConfig, save_to: Path | None = None) -> dict[st
     results["timing"]["total"] = time.perf_counter() - t_start
     results["timing"]["total_cpu"] = time.process_time() - cpu_start
     results["timing"]["runs_cpu"] = sum(r["cpu_seconds"] for r in results["runs"])
+    results["timing"]["total_cpu_all"] = results["timing"]["total_cpu"] + results["timing"].get("resumed_runs_cpu", 0.0)
     return results
 
 
@@ -1688,7 +1710,8 @@ def adaptive_main(args: argparse.Namespace, argv: list[str] | None) -> int:
     else:
         acfg = adaptive_quick() if args.quick else AdaptiveConfig()
         out = args.out or (ADAPTIVE_OUT.with_name("simulator_adaptive_quick.json") if args.quick else ADAPTIVE_OUT)
-        results = adaptive_sweep(acfg, save_to=out)
+        resume = json.loads(args.resume.read_text()) if args.resume else None
+        results = adaptive_sweep(acfg, save_to=out, resume=resume)
         results["command"] = "OMP_NUM_THREADS=1 python benchmarks/simulator.py " + " ".join(
             argv if argv is not None else sys.argv[1:])
         save(results, out)
@@ -1720,6 +1743,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-doc", action="store_true")
     parser.add_argument("--from-json", type=Path, default=None, help="only redo plots, summary and doc from a JSON")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--resume", type=Path, default=None,
+                        help="--adaptive only: keep the runs of this (interrupted) JSON and run the rest")
     parser.add_argument("--adaptive", action="store_true",
                         help="the vespo_adaptive sweep (docs/adaptive.md, benchmarks/results/simulator_adaptive.json)")
     args = parser.parse_args(argv)

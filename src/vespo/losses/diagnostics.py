@@ -141,22 +141,41 @@ def length_bucket_quantiles(
     log_w = seq_log_w.detach().double()[valid]
     lens = lengths.detach().double()[valid]
     out: dict[str, float] = {}
-    if log_w.numel() == 0:
+    n = log_w.numel()
+    if n == 0:
         for j in range(1, buckets + 1):
             out.update({f"is/log_w_len{j}_p{int(q * 100)}": 0.0 for q in _QUANTILES})
             out[f"is/len{j}_mean"] = 0.0
         return out
+    # equal-count buckets of the length order (torch.tensor_split's sizes); an empty bucket repeats
+    # the nearest shorter non-empty one
+    sizes = [n // buckets + (1 if j < n % buckets else 0) for j in range(buckets)]
+    starts = [sum(sizes[:j]) for j in range(buckets)]
+    spans = []
+    for j in range(buckets):
+        spans.append((starts[j], sizes[j]) if sizes[j] else spans[-1] if spans else (0, n))
     order = torch.argsort(lens, stable=True)
-    chunks = [c for c in torch.tensor_split(order, buckets)]
-    levels = torch.tensor(_QUANTILES, dtype=torch.float64, device=log_w.device)
-    rows = []
-    last = chunks[0] if chunks[0].numel() else order
-    for c in chunks:
-        last = c if c.numel() else last
-        rows.append(torch.cat([torch.quantile(log_w[last], levels), lens[last].mean().reshape(1)]))
-    values = torch.stack(rows).tolist()
-    for j, row in enumerate(values, start=1):
-        for q, x in zip(_QUANTILES, row[:-1]):
-            out[f"is/log_w_len{j}_p{int(q * 100)}"] = x
-        out[f"is/len{j}_mean"] = row[-1]
+    bucket = torch.empty(n, dtype=torch.float64, device=log_w.device)
+    bucket[order] = torch.repeat_interleave(torch.arange(buckets, dtype=torch.float64, device=log_w.device),
+                                            torch.tensor(sizes, device=log_w.device))
+    # one sort orders by bucket, then by log W inside the bucket (log W is within +-20)
+    key_sorted = torch.sort(bucket * 100.0 + log_w).values - torch.sort(bucket).values * 100.0
+    idx_lo, idx_hi, frac = [], [], []
+    for first, size in spans:
+        for q in _QUANTILES:
+            pos = q * (size - 1)
+            lo = math.floor(pos)
+            idx_lo.append(first + lo)
+            idx_hi.append(first + min(lo + 1, size - 1))
+            frac.append(pos - lo)
+    lo_v, hi_v = key_sorted[idx_lo], key_sorted[idx_hi]
+    qs = lo_v + torch.tensor(frac, dtype=torch.float64, device=log_w.device) * (hi_v - lo_v)
+    lens_sorted = lens[order]
+    means = torch.stack([lens_sorted[a : a + m].mean() for a, m in spans])
+    values = torch.cat([qs, means]).tolist()
+    k = len(_QUANTILES)
+    for j in range(buckets):
+        for i, q in enumerate(_QUANTILES):
+            out[f"is/log_w_len{j + 1}_p{int(q * 100)}"] = values[j * k + i]
+        out[f"is/len{j + 1}_mean"] = values[buckets * k + j]
     return out

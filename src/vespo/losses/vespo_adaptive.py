@@ -25,21 +25,23 @@ Without ``batch_stats`` the call's own batch is the statistics' batch.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from vespo.losses.diagnostics import length_bucket_quantiles
-from vespo.losses.numerics import LOG_RATIO_CLAMP
+from vespo.losses.numerics import LOG_RATIO_CLAMP, LOG_W_FLOOR
 from vespo.losses.registry import Param, get_loss_spec, register_policy_loss
 from vespo.losses.types import KernelOutput, LossBatch
 from vespo.losses.vespo import vespo_log_phi
 
 _C1_NOTE = "the variance bound of Prop. 3.1 needs c1 >= 1"
 #: parameters that change the sums (a stats object built with other values is rejected)
-_STATS_KEYS = ("k_pos", "lambda_pos", "k_neg", "lambda_neg", "alpha_min", "grid", "is_mode")
+_STATS_KEYS = ("k_pos", "lambda_pos", "k_neg", "lambda_neg", "alpha_min", "grid", "is_mode", "criterion")
 
 
 @dataclass(frozen=True)
@@ -47,10 +49,10 @@ class AdaptiveStats:
     """Additive batch statistics of ``vespo_adaptive`` (exact under any split of the batch).
 
     Attributes:
-        sums: [n_groups, 2, 1 + 4 G] float64. Row 0 is A >= 0, row 1 is A < 0; column 0 counts the
-            valid sequences, then four blocks of G columns hold sum_b phi(W_b^alpha_g),
-            sum_b phi(W_b^alpha_g)^2, sum_b W_b^alpha_g and sum_b W_b^(2 alpha_g), for the grid
-            alpha_g = alpha_min^((g-1)/(G-1)) (alpha_1 = 1).
+        sums: [n_groups, 2, 1 + 2 G] float64 (criterion 'phi'; 1 + 4 G for 'w'). Row 0 is A >= 0,
+            row 1 is A < 0; column 0 counts the valid sequences, then blocks of G columns hold
+            sum_b phi(W_b^alpha_g) and sum_b phi(W_b^alpha_g)^2 (and, for 'w', sum_b W_b^alpha_g
+            and sum_b W_b^(2 alpha_g)), for the grid alpha_g = alpha_min^((g-1)/(G-1)) (alpha_1 = 1).
             Adding ``sums`` of disjoint parts gives the ``sums`` of their union.
         key: the kernel parameters the sums were computed with (checked by the loss).
         groups: [B] long, the group of each row of the loss call, or ``None`` (one group). Groups
@@ -65,12 +67,17 @@ class AdaptiveStats:
         return AdaptiveStats(self.sums, self.key, groups)
 
 
-def alpha_grid(alpha_min: float, grid: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """[G] log-spaced grid from 1 down to ``alpha_min`` (1 exactly first)."""
+@functools.lru_cache(maxsize=32)
+def _grid(alpha_min: float, grid: int) -> torch.Tensor:
     g = torch.linspace(0.0, 1.0, int(grid), dtype=torch.float64)
     out = torch.exp(g * math.log(alpha_min))
     out[0] = 1.0
-    return out.to(dtype)
+    return out
+
+
+def alpha_grid(alpha_min: float, grid: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """[G] log-spaced grid from 1 down to ``alpha_min`` (1 exactly first)."""
+    return _grid(float(alpha_min), int(grid)).to(dtype)
 
 
 def _key(params: dict) -> tuple:
@@ -120,25 +127,43 @@ def vespo_adaptive_batch_stats(
         log_w = torch.nan_to_num(seq_log_w.detach().double(), nan=0.0, posinf=0.0, neginf=0.0)
         log_w = log_w.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
         adv = torch.nan_to_num(seq_advantages.detach().double().reshape(-1), nan=0.0)
-        b = log_w.numel()
-        ok = torch.ones(b, dtype=torch.bool, device=log_w.device) if valid is None else valid.reshape(-1).bool()
-        alphas = alpha_grid(p["alpha_min"], p["grid"]).to(log_w.device)  # [G]
-        c1, c2 = _coefficients(adv, log_w, p)
-        log_phi = vespo_log_phi(alphas[:, None] * log_w[None, :], c1[None, :], c2[None, :])  # [G, B]
-        phi = torch.exp(log_phi) * ok[None, :]
-        w_a = torch.exp(alphas[:, None] * log_w[None, :]) * ok[None, :]  # W^alpha <= e^20: no overflow
-        cols = torch.cat([ok.double()[None, :], phi, phi * phi, w_a, w_a * w_a], 0)  # [1 + 4G, B]
-        sign = (adv < 0).long()  # 0: A >= 0, 1: A < 0
-        if groups is None:
-            n = 1
-            slot = sign
-        else:
+        ok = None if valid is None else valid.reshape(-1).bool()
+        if groups is not None:
             groups = groups.reshape(-1).long().to(log_w.device)
-            n = int(n_groups) if n_groups is not None else (int(groups.max()) + 1 if b else 1)
-            slot = groups * 2 + sign
-        sums = torch.zeros(n * 2, cols.shape[0], dtype=torch.float64, device=log_w.device)
-        sums.index_add_(0, slot, cols.T)
-    return AdaptiveStats(sums=sums.reshape(n, 2, -1), key=_key(p), groups=groups)
+        return _batch_sums(log_w, adv, ok, p, groups, n_groups)
+
+
+def _batch_sums(
+    log_w: torch.Tensor,
+    adv: torch.Tensor,
+    ok: torch.Tensor | None,
+    p: dict,
+    groups: torch.Tensor | None,
+    n_groups: int | None,
+    with_phi: bool = False,
+) -> Any:
+    """The sums of :class:`AdaptiveStats` from clean float64 [B] inputs (|log W| <= 20); with
+    ``with_phi`` also the [B] float64 vespo weight phi(W) (the alpha = 1 row)."""
+    b = log_w.numel()
+    alphas = alpha_grid(p["alpha_min"], p["grid"]).to(log_w.device)  # [G]
+    c1, c2 = _coefficients(adv, log_w, p)
+    la = alphas[:, None] * log_w[None, :]  # [G, B] log W^alpha, within +-20
+    v = torch.exp(la)  # W^alpha <= e^20: its square cannot overflow in float64
+    phi = torch.exp(c2 + c1 * la.clamp_min(LOG_W_FLOOR) - c2 * v)  # phi(W^alpha), shifted Eq. 17
+    blocks = [torch.ones_like(log_w)[None, :], phi, phi * phi] + ([v, v * v] if p["criterion"] == "w" else [])
+    cols = torch.cat(blocks, 0)  # [1 + 2G, B] (criterion 'phi') or [1 + 4G, B] ('w')
+    sign = (adv < 0).long()  # 0: A >= 0, 1: A < 0
+    if groups is None:
+        n, slot = 1, sign
+    else:
+        n = int(n_groups) if n_groups is not None else (int(groups.max()) + 1 if b else 1)
+        slot = groups * 2 + sign
+    sel = torch.nn.functional.one_hot(slot, 2 * n).to(torch.float64)  # [B, 2n]
+    if ok is not None:
+        sel = sel * ok[:, None]
+    sums = (cols @ sel).T  # [2n, 1 + 4G]: one reduction for every group, sign and column
+    stats = AdaptiveStats(sums=sums.reshape(n, 2, -1).contiguous(), key=_key(p), groups=groups)
+    return (stats, phi[0]) if with_phi else stats
 
 
 def merge_adaptive_stats(parts: Sequence[AdaptiveStats]) -> AdaptiveStats:
@@ -196,13 +221,14 @@ def resolve_alpha(
     """
     s = stats.sums  # [n, 2, 1 + 2G]
     g = int(grid)
-    if s.shape[-1] != 1 + 4 * g:
-        raise ValueError(f"batch_stats has {s.shape[-1]} columns, expected {1 + 4 * g} for grid={g}")
+    blocks = 2 if criterion == "phi" else 4
+    if s.shape[-1] != 1 + blocks * g:
+        raise ValueError(f"batch_stats has {s.shape[-1]} columns, expected {1 + blocks * g} for grid={g}")
     if not per_sign:
         s = s.sum(1, keepdim=True)
     count = s[..., :1]
-    p1, p2, w1, w2 = (s[..., 1 + i * g : 1 + (i + 1) * g] for i in range(4))
-    e1, e2 = (p1, p2) if criterion == "phi" else (w1, w2)
+    p1, p2 = s[..., 1 : 1 + g], s[..., 1 + g : 1 + 2 * g]
+    e1, e2 = (p1, p2) if criterion == "phi" else (s[..., 1 + 2 * g : 1 + 3 * g], s[..., 1 + 3 * g :])
     ess = torch.where(e2 > 0, e1 * e1 / (count * e2).clamp_min(1e-300), torch.zeros_like(e1))
     mass = p1 / count.clamp_min(1.0)
     q = torch.minimum(ess - tau, mass - mass_target)  # [n, k, G]
@@ -223,20 +249,10 @@ def resolve_alpha(
     return alpha, ess1, saturated
 
 
-def _signed_ess(phi: torch.Tensor, positive: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """[2] normalised ESS of ``phi`` over valid sequences with A >= 0 and with A < 0 (1 if none)."""
-    out = []
-    for sel in (positive & valid, ~positive & valid):
-        x = phi[sel].double()
-        s2 = (x * x).sum()
-        out.append(torch.where(s2 > 0, x.sum() ** 2 / (x.numel() * s2).clamp_min(1e-300), (x.numel() == 0) * 1.0))
-    return torch.stack(out)
-
-
 @register_policy_loss(
     "vespo_adaptive",
     level="sequence",
-    summary="VESPO kernel on the tempered weight W^alpha, alpha per batch and sign so that ESS(phi) >= tau",
+    summary="VESPO kernel on the tempered weight W^alpha, alpha per batch so that ESS(phi) >= tau",
     reference="docs/adaptive.md; reduces to vespo (Eq. 17/20) when alpha = 1",
     params={
         "k_pos": Param(2.0, "c1 for A >= 0", low=1.0, note=_C1_NOTE),
@@ -302,13 +318,15 @@ def vespo_adaptive_loss(
         alpha_min=alpha_min,
         grid=grid,
         is_mode=is_mode,
+        criterion=criterion,
     )
     grid = int(grid)
     seq_log_w = adaptive_seq_log_w(batch, is_mode)  # [B], the log W vespo uses (Eq. 5)
     valid = batch.lengths > 0
     seq_adv = batch.seq_advantages
+    phi_before = None
     if batch_stats is None:
-        stats = vespo_adaptive_batch_stats(seq_log_w, seq_adv, valid, **p)
+        stats, phi_before = _batch_sums(seq_log_w.double(), seq_adv.double(), valid, p, None, None, with_phi=True)
     else:
         if not isinstance(batch_stats, AdaptiveStats):
             raise ValueError(f"batch_stats must be an AdaptiveStats, got {type(batch_stats).__name__}")
@@ -321,11 +339,11 @@ def vespo_adaptive_loss(
         stats, alpha_min=alpha_min, grid=grid, tau=tau, mass_target=mass_target, per_sign=per_sign, criterion=criterion
     )  # [n, 2]
     positive = seq_adv >= 0
-    sign = (~positive).long()
     if stats.groups is None:
-        alpha = alpha_g[0][sign]
-        saturated = sat_g[0][sign]
+        alpha = torch.where(positive, alpha_g[0, 0], alpha_g[0, 1])
+        saturated = torch.where(positive, sat_g[0, 0], sat_g[0, 1])
     else:
+        sign = (~positive).long()
         if stats.groups.numel() != seq_log_w.numel():
             raise ValueError(f"batch_stats.groups has {stats.groups.numel()} rows, the batch {seq_log_w.numel()}")
         grp = stats.groups.to(seq_log_w.device)
@@ -342,12 +360,18 @@ def vespo_adaptive_loss(
         log_phi = vespo_log_phi(seq_log_w, c1a, c2a)
         mode = c1a / c2a
     phi = torch.exp(log_phi).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).detach()
-    phi_before = torch.exp(vespo_log_phi(seq_log_w, c1, c2)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
-    ess_before = _signed_ess(phi_before, positive, valid)
-    ess_after = _signed_ess(phi, positive, valid)
+    if phi_before is None:  # statistics came from outside: vespo's weight of this batch
+        phi_before = torch.exp(vespo_log_phi(seq_log_w, c1, c2)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    # per-sign sums for the diagnostics in one reduction: rows [8, B] times selectors [B, 2]
+    dt = phi.dtype
+    sel = torch.stack([positive & valid, valid & ~positive], 1).to(dt)  # [B, 2]
+    pb = phi_before.to(dt)
+    rows = torch.stack([torch.ones_like(pb), pb, pb * pb, phi, phi * phi, alpha, (pb < 0.01).to(dt), saturated.to(dt)])
+    sums = rows @ sel  # [8, 2]: column 0 A >= 0, 1 A < 0 (diagnostics: the compute dtype is enough)
     if saturate_scale:
-        ess_sign = ess_after[sign].to(phi.dtype)
-        phi = torch.where(saturated, phi * (ess_sign / tau).clamp(max=1.0).sqrt(), phi)
+        ess_sign = sums[3] ** 2 / (sums[0] * sums[4]).clamp_min(1e-300)
+        ess_seq = torch.where(positive, ess_sign[0], ess_sign[1]).to(phi.dtype)
+        phi = torch.where(saturated, phi * (ess_seq / tau).clamp(max=1.0).sqrt(), phi)
 
     # Eq. 20 with phi(W^alpha): loss = -phi * A * log pi per sequence (or per token for [B, T] A)
     if batch.advantages.dim() == 2:
@@ -356,48 +380,17 @@ def vespo_adaptive_loss(
         coeff = -(phi * seq_adv)
 
     # diagnostics: one host transfer
-    v = valid
-    pos_v, neg_v = positive & v, ~positive & v
-    nan = torch.full((), math.nan, dtype=torch.float64, device=phi.device)
-
-    def mean_of(x: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
-        return torch.where(sel.any(), (x.double() * sel).sum() / sel.sum().clamp_min(1), nan)
-
-    vals = torch.stack(
-        [
-            mean_of(alpha, pos_v),
-            mean_of(alpha, neg_v),
-            ess_before[0],
-            ess_before[1],
-            ess_after[0],
-            ess_after[1],
-            mean_of(phi, pos_v),
-            mean_of(phi, neg_v),
-            mean_of((phi_before < 0.01).double(), v),
-            mean_of(saturated.double(), v),
-        ]
-    ).tolist()
-    names = (
-        "vespo_adaptive/alpha_pos",
-        "vespo_adaptive/alpha_neg",
-        "phi/ess_pos_before",
-        "phi/ess_neg_before",
-        "phi/ess_pos_after",
-        "phi/ess_neg_after",
-        "phi/mass_pos",
-        "phi/mass_neg",
-        "phi/frac_below_0.01_before",
-        "vespo_adaptive/saturated",
-    )
-    # a sign absent from the batch has nothing adapted: report alpha = 1 and its mass as 0 so that
-    # every call returns the same keys with finite values (frameworks average them)
-    defaults = {
-        "vespo_adaptive/alpha_pos": 1.0,
-        "vespo_adaptive/alpha_neg": 1.0,
-        "phi/mass_pos": 0.0,
-        "phi/mass_neg": 0.0,
-    }
-    metrics = {k: (defaults.get(k, 0.0) if x != x else x) for k, x in zip(names, vals)}
+    n, s1b, s2b, s1a, s2a, s_alpha, s_drop, s_sat = (row + [row[0] + row[1]] for row in sums.tolist())
+    metrics: dict[str, float] = {}
+    for j, name in enumerate(("pos", "neg")):
+        has = n[j] > 0
+        # a sign absent from the batch has nothing adapted: alpha 1, ESS 1, mass 0 (finite, same keys)
+        metrics[f"vespo_adaptive/alpha_{name}"] = s_alpha[j] / n[j] if has else 1.0
+        metrics[f"phi/ess_{name}_before"] = s1b[j] ** 2 / (n[j] * s2b[j]) if has and s2b[j] > 0 else float(not has)
+        metrics[f"phi/ess_{name}_after"] = s1a[j] ** 2 / (n[j] * s2a[j]) if has and s2a[j] > 0 else float(not has)
+        metrics[f"phi/mass_{name}"] = s1a[j] / n[j] if has else 0.0
+    metrics["phi/frac_below_0.01_before"] = s_drop[2] / n[2] if n[2] > 0 else 0.0
+    metrics["vespo_adaptive/saturated"] = s_sat[2] / n[2] if n[2] > 0 else 0.0
     metrics.update(length_bucket_quantiles(seq_log_w, batch.lengths, valid))
     return KernelOutput(
         loss_mat=None,
