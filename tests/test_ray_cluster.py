@@ -131,8 +131,6 @@ def head_with_cpus():
     cluster.shutdown()
 
 
-@pytest.mark.xfail(strict=True, reason="async.worker_resources is validated in config.py but not yet passed to "
-                                       "the Ray actor options in vespo/rollout/ray_source.py (the lead wires it)")
 def test_worker_resources_place_the_workers_on_the_named_node(tmp_path, head_with_cpus):
     import ray
 
