@@ -1418,7 +1418,9 @@ def adaptive_sweep(acfg: AdaptiveConfig, save_to: Path | None = None,
                           r["mismatch"], r["label"])] = r
         results["timing"]["resumed_runs_cpu"] = sum(r["cpu_seconds"] for r in resume["runs"])
         results["timing"]["resumed_wall"] = resume.get("timing", {}).get("total", sum(r["seconds"] for r in resume["runs"]))
-    for job in _adaptive_jobs(acfg):
+    # the long fixed-length runs (T > n1_max_t) last, so that an interrupted sweep has every arm
+    jobs = sorted(_adaptive_jobs(acfg), key=lambda j: j["experiment"] == "adaptive_fixed" and j["t"] > acfg.n1_max_t)
+    for job in jobs:
         key = _job_key(job["experiment"], job["loss"], job["n"], job["t"], job["variable"],
                        job["mismatch"].kind if job["mismatch"] else "none", job.get("label") or job["loss"])
         if key in done:
