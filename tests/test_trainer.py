@@ -252,3 +252,25 @@ def test_eval_command_scores_the_latest_checkpoint(tmp_path):
 
     again = evaluate_run(run)
     assert again["eval/accuracy"] == result.final_eval["eval/accuracy"]
+
+
+def test_evaluation_is_pure_and_eval_which_best_scores_the_best_weights(tmp_path):
+    """evaluate() records the best result but evaluate_run writes nothing; --which best evaluates
+    best/model.safetensors at the step it was saved."""
+    reward = Path(__file__).with_name("tiny_run.py")  # by path: the CLI subprocess imports it too
+    cfg = tiny_config(tmp_path, "run.total_steps=4", "algorithm.staleness=2", "eval.every=2",
+                      f"task.reward_fn={reward}:text_hash_reward")
+    result = train(cfg)
+    run = tmp_path / "run"
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    from vespo.train.trainer import evaluate_run
+
+    best = evaluate_run(run, which="best")
+    assert best["eval/accuracy"] == result.best_eval["eval/accuracy"]
+    after = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    assert after == before  # nothing written or touched
+    out = _cli("eval", str(run), "--which", "best", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert f"step {int(result.best_eval['step'])}" in out.stdout
+    bad = _cli("eval", str(run), "--which", "worst", cwd=tmp_path)
+    assert bad.returncode == 2
