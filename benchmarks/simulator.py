@@ -1295,6 +1295,13 @@ $fix_table
 - In the paper's LLM runs the same N evidently keeps |log W| small enough. Nothing here says
   otherwise. What the toy shows is the failure mode when it is not: the soft sequence-level drop
   removes most of the stale data, and methods that keep the data learn faster.
+
+**Follow-up: `vespo_adaptive`.** The adaptive member of the family (issue 11) tempers W to W^α per
+mini-batch so that the ESS of φ reaches a target. It is measured against every baseline over
+T ∈ {32, 128, 256, 512} × N ∈ {1, 4, 16, 64} with fixed lengths, and at T = 128 with variable
+lengths and with an injected mismatch, in
+[adaptive.md](adaptive.md) (`python benchmarks/simulator.py --adaptive`; this page's runs are
+unchanged).
 """
 
 

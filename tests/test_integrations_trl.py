@@ -254,6 +254,8 @@ def test_config_validation(tmp_path):
         VespoGRPOConfig(**common_args(tmp_path), vespo_loss_agg_mode="mean")
     args = VespoGRPOConfig(**common_args(tmp_path), vespo_loss="sapo", vespo_loss_params='{"tau_neg": 1.2}')
     assert vtrl.loss_params("sapo", args) == {"tau_pos": 1.0, "tau_neg": 1.2}
+    adaptive = VespoGRPOConfig(**common_args(tmp_path), vespo_loss="vespo_adaptive", vespo_k_neg=4.0)
+    assert vtrl.loss_params("vespo_adaptive", adaptive)["k_neg"] == 4.0  # TRL's vespo_* fields apply
     with pytest.raises(ValueError, match="no parameter 'tau'"):
         vtrl.loss_params("sapo", VespoGRPOConfig(**common_args(tmp_path), vespo_loss_params={"tau": 1.0}))
 

@@ -141,6 +141,12 @@ TRL_STANDARD_FIELDS: dict[str, dict[str, tuple[str, ...]]] = {
         "k_neg": ("vespo_k_neg",),
         "lambda_neg": ("vespo_lambda_neg",),
     },
+    "vespo_adaptive": {
+        "k_pos": ("vespo_k_pos",),
+        "lambda_pos": ("vespo_lambda_pos",),
+        "k_neg": ("vespo_k_neg",),
+        "lambda_neg": ("vespo_lambda_neg",),
+    },
     "grpo": {"eps_low": ("epsilon",), "eps_high": ("epsilon_high", "epsilon")},
     "sapo": {"tau_pos": ("sapo_temperature_pos",), "tau_neg": ("sapo_temperature_neg",)},
 }
