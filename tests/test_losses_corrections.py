@@ -223,3 +223,22 @@ def test_ess_is_exact_for_weights_that_overflow_in_linear_space():
                               response_mask=torch.ones(2, 1, dtype=torch.bool))
     w = np.exp([15.0, -15.0])
     assert out.metrics["is/ess"] == pytest.approx(w.sum() ** 2 / (2 * (w**2).sum()), rel=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["token_tis", "icepop", None])
+def test_an_all_padding_batch_with_a_correction_names_the_real_problem(mode):
+    """A batch of padding only is refused for what it is (no valid token), not as a correction that
+    'rejected every token' (which used to name correction 'none' when none was asked for)."""
+    with pytest.raises(ValueError, match="no valid token") as err:
+        compute_policy_loss("vespo", log_prob=torch.zeros(2, 3), old_log_prob=torch.zeros(2, 3),
+                            advantages=torch.ones(2), response_mask=torch.zeros(2, 3),
+                            rollout_log_prob=torch.zeros(2, 3), correction=mode)
+    assert "rejected" not in str(err.value)
+
+
+def test_a_correction_that_rejects_every_token_names_itself():
+    old = torch.zeros(1, 2)
+    far = torch.full((1, 2), -10.0)  # pi_old / mu = e^10 > high: token MIS rejects both tokens
+    with pytest.raises(ValueError, match="correction 'token_mis' rejected every token"):
+        compute_policy_loss("vespo", log_prob=torch.zeros(1, 2), old_log_prob=old, advantages=torch.ones(1),
+                            response_mask=torch.ones(1, 2), rollout_log_prob=far, correction="token_mis")

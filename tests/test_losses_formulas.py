@@ -81,7 +81,7 @@ def check(out, grad, hand_loss, hand_grad, tol=1e-10):
 
 def test_toy_batch_covers_every_registered_loss():
     assert set(list_losses()) == {
-        "vespo", "grpo", "gspo", "gmpo", "sapo", "cispo", "reinforce", "seq_clip", "topr"
+        "vespo", "vespo_adaptive", "grpo", "gspo", "gmpo", "sapo", "cispo", "reinforce", "seq_clip", "topr"
     }
 
 

@@ -12,6 +12,7 @@ import torch
 from vespo.losses import (
     AGGREGATION_MODES,
     compute_policy_loss,
+    get_loss_spec,
     kernel_max,
     kernel_mode,
     list_losses,
@@ -213,10 +214,20 @@ def test_micro_batches_add_up_to_the_full_batch(name, agg):
 
     micro_lp = lp.clone().requires_grad_()
     total = 0.0
+    # a loss whose weights depend on the whole batch gets its statistics, summed over the parts
+    shared = {}
+    if "batch_stats" in get_loss_spec(name).params:
+        from vespo.losses import merge_adaptive_stats, vespo_adaptive_batch_stats, vespo_adaptive_seq_inputs
+
+        parts = [vespo_adaptive_batch_stats(*vespo_adaptive_seq_inputs(
+            log_prob=lp[lo:hi], old_log_prob=old[lo:hi], advantages=adv[lo:hi], response_mask=mask[lo:hi]))
+            for lo, hi in SPLITS]
+        shared["batch_stats"] = merge_adaptive_stats(parts)
     for lo, hi in SPLITS:
         out = compute_policy_loss(
             name, log_prob=micro_lp[lo:hi], old_log_prob=old[lo:hi], advantages=adv[lo:hi],
             response_mask=mask[lo:hi], loss_agg_mode=agg, global_num_tokens=n_tok, global_num_seqs=n_seq,
+            **shared,
         )
         out.loss.backward()
         total = total + out.loss.detach()

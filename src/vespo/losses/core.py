@@ -359,8 +359,8 @@ def compute_policy_loss(
         rollout_is_weights = corr.weights
         mask_tensor = corr.mask
         extra_metrics.update(corr.metrics)
-        if not mask_tensor.any():
-            raise ValueError(f"correction '{correction}' rejected every token of the batch")
+        if not mask_tensor.any() and response_mask.bool().any():  # an all-padding batch is no rejection
+            raise ValueError(f"correction '{correction or 'none'}' rejected every token of the batch")
     elif correction_high is not None or correction_low is not None:
         raise ValueError("correction_high/correction_low need correction= and rollout_log_prob=")
 
