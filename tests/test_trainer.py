@@ -105,11 +105,14 @@ def test_every_loss_takes_an_informative_step(tmp_path, loss):
     assert moved > 0, f"{loss}: the weights did not move"
 
 
-def test_micro_batches_log_the_same_diagnostics_as_one_pass(tmp_path):
+@pytest.mark.parametrize("loss", ["vespo", "vespo_adaptive"])
+def test_micro_batches_log_the_same_diagnostics_as_one_pass(tmp_path, loss):
     """Quantiles, ESS and phi shares are not additive: with micro-batches they must still be the
-    whole mini-batch's (the first rollout batch: the same data in both runs)."""
+    whole mini-batch's (the first rollout batch: the same data in both runs). vespo_adaptive's alpha
+    depends on the whole mini-batch: the trainer's pre-pass makes it the same too."""
     common = ["algorithm.staleness=3", "run.total_steps=3", "algorithm.mini_batch_prompts=4",
-              "task.reward_fn=tiny_run:text_hash_reward"]
+              "task.reward_fn=tiny_run:text_hash_reward", f"algorithm.loss={loss}",
+              "sampling.max_new_tokens=16", "optim.lr=0.05"]
     train(tiny_config(tmp_path / "whole", *common))
     train(tiny_config(tmp_path / "micro", *common, "algorithm.micro_batch_size=3"))
     whole = [r for r in read_rows(tmp_path / "whole" / "run") if "stale/index" in r]
@@ -119,8 +122,11 @@ def test_micro_batches_log_the_same_diagnostics_as_one_pass(tmp_path):
     for a, b in zip(whole, micro):
         for key in keys:
             assert key in b, key
-            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key)
+            # float rounding of the accumulated gradient moves the later steps by ~1e-4 relative at lr 0.05
+            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-4), (a["step"], key)
     assert whole[-1]["is/abs_log_w_mean"] > 0  # the comparison covers stale mini-batches too
+    if loss == "vespo_adaptive":  # and batches where the adaptation is active
+        assert whole[-1]["vespo_adaptive/alpha_pos"] < 0.5
 
 
 def _train_rows(run_dir: Path) -> list[dict]:
@@ -274,3 +280,19 @@ def test_evaluation_is_pure_and_eval_which_best_scores_the_best_weights(tmp_path
     assert f"step {int(result.best_eval['step'])}" in out.stdout
     bad = _cli("eval", str(run), "--which", "worst", cwd=tmp_path)
     assert bad.returncode == 2
+
+
+def test_reward_outcome_counts_are_logged_once_per_response(tmp_path):
+    """A rollout batch feeds N step rows; its reward error count appears on its first row only, so
+    summing the column over steps gives the number of failed responses."""
+    cfg = tiny_config(tmp_path, "algorithm.staleness=3", "run.total_steps=6",
+                      "task.reward_fn=tiny_run:failing_half_reward")
+    train(cfg)
+    rows = [r for r in read_rows(tmp_path / "run") if "stale/index" in r]
+    errors = [r.get("reward/errors") for r in rows]
+    assert [e is not None for e in errors] == [True, False, False, True, False, False]
+    # every failed response scored 0, every other one 1: the failures are the zero rewards
+    sequences = 2 * 4 * 3  # mini_batch_prompts x G x N per rollout batch
+    for first in (0, 3):
+        zeros = sum((1.0 - rows[k]["reward/mean"]) * sequences / 3 for k in range(first, first + 3))
+        assert errors[first] == pytest.approx(zeros) and errors[first] > 0

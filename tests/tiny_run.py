@@ -28,3 +28,12 @@ def text_hash_reward(response: str, example: object) -> float:
     import zlib
 
     return float(zlib.crc32(response.encode()) & 1)
+
+
+def failing_half_reward(response: str, example: object) -> float:
+    """Raises for half of all distinct texts (the other half scores 1): counted as reward errors."""
+    import zlib
+
+    if zlib.crc32(response.encode()) & 1:
+        raise RuntimeError("this reward fails on purpose")
+    return 1.0
