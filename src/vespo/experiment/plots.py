@@ -64,6 +64,13 @@ def plot_kernels(path: str | Path, losses: Sequence[str] | None = None, w_max: f
         "Effective weight phi(W) on A * grad log pi of each loss (one-token sequence, via autograd);"
         " dashed: VESPO", fontsize=10,
     )
+    return save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Lay out ``fig``, write it to ``path`` (PNG, parent folders made) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -154,9 +161,4 @@ def plot_runs(
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)

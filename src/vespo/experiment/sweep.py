@@ -381,6 +381,8 @@ def plot_sweep(out: Path, results: dict[str, Any]) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from vespo.experiment.plots import save_figure
+
     cells = results["cells"]
     if not cells:
         return []
@@ -408,11 +410,7 @@ def plot_sweep(out: Path, results: dict[str, Any]) -> list[Path]:
     axes[0][0].set_ylabel("training reward (mean over seeds)")
     if axes[0][-1].get_legend_handles_labels()[0]:
         axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "reward_curves.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    paths.append(path)
+    paths.append(save_figure(fig, out / "reward_curves.png"))
 
     final = group_cells(results, "final_accuracy")
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -429,11 +427,7 @@ def plot_sweep(out: Path, results: dict[str, Any]) -> list[Path]:
     ax.set_ylabel("final eval accuracy (mean ± std over seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "accuracy_vs_n.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    paths.append(path)
+    paths.append(save_figure(fig, out / "accuracy_vs_n.png"))
     paths += plot_diagnostics(out, results)
     return paths
 
