@@ -135,6 +135,9 @@ class SyncRolloutSource:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         minibatches = split_minibatches(rollout.to_batch(pad), self.num_minibatches, self.settings.group_size)
         info = {**rollout_metrics([stats]), "perf/sync_time_s": sync_s, "rollout/index": float(self.rollout_index)}
+        if hasattr(self.engine, "start_time_s") and not getattr(self, "_start_logged", False):  # vllm: once per process
+            info["perf/engine_start_s"] = float(self.engine.start_time_s)
+            self._start_logged = True
         old_s = sum(set_old_log_prob(mb, self.old_log_prob_fn) for mb in minibatches)
         for k, mb in enumerate(minibatches):
             if self.old_log_prob_fn is not None:
