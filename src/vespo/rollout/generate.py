@@ -27,7 +27,7 @@ from vespo.tasks import Example
 __all__ = ["REWARD_COUNTS", "RolloutSettings", "generate_and_score", "rollout_metrics"]
 
 #: Reward outcomes counted per scored response (summed, never averaged, over chunks).
-REWARD_COUNTS = ("reward/errors", "reward/timeouts", "reward/nonfinite", "reward/clipped")
+REWARD_COUNTS = ("reward/errors", "reward/timeouts", "reward/nonfinite", "reward/clipped", "reward/unparsed")
 
 
 @dataclass(frozen=True)
@@ -145,6 +145,7 @@ def rollout_metrics(stats: Sequence[dict[str, float]]) -> dict[str, float]:
     }
     for key in REWARD_COUNTS:
         out[key] = sum(s.get(key, 0.0) for s in stats)
+    out["reward/unparsed_frac"] = out["reward/unparsed"] / max(sum(s["rows"] for s in stats), 1.0)
     flips = [s["routing_flip_frac"] for s in stats if "routing_flip_frac" in s]
     if flips:
         out["mismatch/routing_flip_frac"] = sum(flips) / len(flips)

@@ -374,7 +374,7 @@ class RewardRunner:
         self.isolation = _default_isolation(task_or_fn) if isolation == "auto" else isolation
         self.timeout_s = timeout_s
         self.max_logged_errors = max_logged_errors
-        self.totals: dict[str, int] = {"calls": 0, "errors": 0, "timeouts": 0, "nonfinite": 0, "clipped": 0}
+        self.totals: dict[str, int] = {"calls": 0, "errors": 0, "timeouts": 0, "nonfinite": 0, "clipped": 0, "unparsed": 0}
         self.recent_errors: deque[str] = deque(maxlen=20)
         self._logged = 0
         self._lock = threading.Lock()
@@ -445,6 +445,8 @@ class RewardRunner:
             self._note("error", f"{result.message} (uid={example.uid!r})")
             return 0.0, "error"
         value = result.value
+        if value is None:  # the scorer could not read an answer in the response: 0, counted
+            return 0.0, "unparsed"
         if isinstance(value, bool):
             return float(value), "ok"
         if isinstance(value, _BadValue):
@@ -474,13 +476,15 @@ class RewardRunner:
         """Scores in [0, 1] for ``responses[i]`` answering ``examples[i]``, and batch statistics.
 
         Stats: ``reward/errors`` (raised, crashed its worker or returned a non-number),
+        ``reward/unparsed`` (the scorer returned None: no answer it could read; scored 0),
         ``reward/timeouts``, ``reward/nonfinite``, ``reward/clipped`` (counts in this batch) and
         ``reward/scoring_time_s``.
         """
         if len(responses) != len(examples):
             raise ValueError(f"score_batch got {len(responses)} responses but {len(examples)} examples")
-        counts = {"errors": 0, "timeouts": 0, "nonfinite": 0, "clipped": 0}
-        key = {"error": "errors", "timeout": "timeouts", "nonfinite": "nonfinite", "clipped": "clipped"}
+        counts = {"errors": 0, "timeouts": 0, "nonfinite": 0, "clipped": 0, "unparsed": 0}
+        key = {"error": "errors", "timeout": "timeouts", "nonfinite": "nonfinite", "clipped": "clipped",
+               "unparsed": "unparsed"}
         scores: list[float] = []
         start = time.perf_counter()
         with self._lock:

@@ -32,6 +32,18 @@ class RunConfig(_Section):
     mode: Literal["sync", "async"] = "sync"
 
 
+class LoraSettings(_Section):
+    """LoRA adapters (peft) on the policy (docs/real_lm.md); the engines get merged weights."""
+
+    r: int = Field(16, ge=1, description="adapter rank")
+    alpha: float = Field(32.0, gt=0, description="scaling alpha / r")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="names of the linear layers to adapt, or all-linear",
+    )
+
+
 class ModelConfig(_Section):
     kind: Literal["tiny", "pretrained", "smollm2"] = "tiny"
     name_or_path: str | None = None
@@ -48,9 +60,16 @@ class ModelConfig(_Section):
     init_from: str | None = Field(
         None, description="start from these weights: a .safetensors file or a run directory"
     )
+    autocast: Literal["none", "bfloat16"] = Field(
+        "none", description="trainer forward/backward under bf16 autocast; fp32 master weights and AdamW state"
+    )
+    gradient_checkpointing: bool = Field(False, description="recompute layer activations in the backward pass")
+    lora: LoraSettings | None = Field(None, description="train LoRA adapters instead of all weights (needs peft)")
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
+        if self.autocast != "none" and self.dtype != "float32":
+            raise ValueError(f"model.autocast={self.autocast} needs model.dtype=float32 (the fp32 master weights)")
         if self.kind == "pretrained" and not self.name_or_path:
             raise ValueError("model.kind=pretrained needs model.name_or_path (a hub id or local path)")
         if self.hidden_size % self.num_heads:

@@ -57,6 +57,9 @@ from vespo.train.models import (
     load_pretrained,
     smollm2_checkpoint,
 )
+from vespo.train.lora import apply_lora, engine_model, merged_state_dict, sync_view, trainable_parameters
+from vespo.train.precision import TrainingOutOfMemory, autocast, enable_gradient_checkpointing, is_out_of_memory
+from vespo.train.precision import out_of_memory_message, peak_rss_gb
 #: the eval and train splits of procedural tasks come from fixed data seeds, so that runs with
 #: different ``run.seed`` (sampling, order, init) are scored on the same eval prompts.
 TRAIN_DATA_SEED, EVAL_DATA_SEED = 1234, 98765
@@ -92,6 +95,10 @@ def build_policy(cfg: TrainConfig) -> tuple[torch.nn.Module, Any]:
         tokenizer.pad_token = tokenizer.eos_token
     if m.init_from:
         load_init_weights(model, m.init_from)
+    if m.lora is not None:  # speed options (docs/real_lm.md): adapters; engines get merged weights
+        model = apply_lora(model, **m.lora.model_dump())
+    if m.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     return model.to(DTYPES[m.dtype]), tokenizer
 
 
@@ -165,8 +172,9 @@ class Trainer:
         self.train_examples, self.eval_examples = preflight.check_examples(
             cfg, self.tokenizer, self.model, self.train_examples, self.eval_examples)
         self.model.to(self.device).train()
+        self.sync_model = sync_view(self.model)  # what engines sync from (merged weights under LoRA)
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(),
+            trainable_parameters(self.model),
             lr=cfg.optim.lr,
             betas=tuple(cfg.optim.betas),
             weight_decay=cfg.optim.weight_decay,
@@ -176,7 +184,7 @@ class Trainer:
         self.last_eval: dict[str, float] = {}
         self.elapsed_before = 0.0
         self.source: RolloutSource = self._build_source()
-        self.eval_engine = build_engine("hf", self.model, dtype=cfg.model.dtype)
+        self.eval_engine = build_engine("hf", engine_model(self.model), dtype=cfg.model.dtype)
         self.resumed = False
         if restore:
             try:
@@ -211,13 +219,14 @@ class Trainer:
                 torch.set_num_threads(max(1, (os.cpu_count() or 1) - acfg.num_workers * acfg.worker_threads))
             async_settings = AsyncSettings(**{name: getattr(acfg, name) for name in AsyncSettings.__dataclass_fields__})
             return AsyncRolloutSource(
-                settings, async_settings, model=self.model, tokenizer=self.tokenizer, task=self.task,
+                settings, async_settings, model=engine_model(self.model), tokenizer=self.tokenizer, task=self.task,
                 train_examples=self.train_examples, mini_batch_prompts=cfg.algorithm.mini_batch_prompts,
                 seed=cfg.run.seed, run_dir=self.run_dir, old_log_prob_fn=old_fn,
             )
         return SyncRolloutSource(
             settings=settings,
-            engine=build_engine(settings.engine, self.model, dtype=settings.sampler_dtype, options=settings.engine_options),
+            engine=build_engine(settings.engine, engine_model(self.model), dtype=settings.sampler_dtype,
+                                options=settings.engine_options),
             stream=PromptStream(self.train_examples, seed=cfg.run.seed),
             tokenizer=self.tokenizer,
             reward_runner=self.reward_runner,
@@ -249,6 +258,14 @@ class Trainer:
                         start = time.perf_counter()
                         self.save()
                         raise
+                    except (RuntimeError, MemoryError) as exc:
+                        if not is_out_of_memory(exc):
+                            raise
+                        self.optimizer.zero_grad(set_to_none=True)  # the step is redone on resume
+                        self.elapsed_before += time.perf_counter() - start
+                        start = time.perf_counter()
+                        path = self.save()
+                        raise TrainingOutOfMemory(out_of_memory_message(cfg, self._last_shape, str(path))) from None
                     if self.step % cfg.eval.every == 0 or self.step == cfg.run.total_steps:
                         row.update(self.evaluate())
                     row["perf/elapsed_s"] = self.elapsed_before + time.perf_counter() - start
@@ -277,13 +294,15 @@ class Trainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         version = self.step
-        mb = self.source.next_batch(self.model, policy_version=version)
+        self._last_shape = None
+        mb = self.source.next_batch(self.sync_model, policy_version=version)
+        self._last_shape = tuple(mb.input_ids.shape)
         t_data = time.perf_counter() - t0
         t1 = time.perf_counter()
         metrics = self._optimize(mb)
         self.source.commit()
         self.step += 1
-        metrics.update(self.source.after_optimizer_step(self.model, self.step))
+        metrics.update(self.source.after_optimizer_step(self.sync_model, self.step))
         t_train = time.perf_counter() - t1
         tokens = float(mb.attention_mask.sum())
         return {
@@ -295,6 +314,8 @@ class Trainer:
             "perf/step_time_s": t_data + t_train,
             "perf/train_time_s": t_train,
             "perf/tokens_per_s": tokens / max(t_train, 1e-9),
+            "perf/pad_frac": 1.0 - tokens / max(float(mb.attention_mask.numel()), 1.0),
+            "perf/peak_rss_gb": peak_rss_gb(),
             "optim/lr": self.optimizer.param_groups[0]["lr"],
         }
 
@@ -304,7 +325,7 @@ class Trainer:
 
     def _log_probs(self, mb: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
         mb = mb.to(self.device)
-        with self.routing.forward(mb):
+        with self.routing.forward(mb), autocast(self.cfg.model.autocast, self.device):
             return sequence_log_probs_and_entropy(
                 self.model, mb.input_ids, mb.attention_mask, mb.response_mask.shape[1],
                 temperature=self.cfg.sampling.temperature,
@@ -541,7 +562,7 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Tr
 def run_evaluation(cfg: TrainConfig, engine, model: torch.nn.Module, tokenizer: Any, examples, reward_runner,
                    *, step: int) -> dict[str, float]:
     """:func:`evaluate_policy` of ``model``'s weights with the config's sampling settings."""
-    engine.load_state_dict(model.state_dict(), version=step)
+    engine.load_state_dict(merged_state_dict(model), version=step)
     smp = cfg.sampling
     return evaluate_policy(engine, examples, tokenizer=tokenizer, reward_runner=reward_runner,
                            max_new_tokens=smp.max_new_tokens, temperature=smp.temperature, top_p=smp.top_p,
@@ -571,7 +592,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, *, whi
     model, tokenizer = build_policy(cfg)
     model.to(resolve_device(cfg.run.device))
     load_init_weights(model, str(weights))
-    engine = build_engine("hf", model, dtype=cfg.model.dtype)
+    engine = build_engine("hf", engine_model(model), dtype=cfg.model.dtype)
     result = run_evaluation(cfg, engine, model, tokenizer, examples, runner, step=step)
     from rich.console import Console
     from rich.table import Table

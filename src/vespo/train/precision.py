@@ -1,0 +1,103 @@
+"""Speed and memory options of the trainer's forward/backward (docs/real_lm.md).
+
+* ``model.autocast: bfloat16`` -- the trainer's forward and backward run under
+  ``torch.autocast(device, bfloat16)``: matmuls in bf16, while the parameters (the master weights),
+  their gradients and the AdamW state stay float32. The log-softmax of the trainer's log-probs is
+  float32 either way (:func:`vespo.rollout.log_probs.sequence_log_probs_and_entropy` upcasts the
+  logits, and autocast keeps ``log_softmax`` in float32). pi_old is recomputed under the same
+  autocast, so an on-policy mini-batch still has W = 1 exactly.
+* ``model.gradient_checkpointing: true`` -- transformers' activation checkpointing (non-reentrant):
+  the activations of each decoder layer are recomputed in the backward pass instead of kept, so
+  activation memory no longer grows with the number of layers (about one more forward of compute).
+* :func:`peak_rss_gb` -- the process's peak resident memory, logged as ``perf/peak_rss_gb``.
+* :func:`is_out_of_memory` / :class:`TrainingOutOfMemory` -- an allocation failure in a training step
+  becomes one line that names the settings to lower (the trainer checkpoints first).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import sys
+from typing import Any
+
+import torch
+
+__all__ = ["TrainingOutOfMemory", "autocast", "enable_gradient_checkpointing", "is_checkpointing", "is_out_of_memory",
+           "peak_rss_gb"]
+
+AUTOCAST_DTYPES = {"none": None, "bfloat16": torch.bfloat16}
+
+
+class TrainingOutOfMemory(ValueError):
+    """A training step ran out of memory; the message (one line) names the settings to lower."""
+
+
+def autocast(mode: str, device: torch.device | str = "cpu") -> contextlib.AbstractContextManager:
+    """The autocast context for ``model.autocast`` (``none``: a no-op context)."""
+    dtype = AUTOCAST_DTYPES[mode]
+    if dtype is None:
+        return contextlib.nullcontext()
+    device_type = torch.device(device).type
+    return torch.autocast(device_type=device_type, dtype=dtype)
+
+
+def is_checkpointing(model: torch.nn.Module) -> bool:
+    """True when activation checkpointing is on (either transformers name of the flag)."""
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(type(target), "is_activation_checkpointing"):  # transformers >= 5.2x name
+        return bool(target.is_activation_checkpointing)
+    return bool(getattr(target, "is_gradient_checkpointing", False))
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Turn on activation checkpointing of a transformers model (or of a peft model's base model).
+
+    Raises ValueError (one line) for a model that does not support it.
+    """
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(target, "supports_gradient_checkpointing", False) or not hasattr(
+        target, "gradient_checkpointing_enable"
+    ):
+        raise ValueError(
+            f"model.gradient_checkpointing: {type(target).__name__} does not support gradient checkpointing"
+        )
+    # non-reentrant: works with frozen inputs (LoRA) and needs no enable_input_require_grads
+    if hasattr(target, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+        target.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(target, "config", None) is not None:
+        target.config.use_cache = False
+
+
+def peak_rss_gb() -> float:
+    """Peak resident set size of this process so far, in GB (``getrusage``; KB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1e9 if sys.platform == "darwin" else 1e6)
+
+
+_OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory", "failed to allocate")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for the allocation failures torch raises (CPU ``DefaultCPUAllocator``, CUDA OOM, MemoryError)."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _OOM_MARKERS)
+
+
+def out_of_memory_message(cfg: Any, batch_shape: tuple[int, int] | None, checkpoint: str | None) -> str:
+    """One line: where the step ran out of memory and which settings bound the memory."""
+    alg, m = cfg.algorithm, cfg.model
+    micro = alg.micro_batch_size or (alg.mini_batch_prompts * cfg.sampling.group_size)
+    shape = f" on a mini-batch of {batch_shape[0]} x {batch_shape[1]} tokens" if batch_shape else ""
+    hints = [f"lower algorithm.micro_batch_size (now {micro} sequences per forward)"]
+    if not m.gradient_checkpointing:
+        hints.append("set model.gradient_checkpointing=true")
+    if m.lora is None and m.kind != "tiny":
+        hints.append("use model.lora (adapters: no full-size gradients or AdamW state)")
+    hints.append(f"or lower sampling.max_new_tokens (now {cfg.sampling.max_new_tokens})")
+    kept = f"; checkpoint kept at {checkpoint}, continue with vespo train --resume {cfg.run.out_dir}" if checkpoint else ""
+    return (f"out of memory in training step{shape} (peak RSS {peak_rss_gb():.1f} GB): "
+            f"{', '.join(hints)}{kept}")
