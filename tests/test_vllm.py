@@ -61,8 +61,16 @@ def _no_vllm_left(timeout: float = 30.0, keep: tuple = ()) -> list:
 
 def _tiny(seed: int = 0):
     tok = build_char_tokenizer()
-    model = build_tiny_model("llama", vocab_size=len(tok), hidden_size=64, num_layers=2, num_heads=2, seed=seed,
-                             init_std=0.1, tie_word_embeddings=True)
+    model = build_tiny_model(
+        "llama",
+        vocab_size=len(tok),
+        hidden_size=64,
+        num_layers=2,
+        num_heads=2,
+        seed=seed,
+        init_std=0.1,
+        tie_word_embeddings=True,
+    )
     return model.eval(), tok
 
 
@@ -122,15 +130,24 @@ def test_temperature_and_top_p_log_probs_are_of_the_renormalised_nucleus(tiny_en
     engine, model, tok = tiny_engine
     prompts = _prompts(tok, 2)
     t, top_p = 0.7, 0.9
-    r = engine.generate(prompts, max_new_tokens=24, eos_token_id=None, pad_token_id=0, temperature=t, top_p=top_p,
-                        generator=torch.Generator().manual_seed(1))
+    r = engine.generate(
+        prompts,
+        max_new_tokens=24,
+        eos_token_id=None,
+        pad_token_id=0,
+        temperature=t,
+        top_p=top_p,
+        generator=torch.Generator().manual_seed(1),
+    )
     worst, log_s = 0.0, []
     with torch.no_grad():
         for p, resp, mu in zip(r.prompt_ids, r.response_ids, r.rollout_log_probs):
             logits = model(torch.tensor([p + resp])).logits[0, len(p) - 1 : -1].float() / t
             full = torch.log_softmax(logits, -1)
             srt, order = full.sort(-1, descending=True)
-            drop = torch.zeros_like(full, dtype=torch.bool).scatter_(-1, order, (srt.exp().cumsum(-1) - srt.exp()) >= top_p)
+            drop = torch.zeros_like(full, dtype=torch.bool).scatter_(
+                -1, order, (srt.exp().cumsum(-1) - srt.exp()) >= top_p
+            )
             kept = full.masked_fill(drop, float("-inf"))
             nucleus = kept - torch.logsumexp(kept, -1, keepdim=True)
             idx = torch.tensor(resp)[:, None]
@@ -146,15 +163,30 @@ def test_temperature_and_top_p_log_probs_are_of_the_renormalised_nucleus(tiny_en
 def test_same_generator_same_samples(tiny_engine):
     engine, _, tok = tiny_engine
     prompts = _prompts(tok, 2)
-    a = engine.generate(prompts, max_new_tokens=16, eos_token_id=None, pad_token_id=0,
-                        generator=torch.Generator().manual_seed(5))
-    b = engine.generate(prompts, max_new_tokens=16, eos_token_id=None, pad_token_id=0,
-                        generator=torch.Generator().manual_seed(5))
-    c = engine.generate(prompts, max_new_tokens=16, eos_token_id=None, pad_token_id=0,
-                        generator=torch.Generator().manual_seed(6))
+    a = engine.generate(
+        prompts, max_new_tokens=16, eos_token_id=None, pad_token_id=0, generator=torch.Generator().manual_seed(5)
+    )
+    b = engine.generate(
+        prompts, max_new_tokens=16, eos_token_id=None, pad_token_id=0, generator=torch.Generator().manual_seed(5)
+    )
+    c = engine.generate(
+        prompts, max_new_tokens=16, eos_token_id=None, pad_token_id=0, generator=torch.Generator().manual_seed(6)
+    )
     assert a.response_ids == b.response_ids and a.rollout_log_probs == b.rollout_log_probs
     assert a.response_ids != c.response_ids
     assert a.response_ids[0] != a.response_ids[1]  # each request has its own seed
+
+
+def test_many_long_prompts(tiny_engine):
+    """More prompt tokens than one engine step takes by default (4,096): with per-request seeds, a prompt
+    split over two steps killed vLLM 0.32 on CPU, so the engine prefills prompts whole."""
+    engine, model, tok = tiny_engine
+    prompts = [tok.encode(f"{i}+" * 100 + "1=")[:300] for i in range(24)]  # 7,200 prompt tokens
+    r = engine.generate(
+        prompts, max_new_tokens=4, eos_token_id=None, pad_token_id=0, generator=torch.Generator().manual_seed(3)
+    )
+    assert r.response_lengths == [4] * 24
+    assert _token_errors(model, r).max() < TOL
 
 
 def test_partial_rollout_resumes_under_new_weights(tiny_engine):
@@ -190,7 +222,10 @@ def test_bad_engine_options_give_one_clear_error():
     model, _ = _tiny()
     running = tuple(p.pid for p in _vllm_processes())  # the shared engine's
     cases = [
-        ({"enforce_eagre": True}, "unknown sampling.engine_options key 'enforce_eagre' for vLLM (did you mean 'enforce_eager'?)"),
+        (
+            {"enforce_eagre": True},
+            "unknown sampling.engine_options key 'enforce_eagre' for vLLM (did you mean 'enforce_eager'?)",
+        ),
         ({"logprobs_mode": "raw_logprobs"}, "cannot be set"),
         ({"max_model_len": 10**6}, "vLLM could not start"),  # longer than the model allows: vLLM refuses it
     ]
@@ -229,12 +264,24 @@ def test_a_dead_engine_raises_engine_died_error(tiny_engine):
 
 # ------------------------------------------------------------------------------------- trainer runs
 TINY = [
-    "model.hidden_size=64", "model.num_layers=2", "model.num_heads=2",  # head_dim 32: vLLM's CPU attention needs it
+    "model.hidden_size=64",
+    "model.num_layers=2",
+    "model.num_heads=2",  # head_dim 32: vLLM's CPU attention needs it
     "task.params={min_terms: 2, max_terms: 2, min_digits: 1, max_digits: 1}",
-    "task.train_size=200", "sampling.group_size=4", "sampling.max_new_tokens=12",
-    "algorithm.mini_batch_prompts=2", "algorithm.staleness=1", "optim.lr=0.01",
-    "eval.num_prompts=2", "eval.avg_k=1", "eval.every=1000", "eval.at_start=false", "checkpoint.every=1000",
-    "logging.progress=false", "logging.tensorboard=false", "run.threads=1",
+    "task.train_size=200",
+    "sampling.group_size=4",
+    "sampling.max_new_tokens=12",
+    "algorithm.mini_batch_prompts=2",
+    "algorithm.staleness=1",
+    "optim.lr=0.01",
+    "eval.num_prompts=2",
+    "eval.avg_k=1",
+    "eval.every=1000",
+    "eval.at_start=false",
+    "checkpoint.every=1000",
+    "logging.progress=false",
+    "logging.tensorboard=false",
+    "run.threads=1",
     "sampling.engine=vllm",
 ]
 
@@ -248,8 +295,16 @@ def test_sync_run_with_a_bf16_vllm_engine_measures_the_mismatch(tmp_path):
     from vespo.train.config import load_config
     from vespo.train.trainer import Trainer
 
-    cfg = load_config(None, [*TINY, f"run.out_dir={tmp_path / 'run'}", "run.total_steps=3",
-                             "sampling.sampler_dtype=bfloat16", "algorithm.old_log_prob=recompute"])
+    cfg = load_config(
+        None,
+        [
+            *TINY,
+            f"run.out_dir={tmp_path / 'run'}",
+            "run.total_steps=3",
+            "sampling.sampler_dtype=bfloat16",
+            "algorithm.old_log_prob=recompute",
+        ],
+    )
     result = Trainer(cfg).train()
     assert result.steps == 3
     rows = _rows(tmp_path / "run")
@@ -274,9 +329,19 @@ def test_async_run_with_a_vllm_engine_in_the_ray_worker(tmp_path):
 
     session = start_ray(num_cpus=2)
     try:
-        cfg = load_config(None, [*TINY, f"run.out_dir={tmp_path / 'run'}", "run.total_steps=4", "run.mode=async",
-                                 "async.sync_every=2", "async.partial_rollout=true", "algorithm.old_log_prob=sampler",
-                                 "sampling.max_new_tokens=16"])
+        cfg = load_config(
+            None,
+            [
+                *TINY,
+                f"run.out_dir={tmp_path / 'run'}",
+                "run.total_steps=4",
+                "run.mode=async",
+                "async.sync_every=2",
+                "async.partial_rollout=true",
+                "algorithm.old_log_prob=sampler",
+                "sampling.max_new_tokens=16",
+            ],
+        )
         result = Trainer(cfg).train()
     finally:
         session.stop()

@@ -115,9 +115,11 @@ def vllm_unavailable_reason() -> str | None:
         import vllm  # noqa: F401
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.split(".")[0] == "vllm":
-            return ("sampling.engine=vllm needs vLLM, which is not installed: on a CPU machine run "
-                    "`bash scripts/install_vllm_cpu.sh` in the active venv, on a GPU machine `pip install vllm` "
-                    "(docs/vllm.md)")
+            return (
+                "sampling.engine=vllm needs vLLM, which is not installed: on a CPU machine run "
+                "`bash scripts/install_vllm_cpu.sh` in the active venv, on a GPU machine `pip install vllm` "
+                "(docs/vllm.md)"
+            )
         return _broken_install(exc)
     except Exception as exc:  # noqa: BLE001 - CUDA-only torchvision, missing .so files, ...
         return _broken_install(exc)
@@ -216,6 +218,18 @@ class VLLMSampler:
 
     supports_partial_rollout = True
 
+    @property
+    def record_routing(self) -> bool:
+        """Routing replay (R3) needs each token's experts; vLLM's fused MoE kernels do not expose them."""
+        return False
+
+    @record_routing.setter
+    def record_routing(self, value: bool) -> None:
+        if value:
+            raise EngineError(
+                "routing replay (R3) needs sampling.engine=hf: vLLM does not report the experts it routed to"
+            )
+
     def __init__(self, model: nn.Module, *, dtype: str = "float32", policy_version: int = 0, **options: Any) -> None:
         self.policy_version = int(policy_version)
         self.dtype_name = dtype
@@ -256,12 +270,19 @@ class VLLMSampler:
             self._write_checkpoint(model, config, state)
         except OSError as exc:
             self.close()
-            raise EngineError(f"sampling.engine=vllm: could not write the model checkpoint to {self._dir}: {_one_line(exc)}") from None
+            raise EngineError(
+                f"sampling.engine=vllm: could not write the model checkpoint to {self._dir}: {_one_line(exc)}"
+            ) from None
         llm_args["model"] = str(self._dir)
         if "max_model_len" not in llm_args:
             max_len = getattr(config, "max_position_embeddings", None)
             if max_len:
                 llm_args["max_model_len"] = int(max_len)
+        if self._cpu and "enable_chunked_prefill" not in options:
+            # vLLM 0.32 on CPU: a prompt split over two steps with a per-request seed kills the engine
+            # (`CPU Generator does not use offset` in _bookkeeping_sync); so prompts are prefilled whole.
+            llm_args["enable_chunked_prefill"] = False
+            llm_args.setdefault("max_num_batched_tokens", max(int(llm_args.get("max_model_len") or 0), 8192))
 
         from vllm import LLM
 
@@ -285,10 +306,14 @@ class VLLMSampler:
         known = set(EngineArgs.__dataclass_fields__)
         for key in options:
             if key in FIXED_ARGS:
-                raise EngineError(f"sampling.engine_options.{key} cannot be set: the vllm engine needs {key}={FIXED_ARGS[key]!r}")
+                raise EngineError(
+                    f"sampling.engine_options.{key} cannot be set: the vllm engine needs {key}={FIXED_ARGS[key]!r}"
+                )
             if key == "model" or key == "dtype":
-                raise EngineError(f"sampling.engine_options.{key} cannot be set: it comes from the trainer's model "
-                                  f"({'sampling.sampler_dtype' if key == 'dtype' else 'model.*'})")
+                raise EngineError(
+                    f"sampling.engine_options.{key} cannot be set: it comes from the trainer's model "
+                    f"({'sampling.sampler_dtype' if key == 'dtype' else 'model.*'})"
+                )
             if key not in known:
                 close = difflib.get_close_matches(key, sorted(known | set(OWN_OPTIONS)), n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -303,8 +328,10 @@ class VLLMSampler:
         return args
 
     def _env(self, own: Mapping[str, Any]) -> dict[str, str]:
-        env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
-               "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR")}
+        env = {
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+            "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"),
+        }
         if "multiprocessing" in own:
             env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if own["multiprocessing"] else "0"
         if self._cpu:
@@ -315,7 +342,11 @@ class VLLMSampler:
             if "omp_threads_bind" in own:
                 env["VLLM_CPU_OMP_THREADS_BIND"] = str(own["omp_threads_bind"])
             elif "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
-                cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+                cores = (
+                    sorted(os.sched_getaffinity(0))
+                    if hasattr(os, "sched_getaffinity")
+                    else list(range(os.cpu_count() or 1))
+                )
                 n = max(1, min(len(cores), torch.get_num_threads()))
                 env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in cores[:n])
         extra = own.get("env") or {}
@@ -424,8 +455,15 @@ class VLLMSampler:
                 self._run(
                     {i: list(prompts[i]) + tokens[i] for i in todo},
                     {i: max_new_tokens - len(tokens[i]) for i in todo},
-                    seeds, tokens, log_probs, versions, finished,
-                    eos_ids=eos_ids, temperature=temperature, top_p=top_p, stop_flag=stop_flag,
+                    seeds,
+                    tokens,
+                    log_probs,
+                    versions,
+                    finished,
+                    eos_ids=eos_ids,
+                    temperature=temperature,
+                    top_p=top_p,
+                    stop_flag=stop_flag,
                 )
         return Rollout(
             prompt_ids=[list(p) for p in prompts],
@@ -478,8 +516,15 @@ class VLLMSampler:
         try:
             for i, context in contexts.items():
                 params = SamplingParams(
-                    n=1, max_tokens=budgets[i], temperature=temperature, top_p=top_p, seed=seeds[i],
-                    logprobs=0, stop_token_ids=eos_ids, detokenize=False, skip_special_tokens=False,
+                    n=1,
+                    max_tokens=budgets[i],
+                    temperature=temperature,
+                    top_p=top_p,
+                    seed=seeds[i],
+                    logprobs=0,
+                    stop_token_ids=eos_ids,
+                    detokenize=False,
+                    skip_special_tokens=False,
                     ignore_eos=True,  # only the caller's EOS ids stop a response, not the checkpoint's
                     output_kind=RequestOutputKind.DELTA,
                 )
@@ -511,7 +556,9 @@ class VLLMSampler:
                     versions[i].extend([version] * len(new))
                     if out.finished:
                         open_ids.discard(out.request_id)
-                        finished[i] = completion.finish_reason == "stop" and bool(tokens[i]) and tokens[i][-1] in eos_ids
+                        finished[i] = (
+                            completion.finish_reason == "stop" and bool(tokens[i]) and tokens[i][-1] in eos_ids
+                        )
         except RuntimeError as exc:
             if "log-probs for" in str(exc):
                 raise
@@ -529,13 +576,19 @@ class VLLMSampler:
                 engine.step()
 
 
-def _init_rows(n: int, resume: Rollout | None) -> tuple[list[list[int]], list[list[float]], list[list[int]], list[bool]]:
+def _init_rows(
+    n: int, resume: Rollout | None
+) -> tuple[list[list[int]], list[list[float]], list[list[int]], list[bool]]:
     if resume is None:
         return [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)], [False] * n
     if len(resume) != n:
         raise ValueError(f"resume holds {len(resume)} sequences for {n} prompts")
-    return ([list(r) for r in resume.response_ids], [list(x) for x in resume.rollout_log_probs],
-            [list(v) for v in resume.token_versions], [False] * n)
+    return (
+        [list(r) for r in resume.response_ids],
+        [list(x) for x in resume.rollout_log_probs],
+        [list(v) for v in resume.token_versions],
+        [False] * n,
+    )
 
 
 def _check_cpu_head_dim(config: Any) -> None:
@@ -550,8 +603,10 @@ def _check_cpu_head_dim(config: Any) -> None:
     except Exception:  # noqa: BLE001 - a vLLM without this backend or method: let vLLM decide
         return
     if head_dim is not None and supported and int(head_dim) not in supported:
-        raise EngineError(f"sampling.engine=vllm: vLLM's CPU attention does not support head_dim={head_dim} "
-                          f"(supported: {', '.join(map(str, supported))}); change model.hidden_size / model.num_heads")
+        raise EngineError(
+            f"sampling.engine=vllm: vLLM's CPU attention does not support head_dim={head_dim} "
+            f"(supported: {', '.join(map(str, supported))}); change model.hidden_size / model.num_heads"
+        )
 
 
 def _core_dead(llm: Any) -> bool:
