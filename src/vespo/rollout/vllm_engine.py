@@ -143,6 +143,20 @@ def _work_root(option: str | None) -> Path:
     return Path(tempfile.gettempdir())
 
 
+def _reap_stale(root: Path) -> None:
+    """Remove checkpoint directories of engines whose process is gone (e.g. a Ray worker killed at
+    shutdown, which never runs its finaliser); they would otherwise hold RAM in /dev/shm."""
+    with contextlib.suppress(OSError):
+        for entry in root.glob("vespo-vllm-*-*"):
+            try:
+                pid = int(entry.name.split("-")[2])
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                shutil.rmtree(entry, ignore_errors=True)
+            except (ValueError, IndexError, PermissionError):
+                continue
+
+
 def _unique_tensors(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Each tensor once (an LM head tied to the embedding is dropped: vLLM ties it itself)."""
     out: dict[str, Tensor] = {}
@@ -264,7 +278,9 @@ class VLLMSampler:
         self._tied_head = tied and "lm_head.weight" in state
 
         t0 = time.perf_counter()
-        self._dir = Path(tempfile.mkdtemp(prefix=f"vespo-vllm-{os.getpid()}-", dir=_work_root(own.get("work_dir"))))
+        root = _work_root(own.get("work_dir"))
+        _reap_stale(root)
+        self._dir = Path(tempfile.mkdtemp(prefix=f"vespo-vllm-{os.getpid()}-", dir=root))
         self._finalizer = weakref.finalize(self, _cleanup, None, self._dir)
         try:
             self._write_checkpoint(model, config, state)
