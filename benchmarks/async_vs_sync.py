@@ -89,8 +89,7 @@ def rows_of(run_dir: Path) -> list[dict]:
 
 def rolling(values: list[float], window: int) -> list[float | None]:
     """Mean of the last ``window`` values; None until a full window exists."""
-    return [statistics.fmean(values[i + 1 - window : i + 1]) if i + 1 >= window else None
-            for i in range(len(values))]
+    return [statistics.fmean(values[i + 1 - window : i + 1]) if i + 1 >= window else None for i in range(len(values))]
 
 
 def run_one(name: str, overrides: list[str], out: Path) -> dict:
@@ -113,8 +112,9 @@ def lag_histogram(rows: list[dict]) -> dict[str, float]:
     keys = [f"stale/lag_frac_{k}" for k in range(LAG_BUCKETS)] + [f"stale/lag_frac_ge{LAG_BUCKETS}"]
     weights = [r["response/length_mean"] for r in rows]
     total = sum(weights)
-    return {k.removeprefix("stale/lag_frac_"): sum(r.get(k, 0.0) * w for r, w in zip(rows, weights)) / total
-            for k in keys}
+    return {
+        k.removeprefix("stale/lag_frac_"): sum(r.get(k, 0.0) * w for r, w in zip(rows, weights)) / total for k in keys
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,27 +139,41 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     warm_dir = out / f"warmup_{args.warmup_steps}"
-    warm_cfg = load_config(DEFAULT_CONFIG, [*SHARED, f"run.out_dir={warm_dir}", f"warmup.steps={args.warmup_steps}",
-                                            "run.threads=1", "run.mode=sync"])
+    warm_cfg = load_config(
+        DEFAULT_CONFIG,
+        [*SHARED, f"run.out_dir={warm_dir}", f"warmup.steps={args.warmup_steps}", "run.threads=1", "run.mode=sync"],
+    )
     t0 = time.perf_counter()
     weights = run_warmup(warm_cfg)
     print(f"warm-up: {weights} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    base = [*SHARED, f"run.total_steps={args.steps}", f"model.init_from={weights}", "warmup.steps=0",
-            f"sampling.max_new_tokens={args.max_new_tokens}", f"optim.lr={args.lr}"]
+    base = [
+        *SHARED,
+        f"run.total_steps={args.steps}",
+        f"model.init_from={weights}",
+        "warmup.steps=0",
+        f"sampling.max_new_tokens={args.max_new_tokens}",
+        f"optim.lr={args.lr}",
+    ]
 
     runs = configurations(args.sync_threads)
     results: dict[str, list[dict]] = {name: [] for name in runs}
     for r in range(args.repeats):
-        for name in (list(runs) if r % 2 == 0 else list(reversed(runs))):
+        for name in list(runs) if r % 2 == 0 else list(reversed(runs)):
             res = run_one(name, [*base, *runs[name]], out / f"round{r}")
             results[name].append(res)
-            print(f"round {r}  {name:12s} {res['steps_per_s']:6.3f} steps/s  (init {res['init_s']:4.1f} s, "
-                  f"total {res['total_s']:5.1f} s)", flush=True)
+            print(
+                f"round {r}  {name:12s} {res['steps_per_s']:6.3f} steps/s  (init {res['init_s']:4.1f} s, "
+                f"total {res['total_s']:5.1f} s)",
+                flush=True,
+            )
 
-    curves = {name: [rolling([x["reward/mean"] for x in res["rows"]], args.window) for res in rs]
-              for name, rs in results.items()}
-    start = statistics.fmean(x["reward/mean"] for rs in results.values() for res in rs
-                             for x in res["rows"][: args.window])
+    curves = {
+        name: [rolling([x["reward/mean"] for x in res["rows"]], args.window) for res in rs]
+        for name, rs in results.items()
+    }
+    start = statistics.fmean(
+        x["reward/mean"] for rs in results.values() for res in rs for x in res["rows"][: args.window]
+    )
     worst_best = min(max(v for v in c if v is not None) for cs in curves.values() for c in cs)
     target = args.target if args.target is not None else start + 0.5 * (worst_best - start)
 
@@ -195,8 +209,10 @@ def main(argv: list[str] | None = None) -> int:
         ratios[f"time to target {b} / {a}"] = tb / ta if ta and tb else None
 
     print()
-    print(f"{args.steps} steps, m={M} prompts x G=8, max_new_tokens={args.max_new_tokens}, {cores} cores, "
-          f"{args.repeats} round(s); start reward {start:.3f}, target rolling reward {target:.3f}")
+    print(
+        f"{args.steps} steps, m={M} prompts x G=8, max_new_tokens={args.max_new_tokens}, {cores} cores, "
+        f"{args.repeats} round(s); start reward {start:.3f}, target rolling reward {target:.3f}"
+    )
     print(f"{'run':12s} {'steps/s':>8s} {'to target':>10s} {'final reward':>13s} {'wall':>6s}")
     for name, s in summary.items():
         ttt = f"{s['time_to_target_s']:.1f} s" if s["time_to_target_s"] is not None else "n/a"
@@ -208,10 +224,18 @@ def main(argv: list[str] | None = None) -> int:
         if "lag_histogram" in s:
             hist = ", ".join(f"{k}: {v:.3f}" for k, v in s["lag_histogram"].items() if v > 0)
             print(f"\n{name} staleness, share of trained tokens by versions behind: {hist}")
-            print(f"  mean lag {s['lag_mean']:.2f}, max {s['lag_max']:.0f} (bound {s['lag_bound']:.0f}), "
-                  f"partial responses {s['partial_frac']:.3f}")
-    report = {"args": {k: str(v) for k, v in vars(args).items()}, "target": target, "start_reward": start,
-              "summary": summary, "ratios": ratios, "command": " ".join(["python", *sys.argv])}
+            print(
+                f"  mean lag {s['lag_mean']:.2f}, max {s['lag_max']:.0f} (bound {s['lag_bound']:.0f}), "
+                f"partial responses {s['partial_frac']:.3f}"
+            )
+    report = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "target": target,
+        "start_reward": start,
+        "summary": summary,
+        "ratios": ratios,
+        "command": " ".join(["python", *sys.argv]),
+    }
     (out / "summary.json").write_text(json.dumps(report, indent=2))
     print(f"\nwritten: {out / 'summary.json'}")
     return 0

@@ -77,8 +77,14 @@ def step_fn(name: str, x: dict[str, torch.Tensor]):
             lp.grad = None
             log_ratio = lp - old
             phi_seq = GRPOTrainer.get_gamma_weights(
-                advantages=adv2, log_ratio_per_token=log_ratio, mask=mask, importance_sampling_ratio=None,
-                k_pos=2.0, lambda_pos=3.0, k_neg=3.0, lambda_neg=2.0,
+                advantages=adv2,
+                log_ratio_per_token=log_ratio,
+                mask=mask,
+                importance_sampling_ratio=None,
+                k_pos=2.0,
+                lambda_pos=3.0,
+                k_neg=3.0,
+                lambda_neg=2.0,
             )
             per_token_loss = -phi_seq * adv2 * lp
             loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
@@ -95,8 +101,9 @@ def step_fn(name: str, x: dict[str, torch.Tensor]):
             lp.grad = None
             seq = vespo_adaptive_seq_inputs(log_prob=lp, old_log_prob=old, advantages=adv, response_mask=mask)
             stats = vespo_adaptive_batch_stats(*seq)
-            out = compute_policy_loss("vespo_adaptive", log_prob=lp, old_log_prob=old, advantages=adv,
-                                      response_mask=mask, batch_stats=stats)
+            out = compute_policy_loss(
+                "vespo_adaptive", log_prob=lp, old_log_prob=old, advantages=adv, response_mask=mask, batch_stats=stats
+            )
             out.loss.backward()
 
         return run_prepass
@@ -127,7 +134,7 @@ def time_all(
     fns = {name: step_fn(name, x) for name in names}
     samples: dict[str, list[float]] = {name: [] for name in names}
     for r in range(blocks):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             fn = fns[name]
             for _ in range(warmup):
@@ -185,8 +192,16 @@ def memory_child(name: str, batch: int, length: int) -> None:
 
 def measure_memory(name: str, batch: int, length: int, threads: int) -> dict[str, float]:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(threads))
-    cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", name, str(batch), str(length),
-           "--threads", str(threads)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--memory-child",
+        name,
+        str(batch),
+        str(length),
+        "--threads",
+        str(threads),
+    ]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -198,17 +213,33 @@ def measure_memory(name: str, batch: int, length: int, threads: int) -> dict[str
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer timed calls (~75 s on 2 shared cores, most of it the memory subprocesses)")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="timed calls per block at the large size, 3 blocks per loss (default 7, quick 2); "
-                             "the small size uses 5x as many")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (default 1: on a shared machine, multi-threaded ops "
-                             "stall when one of their threads is preempted, which swamps the ratios)")
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default=None,
-                        help="cpu: CPU time of the process (default with one thread; not inflated while "
-                             "other jobs hold the cores), wall: elapsed time (default with several threads, "
-                             "whose idle-spinning would count as CPU time)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer timed calls (~75 s on 2 shared cores, most of it the memory subprocesses)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed calls per block at the large size, 3 blocks per loss (default 7, quick 2); "
+        "the small size uses 5x as many",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: on a shared machine, multi-threaded ops "
+        "stall when one of their threads is preempted, which swamps the ratios)",
+    )
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default=None,
+        help="cpu: CPU time of the process (default with one thread; not inflated while "
+        "other jobs hold the cores), wall: elapsed time (default with several threads, "
+        "whose idle-spinning would count as CPU time)",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     parser.add_argument("--losses", default=None, help="comma-separated subset (grpo and trl always run)")
     parser.add_argument("--memory-child", nargs=3, metavar=("NAME", "B", "T"), help=argparse.SUPPRESS)
@@ -240,8 +271,9 @@ def main(argv: list[str] | None = None) -> int:
 
     times: dict[str, dict[str, float]] = {}
     for size, (b, t) in SIZES.items():
-        times[size] = time_all(names, b, t, small_repeats if size == "small" else repeats, warmup=2,
-                               clock=args.clock, blocks=3)
+        times[size] = time_all(
+            names, b, t, small_repeats if size == "small" else repeats, warmup=2, clock=args.clock, blocks=3
+        )
     memory: dict[str, dict[str, float]] = {}
     if not args.no_memory and sys.platform.startswith("linux"):
         b, t = SIZES["large"]
@@ -253,17 +285,22 @@ def main(argv: list[str] | None = None) -> int:
 
     cmd = "python " + " ".join(["benchmarks/losses.py"] + (argv if argv is not None else sys.argv[1:]))
     print(f"# Policy-loss forward+backward ({cmd}; torch {torch.__version__}, {args.threads} intra-op thread(s))\n")
-    print(f"{args.clock} time, median of 3 blocks x {small_repeats} (small) / 3 x {repeats} (large) calls, "
-          f"2 warm-up calls per block; ratios are to `{BASELINE}` in the same run\n")
+    print(
+        f"{args.clock} time, median of 3 blocks x {small_repeats} (small) / 3 x {repeats} (large) calls, "
+        f"2 warm-up calls per block; ratios are to `{BASELINE}` in the same run\n"
+    )
     (sb, st), (lb, lt) = SIZES["small"], SIZES["large"]
-    header = (f"| loss | B={sb},T={st} ms | vs {BASELINE} | B={lb},T={lt} ms | vs {BASELINE} |"
-              + (f" peak MiB (large) | vs {BASELINE} | saved for backward MiB |" if memory else ""))
+    header = f"| loss | B={sb},T={st} ms | vs {BASELINE} | B={lb},T={lt} ms | vs {BASELINE} |" + (
+        f" peak MiB (large) | vs {BASELINE} | saved for backward MiB |" if memory else ""
+    )
     print(header)
     print("|" + "|".join(["---"] * (header.count("|") - 1)) + "|")
     for name in names:
-        row = (f"| {name if name != TRL else 'trl (VESPO)'} | {times['small'][name] * 1e3:.2f} | "
-               f"{ratio(times['small'][name], times['small'][BASELINE])} | {times['large'][name] * 1e3:.1f} | "
-               f"{ratio(times['large'][name], times['large'][BASELINE])} |")
+        row = (
+            f"| {name if name != TRL else 'trl (VESPO)'} | {times['small'][name] * 1e3:.2f} | "
+            f"{ratio(times['small'][name], times['small'][BASELINE])} | {times['large'][name] * 1e3:.1f} | "
+            f"{ratio(times['large'][name], times['large'][BASELINE])} |"
+        )
         if memory:
             m, mb = memory[name], memory[BASELINE]
             row += f" {m['peak_mib']:.1f} | {ratio(m['peak_mib'], mb['peak_mib'])} | {m['saved_mib']:.1f} |"
@@ -278,11 +315,17 @@ def main(argv: list[str] | None = None) -> int:
             if have_trl:
                 checks.append((f"time vespo / trl ({size})", times[size]["vespo"] / times[size][TRL], 1.00))
         if memory and have_trl:
-            checks.append(("peak memory vespo / trl (large)",
-                           memory["vespo"]["peak_mib"] / memory[TRL]["peak_mib"], 1.00))
+            checks.append(
+                ("peak memory vespo / trl (large)", memory["vespo"]["peak_mib"] / memory[TRL]["peak_mib"], 1.00)
+            )
         if memory:
-            checks.append((f"peak memory vespo / {BASELINE} (large)",
-                           memory["vespo"]["peak_mib"] / memory[BASELINE]["peak_mib"], 1.10))
+            checks.append(
+                (
+                    f"peak memory vespo / {BASELINE} (large)",
+                    memory["vespo"]["peak_mib"] / memory[BASELINE]["peak_mib"],
+                    1.10,
+                )
+            )
         for name in ("vespo_adaptive", PREPASS):
             if name in names:
                 for size in SIZES:

@@ -25,9 +25,17 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 OVERRIDES = [
-    "model.arch=qwen3_moe", "model.num_experts=4", "model.num_experts_per_tok=2",
-    "sampling.sampler_dtype=bfloat16", "algorithm.staleness=4", "algorithm.mini_batch_prompts=8",
-    "run.total_steps=48", "eval.every=48", "eval.at_start=false", "eval.num_prompts=128", "eval.avg_k=1",
+    "model.arch=qwen3_moe",
+    "model.num_experts=4",
+    "model.num_experts_per_tok=2",
+    "sampling.sampler_dtype=bfloat16",
+    "algorithm.staleness=4",
+    "algorithm.mini_batch_prompts=8",
+    "run.total_steps=48",
+    "eval.every=48",
+    "eval.at_start=false",
+    "eval.num_prompts=128",
+    "eval.avg_k=1",
     "logging.tensorboard=false",
 ]
 GRID = ["algorithm.loss=grpo,vespo", "algorithm.routing_replay=none,r2,r3"]
@@ -44,8 +52,22 @@ MEANS = {
 
 
 def sweep_command(out: Path) -> list[str]:
-    return [sys.executable, "-m", "vespo.cli", "sweep", "--out", str(out), *[a for g in GRID for a in ("--grid", g)],
-            "--seeds", "0,1", "--jobs", "1", "--threads", "1", *OVERRIDES]
+    return [
+        sys.executable,
+        "-m",
+        "vespo.cli",
+        "sweep",
+        "--out",
+        str(out),
+        *[a for g in GRID for a in ("--grid", g)],
+        "--seeds",
+        "0,1",
+        "--jobs",
+        "1",
+        "--threads",
+        "1",
+        *OVERRIDES,
+    ]
 
 
 def _mean(values: list[float]) -> float | None:
@@ -62,10 +84,13 @@ def cell_summary(run_dir: Path) -> dict[str, Any] | None:
     rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
     train = [r for r in rows if "reward/mean" in r]
     evals = [r for r in rows if r.get("eval/accuracy") is not None]
-    tail = train[-max(1, len(train) // 10):]
+    tail = train[-max(1, len(train) // 10) :]
     out = {
-        "loss": cfg["algorithm"]["loss"], "replay": cfg["algorithm"]["routing_replay"], "seed": cfg["run"]["seed"],
-        "steps": len(train), "final_accuracy": evals[-1]["eval/accuracy"] if evals else None,
+        "loss": cfg["algorithm"]["loss"],
+        "replay": cfg["algorithm"]["routing_replay"],
+        "seed": cfg["run"]["seed"],
+        "steps": len(train),
+        "final_accuracy": evals[-1]["eval/accuracy"] if evals else None,
         "train_reward": _mean([r["reward/mean"] for r in tail]),
         "wall_s": json.loads((run_dir / "summary.json").read_text()).get("wall_time_s"),
     }
@@ -97,7 +122,9 @@ def table(cells: list[dict[str, Any]]) -> str:
         "engine \\|Δ log p\\| per token | x none | routing bytes / step | step time x none |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (loss, replay), group in sorted(groups.items(), key=lambda kv: (kv[0][0], ["none", "r2", "r3"].index(kv[0][1]))):
+    for (loss, replay), group in sorted(
+        groups.items(), key=lambda kv: (kv[0][0], ["none", "r2", "r3"].index(kv[0][1]))
+    ):
         label = loss.upper() if loss == "grpo" else "VESPO"
         label += "" if replay == "none" else f" + {replay.upper()}"
 
@@ -136,28 +163,37 @@ def paired(weights: str, n_prompts: int = 64) -> str:
     prompts = [p for p in encode_prompts(tok, examples) for _ in range(2)]
     sampler = Sampler(model, dtype=torch.bfloat16)
     sampler.record_routing = True
-    rollout = sampler.generate(prompts, max_new_tokens=32, eos_token_id=tok.eos_token_id,
-                               pad_token_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0))
+    rollout = sampler.generate(
+        prompts,
+        max_new_tokens=32,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        generator=torch.Generator().manual_seed(0),
+    )
     b = rollout.to_batch(tok.pad_token_id)
     m = b.response_mask
     count = torch.zeros(b.input_ids.shape, dtype=torch.bool)
-    count[:, b.prompt_length:] = m
+    count[:, b.prompt_length :] = m
     with torch.no_grad():
         plain = sequence_log_probs(model, b.input_ids, b.attention_mask, b.response_length)
         with replay_routing(model, b.routed_experts, count_mask=count) as st:
             replayed = sequence_log_probs(model, b.input_ids, b.attention_mask, b.response_length)
-    lines = [f"{b.num_sequences} sequences, {int(m.sum())} response tokens, routing "
-             f"{b.routed_experts.shape[-2]} layers x top-{b.routed_experts.shape[-1]} = "
-             f"{b.routed_experts.shape[-2] * b.routed_experts.shape[-1]} bytes a position",
-             f"routing flips (response token, layer): before replay {st.natural_flips / st.pairs:.4%}, "
-             f"after {st.used_flips / st.pairs:.4%}"]
+    lines = [
+        f"{b.num_sequences} sequences, {int(m.sum())} response tokens, routing "
+        f"{b.routed_experts.shape[-2]} layers x top-{b.routed_experts.shape[-1]} = "
+        f"{b.routed_experts.shape[-2] * b.routed_experts.shape[-1]} bytes a position",
+        f"routing flips (response token, layer): before replay {st.natural_flips / st.pairs:.4%}, "
+        f"after {st.used_flips / st.pairs:.4%}",
+    ]
     base = None
     for name, lp in (("fp32, own routing", plain), ("fp32, R3 replay", replayed)):
         d = lp - b.rollout_log_prob
         tok_mean, tok_max, seq = d.abs()[m].mean().item(), d.abs()[m].max().item(), (d * m).sum(-1).abs().mean().item()
         base = base or (tok_mean, tok_max, seq)
-        lines.append(f"{name}: |log pi - log mu| per token mean {tok_mean:.3e} (x{tok_mean / base[0]:.2f}), "
-                     f"max {tok_max:.3e} (x{tok_max / base[1]:.2f}); |log W| mismatch per seq {seq:.3e} (x{seq / base[2]:.2f})")
+        lines.append(
+            f"{name}: |log pi - log mu| per token mean {tok_mean:.3e} (x{tok_mean / base[0]:.2f}), "
+            f"max {tok_max:.3e} (x{tok_max / base[1]:.2f}); |log W| mismatch per seq {seq:.3e} (x{seq / base[2]:.2f})"
+        )
     return "\n".join(lines)
 
 
@@ -181,8 +217,12 @@ def main() -> None:
     text = table(cells)
     print(text)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"command": " ".join(sweep_command(args.out)), "sweep_wall_s": wall,
-                                     "cells": cells, "table": text}, indent=1))
+    args.json.write_text(
+        json.dumps(
+            {"command": " ".join(sweep_command(args.out)), "sweep_wall_s": wall, "cells": cells, "table": text},
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -79,15 +79,26 @@ def load_model(name: str) -> tuple[Any, Any, list[list[int]]]:
         from vespo.train.models import load_pretrained, smollm2_checkpoint
 
         model, tok = load_pretrained(str(smollm2_checkpoint()))
-        task = build_task({"kind": "reasoning_gym", "name": "chain_sum", "prompt_style": "instruct",
-                           "params": {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2}})
+        task = build_task(
+            {
+                "kind": "reasoning_gym",
+                "name": "chain_sum",
+                "prompt_style": "instruct",
+                "params": {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2},
+            }
+        )
     else:
         from vespo.train.models import build_char_tokenizer, build_tiny_model
 
         tok = build_char_tokenizer()
         model = build_tiny_model("llama", vocab_size=len(tok), seed=0, init_std=0.1)
-        task = build_task({"kind": "reasoning_gym", "name": "chain_sum",
-                           "params": {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2}})
+        task = build_task(
+            {
+                "kind": "reasoning_gym",
+                "name": "chain_sum",
+                "params": {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2},
+            }
+        )
     prompts = encode_prompts(tok, task.eval_examples(256, seed=1234))
     return model.eval(), tok, prompts
 
@@ -107,15 +118,24 @@ def run_hf_generate(model, tok, prompts, new_tokens: int, dtype: torch.dtype, se
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
-    kwargs = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": new_tokens,
-              "min_new_tokens": new_tokens, "pad_token_id": pad}
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    kwargs = {
+        "do_sample": True,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": 0,
+        "max_new_tokens": new_tokens,
+        "min_new_tokens": new_tokens,
+        "pad_token_id": pad,
+    }
 
     def once(n: int, t: int) -> None:
         torch.manual_seed(seed)
         with torch.inference_mode():
-            m.generate(input_ids=ids[:n], attention_mask=mask[:n], **{**kwargs, "max_new_tokens": t, "min_new_tokens": t})
+            m.generate(
+                input_ids=ids[:n], attention_mask=mask[:n], **{**kwargs, "max_new_tokens": t, "min_new_tokens": t}
+            )
 
     once(min(8, len(prompts)), 8)  # warm-up
     t0 = time.perf_counter()
@@ -125,11 +145,17 @@ def run_hf_generate(model, tok, prompts, new_tokens: int, dtype: torch.dtype, se
 
 def run_engine(engine, prompts, new_tokens: int, seed: int) -> tuple[float, Any]:
     """Seconds for one ``engine.generate`` of exactly ``new_tokens`` tokens per prompt (after a warm-up)."""
-    engine.generate(prompts[:8], max_new_tokens=8, eos_token_id=None, pad_token_id=0,
-                    generator=torch.Generator().manual_seed(seed))
+    engine.generate(
+        prompts[:8], max_new_tokens=8, eos_token_id=None, pad_token_id=0, generator=torch.Generator().manual_seed(seed)
+    )
     t0 = time.perf_counter()
-    out = engine.generate(prompts, max_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0,
-                          generator=torch.Generator().manual_seed(seed))
+    out = engine.generate(
+        prompts,
+        max_new_tokens=new_tokens,
+        eos_token_id=None,
+        pad_token_id=0,
+        generator=torch.Generator().manual_seed(seed),
+    )
     secs = time.perf_counter() - t0
     assert all(n == new_tokens for n in out.response_lengths)
     return secs, out
@@ -145,8 +171,14 @@ def agreement(model, rollout) -> dict[str, float]:
     diff = (ref - b.rollout_log_prob) * b.response_mask
     tok = diff[b.response_mask].abs()
     seq = diff.sum(-1)
-    return {"tokens": int(tok.numel()), "abs_mean": float(tok.mean()), "abs_p99": float(tok.quantile(0.99)),
-            "abs_max": float(tok.max()), "seq_abs_mean": float(seq.abs().mean()), "seq_mean_mu_minus_ref": float(-seq.mean())}
+    return {
+        "tokens": int(tok.numel()),
+        "abs_mean": float(tok.mean()),
+        "abs_p99": float(tok.quantile(0.99)),
+        "abs_max": float(tok.max()),
+        "seq_abs_mean": float(seq.abs().mean()),
+        "seq_mean_mu_minus_ref": float(-seq.mean()),
+    }
 
 
 def bench_model(name: str, args, machine: dict[str, float]) -> dict[str, Any]:
@@ -156,9 +188,17 @@ def bench_model(name: str, args, machine: dict[str, float]) -> dict[str, Any]:
     prompts = pool[: args.prompts]
     n_params = n_parameters(model)
     total = len(prompts) * args.new_tokens
-    out: dict[str, Any] = {"model": name, "parameters": n_params, "prompts": len(prompts), "new_tokens": args.new_tokens,
-                           "engines": {}}
-    print(f"\n== {name}: {n_params / 1e6:.1f} M parameters, {len(prompts)} prompts x {args.new_tokens} new tokens", flush=True)
+    out: dict[str, Any] = {
+        "model": name,
+        "parameters": n_params,
+        "prompts": len(prompts),
+        "new_tokens": args.new_tokens,
+        "engines": {},
+    }
+    print(
+        f"\n== {name}: {n_params / 1e6:.1f} M parameters, {len(prompts)} prompts x {args.new_tokens} new tokens",
+        flush=True,
+    )
     for eng in args.engines:
         kind, dtype = eng.rsplit("_", 1)
         torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
@@ -194,8 +234,10 @@ def bench_model(name: str, args, machine: dict[str, float]) -> dict[str, Any]:
         extra = ""
         if "agreement_after_sync" in row:
             a = row["agreement_after_sync"]
-            extra = (f"  start {row['engine_start_s']:.1f}s sync {row['sync_time_s']:.2f}s"
-                     f"  |mu-ref| mean {a['abs_mean']:.1e} max {a['abs_max']:.1e}")
+            extra = (
+                f"  start {row['engine_start_s']:.1f}s sync {row['sync_time_s']:.2f}s"
+                f"  |mu-ref| mean {a['abs_mean']:.1e} max {a['abs_max']:.1e}"
+            )
         print(f"{eng:18s} {row['tok_s']:8.1f} tok/s  share {row['share_of_limit']:.2f}{extra}", flush=True)
     base = out["engines"]
     for eng, row in base.items():
@@ -224,8 +266,10 @@ def print_table(results: list[dict[str, Any]]) -> None:
         for eng, row in res["engines"].items():
             dtype = eng.rsplit("_", 1)[1]
             which = "bandwidth" if row["bandwidth_limit_tok_s"] <= row["flop_limit_tok_s"] else "FLOPs"
-            print(f"| {res['model']} | {eng} | {row['tok_s']:.0f} | {row.get(f'x_hf_generate_{dtype}', float('nan')):.2f} | "
-                  f"{row.get('x_hf_generate_fp32', float('nan')):.2f} | {row['share_of_limit']:.2f} | {which} |")
+            print(
+                f"| {res['model']} | {eng} | {row['tok_s']:.0f} | {row.get(f'x_hf_generate_{dtype}', float('nan')):.2f} | "
+                f"{row.get('x_hf_generate_fp32', float('nan')):.2f} | {row['share_of_limit']:.2f} | {which} |"
+            )
 
 
 def main() -> None:
@@ -247,16 +291,27 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     machine = measure_machine(args.threads)
-    print(f"machine: {machine['mem_bandwidth_Bps'] / 1e9:.1f} GB/s copy, fp32 GEMM {machine['matmul_fp32_flops'] / 1e9:.0f} "
-          f"GFLOP/s, bf16 GEMM {machine['matmul_bf16_flops'] / 1e9:.0f} GFLOP/s ({args.threads} threads)")
+    print(
+        f"machine: {machine['mem_bandwidth_Bps'] / 1e9:.1f} GB/s copy, fp32 GEMM {machine['matmul_fp32_flops'] / 1e9:.0f} "
+        f"GFLOP/s, bf16 GEMM {machine['matmul_bf16_flops'] / 1e9:.0f} GFLOP/s ({args.threads} threads)"
+    )
     results = [bench_model(m, args, machine) for m in args.models.split(",") if m]
     machine_after = measure_machine(args.threads)  # the cores are shared: how much the limit moved
     print_table(results)
     report = {
-        "command": "python benchmarks/sampler_engines.py " + " ".join(
-            f"--{k.replace('_', '-')} {','.join(v) if isinstance(v, list) else v}" for k, v in vars(args).items() if k != "out"),
-        "machine_before": machine, "machine_after": machine_after, "threads": args.threads,
-        "host": platform.node(), "torch": torch.__version__, "results": results, "wall_s": time.perf_counter() - t0,
+        "command": "python benchmarks/sampler_engines.py "
+        + " ".join(
+            f"--{k.replace('_', '-')} {','.join(v) if isinstance(v, list) else v}"
+            for k, v in vars(args).items()
+            if k != "out"
+        ),
+        "machine_before": machine,
+        "machine_after": machine_after,
+        "threads": args.threads,
+        "host": platform.node(),
+        "torch": torch.__version__,
+        "results": results,
+        "wall_s": time.perf_counter() - t0,
     }
     try:
         import vllm

@@ -111,12 +111,33 @@ def quick_config(losses: tuple[str, ...] = ("vespo", "grpo"), ns: tuple[int, ...
     """A CI-sized configuration: short responses, few steps, two seeds."""
     spec = TaskSpec(length=16, keys=4, prompts=4, group_size=4)
     return Config(
-        spec=spec, policy=PolicySpec("mlp", embed=8, hidden=16), steps=16, eval_every=4, seeds=(0, 1),
-        tune_seeds=(100,), lr_grid=(0.005, 0.01), tune_losses=losses[:1], ns=ns, losses=losses,
-        core=losses, mismatch_losses=losses, ablation_ns=ns[-1:], c_scales=(2.0,), c_sweep_ns=ns[-1:],
-        sens_losses=losses, sens_n=ns[-1], sens_ref_n=ns[0], sens_ref_losses=losses[:1], t_values=(8,), fix_ns=ns[-1:],
-        study_t=(8, 16), study_k=(2,),
-        study_k_extra=(), study_batches=64, study_chunk=32, quick=True,
+        spec=spec,
+        policy=PolicySpec("mlp", embed=8, hidden=16),
+        steps=16,
+        eval_every=4,
+        seeds=(0, 1),
+        tune_seeds=(100,),
+        lr_grid=(0.005, 0.01),
+        tune_losses=losses[:1],
+        ns=ns,
+        losses=losses,
+        core=losses,
+        mismatch_losses=losses,
+        ablation_ns=ns[-1:],
+        c_scales=(2.0,),
+        c_sweep_ns=ns[-1:],
+        sens_losses=losses,
+        sens_n=ns[-1],
+        sens_ref_n=ns[0],
+        sens_ref_losses=losses[:1],
+        t_values=(8,),
+        fix_ns=ns[-1:],
+        study_t=(8, 16),
+        study_k=(2,),
+        study_k_extra=(),
+        study_batches=64,
+        study_chunk=32,
+        quick=True,
     )
 
 
@@ -138,17 +159,39 @@ def _finite_mean(xs: list[float]) -> float | None:
     return statistics.fmean(ys) if ys else None
 
 
-def run_one(cfg: Config, experiment: str, loss: str, n: int, *, lr: float, label: str | None = None,
-            spec: TaskSpec | None = None, mismatch: Mismatch | None = None, is_source: str | None = None,
-            loss_params: dict[str, Any] | None = None, seeds: tuple[int, ...] | None = None) -> dict[str, Any]:
+def run_one(
+    cfg: Config,
+    experiment: str,
+    loss: str,
+    n: int,
+    *,
+    lr: float,
+    label: str | None = None,
+    spec: TaskSpec | None = None,
+    mismatch: Mismatch | None = None,
+    is_source: str | None = None,
+    loss_params: dict[str, Any] | None = None,
+    seeds: tuple[int, ...] | None = None,
+) -> dict[str, Any]:
     """Train one configuration over the seeds and summarise it as a JSON-ready record."""
     spec = spec or cfg.spec
     mm = mismatch or Mismatch()
     src = is_source or ("sampler" if mm.kind != "none" else "trainer")
     seeds = seeds or cfg.seeds
     task = make_task(spec, seeds)
-    res = train(loss, task, n_stale=n, steps=cfg.steps, lr=lr, policy=cfg.policy, mismatch=mm,
-                is_source=src, loss_params=loss_params, eval_every=cfg.eval_every, sample_seed=1234)
+    res = train(
+        loss,
+        task,
+        n_stale=n,
+        steps=cfg.steps,
+        lr=lr,
+        policy=cfg.policy,
+        mismatch=mm,
+        is_source=src,
+        loss_params=loss_params,
+        eval_every=cfg.eval_every,
+        sample_seed=1234,
+    )
     rewards = res.reward
     rec = {
         "experiment": experiment,
@@ -171,13 +214,22 @@ def run_one(cfg: Config, experiment: str, loss: str, n: int, *, lr: float, label
         "curve_std": [round(_std(r), 4) for r in rewards],
         "entropy_final": round(_mean(res.entropy[-1]), 4),
         "metrics": {k: _finite_mean(v) for k, v in res.metrics.items()},
-        "metrics_by_staleness": {k: [None if x != x else round(x, 4) for x in v]
-                                 for k, v in res.metrics_by_staleness.items()
-                                 if k in ("phi/frac_below_0.01", "is/abs_log_w_mean", "phi/mean",
-                                          "vespo_adaptive/alpha_pos", "vespo_adaptive/alpha_neg",
-                                          "phi/ess_pos_before", "phi/ess_pos_after")
-                                 and loss in ("vespo", "vespo_adaptive")
-                                 and experiment in ("main", "adaptive_fixed", "adaptive_variable")},
+        "metrics_by_staleness": {
+            k: [None if x != x else round(x, 4) for x in v]
+            for k, v in res.metrics_by_staleness.items()
+            if k
+            in (
+                "phi/frac_below_0.01",
+                "is/abs_log_w_mean",
+                "phi/mean",
+                "vespo_adaptive/alpha_pos",
+                "vespo_adaptive/alpha_neg",
+                "phi/ess_pos_before",
+                "phi/ess_pos_after",
+            )
+            and loss in ("vespo", "vespo_adaptive")
+            and experiment in ("main", "adaptive_fixed", "adaptive_variable")
+        },
         "min_length": spec.min_length,
         "grad_norm_max": max(res.grad_norm),
         "seconds": round(res.seconds, 2),
@@ -192,9 +244,11 @@ def _log(msg: str) -> None:
 
 
 def _fmt_run(r: dict[str, Any]) -> str:
-    return (f"  {r['experiment']:<12} {r['label']:<14} N={r['n']:<3} T={r['T']:<4} mm={r['mismatch']:<5} "
-            f"final {_mean(r['final']):.3f}±{_std(r['final']):.3f}  best {_mean(r['best']):.3f}  "
-            f"phi<.01 {r['metrics'].get('phi/frac_below_0.01') or 0:.3f}  ({r['seconds']:.1f}s, cpu {r['cpu_seconds']:.1f}s)")
+    return (
+        f"  {r['experiment']:<12} {r['label']:<14} N={r['n']:<3} T={r['T']:<4} mm={r['mismatch']:<5} "
+        f"final {_mean(r['final']):.3f}±{_std(r['final']):.3f}  best {_mean(r['best']):.3f}  "
+        f"phi<.01 {r['metrics'].get('phi/frac_below_0.01') or 0:.3f}  ({r['seconds']:.1f}s, cpu {r['cpu_seconds']:.1f}s)"
+    )
 
 
 def tune(cfg: Config) -> dict[str, Any]:
@@ -203,8 +257,17 @@ def tune(cfg: Config) -> dict[str, Any]:
     for loss in cfg.tune_losses:
         for lr in cfg.lr_grid:
             r = run_one(cfg, "tune", loss, 1, lr=lr, seeds=cfg.tune_seeds)
-            grid.append({"loss": loss, "lr": lr, "auc": _mean(r["auc"]), "final": _mean(r["final"]),
-                         "auc_seeds": r["auc"], "final_seeds": r["final"], "seconds": r["seconds"]})
+            grid.append(
+                {
+                    "loss": loss,
+                    "lr": lr,
+                    "auc": _mean(r["auc"]),
+                    "final": _mean(r["final"]),
+                    "auc_seeds": r["auc"],
+                    "final_seeds": r["final"],
+                    "seconds": r["seconds"],
+                }
+            )
             _log(f"  tune {loss:<8} lr={lr:<6g} auc {_mean(r['auc']):.4f} final {_mean(r['final']):.4f}")
     chosen = {}
     for loss in cfg.tune_losses:
@@ -237,11 +300,26 @@ def gradient_part(cfg: Config, lr: float) -> list[dict[str, Any]]:
         spec = replace(cfg.spec, length=t, keys=min(cfg.spec.keys, t))
         losses = STUDY_LOSSES if k > 0 else {"reinforce": STUDY_LOSSES["reinforce"]}
         t0 = time.perf_counter()
-        res = gradient_study(losses, spec, policy=cfg.policy, drift_steps=k, drift_lr=lr,
-                             n_batches=cfg.study_batches, chunk=cfg.study_chunk, seed=0)
+        res = gradient_study(
+            losses,
+            spec,
+            policy=cfg.policy,
+            drift_steps=k,
+            drift_lr=lr,
+            n_batches=cfg.study_batches,
+            chunk=cfg.study_chunk,
+            seed=0,
+        )
         for label, st in res.stats.items():
-            row = {"T": t, "k": k, "loss": label, "token_kl": res.token_kl, "reward_mu": res.reward_mu,
-                   "reward_pi": res.reward_pi, "num_params": res.num_params}
+            row = {
+                "T": t,
+                "k": k,
+                "loss": label,
+                "token_kl": res.token_kl,
+                "reward_mu": res.reward_mu,
+                "reward_pi": res.reward_pi,
+                "num_params": res.num_params,
+            }
             row.update({key: val for key, val in asdict(st).items() if key != "metrics"})
             row["phi_frac_below_0.01"] = st.metrics.get("phi/frac_below_0.01")
             row["abs_log_w_mean"] = st.metrics.get("is/abs_log_w_mean")
@@ -284,24 +362,44 @@ def run(cfg: Config, parts: tuple[str, ...] = ALL_PARTS, save_to: Path | None = 
     main_jobs = [dict(loss=loss, n=n) for loss in cfg.losses for n in cfg.ns]
     main_jobs += [dict(loss=loss, n=n, mismatch=cfg.mismatch) for loss in cfg.mismatch_losses for n in cfg.ns]
     do("main", main_jobs)
-    abl = [dict(loss="vespo", n=n, label=label, loss_params=params)
-           for label, params in ablation_configs(cfg) for n in cfg.ablation_ns]
-    abl += [dict(loss="vespo", n=n, label=label, loss_params=params)
-            for label, params in ablation_configs(cfg) if label.startswith("c_x")
-            for n in cfg.c_sweep_ns if n not in cfg.ablation_ns]
+    abl = [
+        dict(loss="vespo", n=n, label=label, loss_params=params)
+        for label, params in ablation_configs(cfg)
+        for n in cfg.ablation_ns
+    ]
+    abl += [
+        dict(loss="vespo", n=n, label=label, loss_params=params)
+        for label, params in ablation_configs(cfg)
+        if label.startswith("c_x")
+        for n in cfg.c_sweep_ns
+        if n not in cfg.ablation_ns
+    ]
     do("ablation", abl)
 
     def sensitivity(**kw: Any) -> list[dict[str, Any]]:
         jobs = [dict(loss=loss, n=cfg.sens_n, **kw) for loss in cfg.sens_losses]
         return jobs + [dict(loss=loss, n=cfg.sens_ref_n, **kw) for loss in cfg.sens_ref_losses]
 
-    do("tsweep", [job for t in cfg.t_values
-                  for job in sensitivity(spec=replace(cfg.spec, length=t, keys=min(cfg.spec.keys, t)))])
+    do(
+        "tsweep",
+        [
+            job
+            for t in cfg.t_values
+            for job in sensitivity(spec=replace(cfg.spec, length=t, keys=min(cfg.spec.keys, t)))
+        ],
+    )
     do("context", sensitivity(spec=replace(cfg.spec, context="none")))
     do("entropy", sensitivity(spec=replace(cfg.spec, init_scale=cfg.entropy_scale)))
     do("lr", sensitivity(lr=lr * cfg.lr_factor))
-    do("mismatch_fix", [dict(loss=loss, n=n, mismatch=cfg.mismatch, is_source=src, label=f"{loss}/{src}")
-                        for loss in ("vespo", "grpo") for src in ("trainer", "tis") for n in cfg.fix_ns])
+    do(
+        "mismatch_fix",
+        [
+            dict(loss=loss, n=n, mismatch=cfg.mismatch, is_source=src, label=f"{loss}/{src}")
+            for loss in ("vespo", "grpo")
+            for src in ("trainer", "tis")
+            for n in cfg.fix_ns
+        ],
+    )
     if "gradient" in parts:
         _log("[gradient]")
         t0, c0 = time.perf_counter(), time.process_time()
@@ -378,8 +476,15 @@ def targets(results: dict[str, Any], mismatch: str = "none") -> dict[str, Any]:
             if r["loss"] == "vespo":
                 continue
             diff = [a - b for a, b in zip(v["final"], r["final"])]  # paired: same seeds, same init
-            rows.append({"n": n, "baseline": r["loss"], "diff_mean": _mean(diff), "diff_std": _std(diff),
-                         "ok": _mean(diff) >= 0})
+            rows.append(
+                {
+                    "n": n,
+                    "baseline": r["loss"],
+                    "diff_mean": _mean(diff),
+                    "diff_std": _std(diff),
+                    "ok": _mean(diff) >= 0,
+                }
+            )
     out["vs_baselines"] = rows
     out["all_ok"] = bool(rows) and all(r["ok"] for r in rows)
     return out
@@ -405,18 +510,31 @@ def print_summary(results: dict[str, Any]) -> None:
             print(f"  {loss:<10} " + "  ".join(cells))
         t = targets(results, mm)
         if "vespo_ratio_64_4" in t:
-            print(f"  target VESPO J(64)/J(4) >= 0.90: {t['vespo_ratio_64_4']:.3f} -> {'met' if t['ratio_ok'] else 'NOT met'}")
+            print(
+                f"  target VESPO J(64)/J(4) >= 0.90: {t['vespo_ratio_64_4']:.3f} -> {'met' if t['ratio_ok'] else 'NOT met'}"
+            )
         for row in t["vs_baselines"]:
-            print(f"  VESPO - {row['baseline']:<9} at N={row['n']:<3}: {row['diff_mean']:+.3f} ± {row['diff_std']:.3f} "
-                  f"(paired over seeds) -> {'ok' if row['ok'] else 'VESPO behind'}")
+            print(
+                f"  VESPO - {row['baseline']:<9} at N={row['n']:<3}: {row['diff_mean']:+.3f} ± {row['diff_std']:.3f} "
+                f"(paired over seeds) -> {'ok' if row['ok'] else 'VESPO behind'}"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
 # Plots
 # ---------------------------------------------------------------------------------------------
 
-COLORS = {"vespo": "tab:red", "grpo": "tab:blue", "gspo": "tab:green", "sapo": "tab:orange", "cispo": "tab:purple",
-          "reinforce": "tab:gray", "topr": "tab:brown", "seq_is": "black", "tok_is": "tab:cyan"}
+COLORS = {
+    "vespo": "tab:red",
+    "grpo": "tab:blue",
+    "gspo": "tab:green",
+    "sapo": "tab:orange",
+    "cispo": "tab:purple",
+    "reinforce": "tab:gray",
+    "topr": "tab:brown",
+    "seq_is": "black",
+    "tok_is": "tab:cyan",
+}
 
 
 def _plt():
@@ -450,7 +568,7 @@ def plot_curves(results: dict[str, Any], path: Path, mismatch: str) -> None:
             ax.fill_between(x, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)], color=c, alpha=0.15)
         ax.set_title(loss, fontweight="bold" if loss == "vespo" else None)
         ax.set_ylim(0, 1)
-    for ax in axes.flat[len(losses):]:
+    for ax in axes.flat[len(losses) :]:
         ax.axis("off")
     for i, ax in enumerate(axes.flat[: len(losses)]):
         if i + cols >= len(losses):  # lowest panel of its column: show the step axis
@@ -459,9 +577,15 @@ def plot_curves(results: dict[str, Any], path: Path, mismatch: str) -> None:
     for ax in axes[:, 0]:
         ax.set_ylabel("exact reward J")
     axes.flat[0].legend(loc="upper left", fontsize=8)
-    title = "no mismatch" if mismatch == "none" else f"sampler mismatch ({mismatch} {results['config']['mismatch']['scale']}, W vs mu)"
-    fig.suptitle(f"Learning curves by staleness N (T={results['config']['spec']['length']}, mean ± std over "
-                 f"{len(results['config']['seeds'])} seeds; {title})")
+    title = (
+        "no mismatch"
+        if mismatch == "none"
+        else f"sampler mismatch ({mismatch} {results['config']['mismatch']['scale']}, W vs mu)"
+    )
+    fig.suptitle(
+        f"Learning curves by staleness N (T={results['config']['spec']['length']}, mean ± std over "
+        f"{len(results['config']['seeds'])} seeds; {title})"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -477,8 +601,16 @@ def plot_final_vs_n(results: dict[str, Any], path: Path) -> None:
         for loss in dict.fromkeys(r["loss"] for r in rows):
             pts = [one(results, "main", loss=loss, n=n, mismatch=mm) for n in cfg["ns"]]
             pts = [p for p in pts if p]
-            ax.errorbar([p["n"] for p in pts], [_mean(p["final"]) for p in pts], yerr=[_std(p["final"]) for p in pts],
-                        label=loss, color=COLORS.get(loss), marker="o", capsize=3, lw=2.2 if loss == "vespo" else 1.3)
+            ax.errorbar(
+                [p["n"] for p in pts],
+                [_mean(p["final"]) for p in pts],
+                yerr=[_std(p["final"]) for p in pts],
+                label=loss,
+                color=COLORS.get(loss),
+                marker="o",
+                capsize=3,
+                lw=2.2 if loss == "vespo" else 1.3,
+            )
         ax.set_xscale("log", base=2)
         ax.set_xticks(cfg["ns"], [str(n) for n in cfg["ns"]])
         ax.set_xlabel("staleness N (mini-batches per rollout)")
@@ -495,8 +627,12 @@ def plot_gradient(results: dict[str, Any], path: Path) -> None:
     plt = _plt()
     rows = results["gradient"]
     ks = sorted({r["k"] for r in rows if r["k"] > 0 and len({x["T"] for x in rows if x["k"] == r["k"]}) > 1})
-    metrics = [("cosine_debiased", "cos(E g, grad J)", False), ("rel_bias_debiased", "||E g - grad J|| / ||grad J||", True),
-               ("rel_var", "tr Cov(g) / ||grad J||^2", True), ("scale", "<E g, grad J> / ||grad J||^2", False)]
+    metrics = [
+        ("cosine_debiased", "cos(E g, grad J)", False),
+        ("rel_bias_debiased", "||E g - grad J|| / ||grad J||", True),
+        ("rel_var", "tr Cov(g) / ||grad J||^2", True),
+        ("scale", "<E g, grad J> / ||grad J||^2", False),
+    ]
     fig, axes = plt.subplots(len(ks), len(metrics), figsize=(4.0 * len(metrics), 3.1 * len(ks)), squeeze=False)
     labels = list(dict.fromkeys(r["loss"] for r in rows if r["k"] > 0))
     for i, k in enumerate(ks):
@@ -506,11 +642,21 @@ def plot_gradient(results: dict[str, Any], path: Path) -> None:
                 pts = sorted([r for r in rows if r["k"] == k and r["loss"] == label], key=lambda r: r["T"])
                 # a debiased bias of 0 means "below the Monte-Carlo noise floor": not drawn on a log axis
                 ys = [float("nan") if r[key] is None or (logy and r[key] <= 0) else r[key] for r in pts]
-                ax.plot([r["T"] for r in pts], ys, marker="o", ms=3, color=COLORS.get(label), label=label,
-                        lw=2.2 if label == "vespo" else 1.2, ls="--" if label in ("seq_is", "tok_is", "reinforce") else "-")
+                ax.plot(
+                    [r["T"] for r in pts],
+                    ys,
+                    marker="o",
+                    ms=3,
+                    color=COLORS.get(label),
+                    label=label,
+                    lw=2.2 if label == "vespo" else 1.2,
+                    ls="--" if label in ("seq_is", "tok_is", "reinforce") else "-",
+                )
             if key == "rel_var":
                 ref = sorted([r for r in rows if r["k"] == 0], key=lambda r: r["T"])
-                ax.plot([r["T"] for r in ref], [r["rel_var"] for r in ref], color="k", lw=0.8, ls=":", label="on-policy")
+                ax.plot(
+                    [r["T"] for r in ref], [r["rel_var"] for r in ref], color="k", lw=0.8, ls=":", label="on-policy"
+                )
             ax.set_xscale("log", base=2)
             if logy:
                 ax.set_yscale("log")
@@ -519,8 +665,11 @@ def plot_gradient(results: dict[str, Any], path: Path) -> None:
             ax.set_title(f"{name}\ndata k={k} steps stale", fontsize=9)
             ax.set_xlabel("response length T")
     axes[0][-1].legend(fontsize=7, ncol=2)
-    fig.suptitle("Mini-batch gradient vs the exact gradient at pi (cos and bias debiased for Monte-Carlo noise; "
-                 "missing bias points are below the noise floor; per-token KL of each point in the doc's tables)", fontsize=10)
+    fig.suptitle(
+        "Mini-batch gradient vs the exact gradient at pi (cos and bias debiased for Monte-Carlo noise; "
+        "missing bias points are below the noise floor; per-token KL of each point in the doc's tables)",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -539,7 +688,11 @@ def plot_ablation(results: dict[str, Any], path: Path) -> None:
     for i, n in enumerate(ns):
         ys, es = [], []
         for lab in labels:
-            r = one(results, "main", loss="vespo", n=n, mismatch="none") if lab == "vespo" else one(results, "ablation", label=lab, n=n)
+            r = (
+                one(results, "main", loss="vespo", n=n, mismatch="none")
+                if lab == "vespo"
+                else one(results, "ablation", label=lab, n=n)
+            )
             ys.append(_mean(r["final"]) if r else float("nan"))
             es.append(_std(r["final"]) if r else 0)
         ax1.bar([x + i * width for x in range(len(labels))], ys, width, yerr=es, capsize=2, label=f"N={n}")
@@ -551,11 +704,17 @@ def plot_ablation(results: dict[str, Any], path: Path) -> None:
     for n in cfg["c_sweep_ns"]:
         pts = []
         for s_label, scale in [("vespo", 1.0)] + [(f"c_x{s:g}", s) for s in cfg["c_scales"]]:
-            r = one(results, "main", loss="vespo", n=n, mismatch="none") if s_label == "vespo" else one(results, "ablation", label=s_label, n=n)
+            r = (
+                one(results, "main", loss="vespo", n=n, mismatch="none")
+                if s_label == "vespo"
+                else one(results, "ablation", label=s_label, n=n)
+            )
             if r:
                 pts.append((scale, r["metrics"].get("phi/frac_below_0.01") or 0.0, _mean(r["final"]), _std(r["final"])))
         pts.sort()
-        ax2.errorbar([p[1] for p in pts], [p[2] for p in pts], yerr=[p[3] for p in pts], marker="o", capsize=3, label=f"N={n}")
+        ax2.errorbar(
+            [p[1] for p in pts], [p[2] for p in pts], yerr=[p[3] for p in pts], marker="o", capsize=3, label=f"N={n}"
+        )
         for p in pts:
             ax2.annotate(f"x{p[0]:g}", (p[1], p[2]), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax2.set_xlabel("share of sequences with phi < 0.01 (mean over training)")
@@ -572,8 +731,11 @@ def sensitivity_settings(results: dict[str, Any]) -> list[tuple[str, str, dict[s
     cfg = results["config"]
     out = [(f"main (T={cfg['spec']['length']})", "main", {"mismatch": "none"})]
     out += [(f"T={t}", "tsweep", {"T": t}) for t in cfg["t_values"]]
-    out += [("no context", "context", {}), (f"init_scale={cfg['entropy_scale']:g}", "entropy", {}),
-            (f"lr x{cfg['lr_factor']:g}", "lr", {})]
+    out += [
+        ("no context", "context", {}),
+        (f"init_scale={cfg['entropy_scale']:g}", "entropy", {}),
+        (f"lr x{cfg['lr_factor']:g}", "lr", {}),
+    ]
     return [o for o in out if runs_of(results, o[1], **o[2])]
 
 
@@ -591,17 +753,34 @@ def plot_sensitivity(results: dict[str, Any], path: Path) -> None:
             r = one(results, exp, loss=loss, n=n, **match)
             ys.append(_mean(r["final"]) if r else float("nan"))
             es.append(_std(r["final"]) if r else 0.0)
-        ax.bar([x + i * width for x in range(len(settings))], ys, width, yerr=es, capsize=2, label=loss,
-               color=COLORS.get(loss), edgecolor="k" if loss == "vespo" else None)
+        ax.bar(
+            [x + i * width for x in range(len(settings))],
+            ys,
+            width,
+            yerr=es,
+            capsize=2,
+            label=loss,
+            color=COLORS.get(loss),
+            edgecolor="k" if loss == "vespo" else None,
+        )
         if loss in cfg["sens_ref_losses"]:  # the same loss at N = sens_ref_n: a tick
             ref = [one(results, exp, loss=loss, n=cfg["sens_ref_n"], **match) for _, exp, match in settings]
-            ax.scatter([x + i * width for x in range(len(settings))],
-                       [_mean(r["final"]) if r else float("nan") for r in ref], marker="_", s=220, color="k", zorder=5)
+            ax.scatter(
+                [x + i * width for x in range(len(settings))],
+                [_mean(r["final"]) if r else float("nan") for r in ref],
+                marker="_",
+                s=220,
+                color="k",
+                zorder=5,
+            )
     ax.set_xticks([x + width * (len(losses) - 1) / 2 for x in range(len(settings))], [s[0] for s in settings])
     ax.set_ylabel(f"final exact reward J at N={n}")
     ax.set_ylim(0, 1)
-    ax.set_title(f"Sensitivity of the N={n} comparison (black ticks: the same loss at N={cfg['sens_ref_n']}; "
-                 f"mean ± std over {len(cfg['seeds'])} seeds)", fontsize=10)
+    ax.set_title(
+        f"Sensitivity of the N={n} comparison (black ticks: the same loss at N={cfg['sens_ref_n']}; "
+        f"mean ± std over {len(cfg['seeds'])} seeds)",
+        fontsize=10,
+    )
     ax.legend(fontsize=8, ncol=len(losses), loc="upper center", bbox_to_anchor=(0.5, -0.1))
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -684,14 +863,35 @@ def diag_table(results: dict[str, Any], mismatch: str = "none") -> str:
             r = one(results, "main", loss=loss, n=n, mismatch=mismatch)
             if r is None or n == 1 and mismatch == "none":
                 continue
-            rows.append([loss, str(n), _metric(r, "is/token_kl", 4), _metric(r, "is/abs_log_w_mean", 2),
-                         _metric(r, "is/log_w_pos_p50", 2), _metric(r, "is/log_w_neg_p50", 2),
-                         _metric(r, "phi/frac_below_0.01") if loss == "vespo" else "",
-                         _metric(r, "phi/mean") if loss == "vespo" else "",
-                         _metric(r, "loss/clip_frac") if loss in ("grpo", "gspo", "cispo") else "",
-                         _f(r["entropy_final"], 3)])
-    return _table(["loss", "N", "token KL(pi_old‖pi)", "mean abs log W", "median log W, A>0",
-                   "median log W, A<0", "phi<0.01", "mean phi", "clip frac", "final entropy"], rows)
+            rows.append(
+                [
+                    loss,
+                    str(n),
+                    _metric(r, "is/token_kl", 4),
+                    _metric(r, "is/abs_log_w_mean", 2),
+                    _metric(r, "is/log_w_pos_p50", 2),
+                    _metric(r, "is/log_w_neg_p50", 2),
+                    _metric(r, "phi/frac_below_0.01") if loss == "vespo" else "",
+                    _metric(r, "phi/mean") if loss == "vespo" else "",
+                    _metric(r, "loss/clip_frac") if loss in ("grpo", "gspo", "cispo") else "",
+                    _f(r["entropy_final"], 3),
+                ]
+            )
+    return _table(
+        [
+            "loss",
+            "N",
+            "token KL(pi_old‖pi)",
+            "mean abs log W",
+            "median log W, A>0",
+            "median log W, A<0",
+            "phi<0.01",
+            "mean phi",
+            "clip frac",
+            "final entropy",
+        ],
+        rows,
+    )
 
 
 def staleness_table(results: dict[str, Any], n: int = 64) -> str:
@@ -700,8 +900,11 @@ def staleness_table(results: dict[str, Any], n: int = 64) -> str:
         return ""
     ks = [k for k in (0, 1, 2, 4, 8, 16, 32, n - 1) if k < n]
     rows = []
-    for key, name in (("is/abs_log_w_mean", "mean abs log W"), ("phi/frac_below_0.01", "share phi < 0.01"),
-                      ("phi/mean", "mean phi")):
+    for key, name in (
+        ("is/abs_log_w_mean", "mean abs log W"),
+        ("phi/frac_below_0.01", "share phi < 0.01"),
+        ("phi/mean", "mean phi"),
+    ):
         vals = r["metrics_by_staleness"].get(key)
         if vals:
             rows.append([name] + [_f(vals[k], 3) for k in ks])
@@ -718,13 +921,20 @@ def gradient_table_k(results: dict[str, Any], t: int) -> str:
         cells = [label]
         for k in ks:
             g = next((r for r in rows_in if r["k"] == k and r["loss"] == label), None)
-            cells.append(f"{_f(g['cosine_debiased'], 2)} / {_f(g['rel_bias_debiased'], 2)} / {g['rel_var']:.3g} / "
-                         f"{_f(g['scale'], 2)}" if g else "—")
+            cells.append(
+                f"{_f(g['cosine_debiased'], 2)} / {_f(g['rel_bias_debiased'], 2)} / {g['rel_var']:.3g} / "
+                f"{_f(g['scale'], 2)}"
+                if g
+                else "—"
+            )
         rows.append(cells)
     ref = next((r for r in rows_in if r["k"] == 0), None)
-    kl = " · ".join(f"k={k}: KL/token {_f(next(r['token_kl'] for r in rows_in if r['k'] == k), 4)}, "
-                    f"J(mu)={_f(next(r['reward_mu'] for r in rows_in if r['k'] == k), 3)}, "
-                    f"J(pi)={_f(next(r['reward_pi'] for r in rows_in if r['k'] == k), 3)}" for k in ks)
+    kl = " · ".join(
+        f"k={k}: KL/token {_f(next(r['token_kl'] for r in rows_in if r['k'] == k), 4)}, "
+        f"J(mu)={_f(next(r['reward_mu'] for r in rows_in if r['k'] == k), 3)}, "
+        f"J(pi)={_f(next(r['reward_pi'] for r in rows_in if r['k'] == k), 3)}"
+        for k in ks
+    )
     note = f"\n\nDistance: {kl}. On-policy (k=0) variance of the same estimator: {ref['rel_var']:.3g}." if ref else ""
     return _table(header, rows) + note
 
@@ -755,12 +965,20 @@ def ablation_table(results: dict[str, Any]) -> str:
         cells = [lab]
         params = None
         for n in ns:
-            r = (one(results, "main", loss="vespo", n=n, mismatch="none") if lab == "vespo"
-                 else one(results, "ablation", label=lab, n=n))
+            r = (
+                one(results, "main", loss="vespo", n=n, mismatch="none")
+                if lab == "vespo"
+                else one(results, "ablation", label=lab, n=n)
+            )
             cells.append(f"{_cell(r)} (phi<0.01: {_metric(r, 'phi/frac_below_0.01', 2)})" if r else "—")
             params = params or (r["params"] if r else None)
         p = params or {}
-        cells.insert(1, "default (2,3)/(3,2)" if lab == "vespo" else ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.items()))
+        cells.insert(
+            1,
+            "default (2,3)/(3,2)"
+            if lab == "vespo"
+            else ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.items()),
+        )
         rows.append(cells)
     return _table(["variant", "parameters"] + [f"final J at N={n}" for n in ns], rows)
 
@@ -781,8 +999,13 @@ def sensitivity_table(results: dict[str, Any]) -> str:
         v = one(results, exp, loss="vespo", n=n, **match)
         cells.append(_metric(v, "phi/frac_below_0.01", 2))
         rows.append(cells)
-    return _table(["setting"] + [f"{loss} N={n}" for loss in losses]
-                  + [f"{loss} N={n}/N={n_ref}" for loss in cfg["sens_ref_losses"]] + ["VESPO phi<0.01"], rows)
+    return _table(
+        ["setting"]
+        + [f"{loss} N={n}" for loss in losses]
+        + [f"{loss} N={n}/N={n_ref}" for loss in cfg["sens_ref_losses"]]
+        + ["VESPO phi<0.01"],
+        rows,
+    )
 
 
 def fix_table(results: dict[str, Any]) -> str:
@@ -791,14 +1014,25 @@ def fix_table(results: dict[str, Any]) -> str:
     for n in cfg["fix_ns"]:
         for loss in ("vespo", "grpo"):
             for src, exp in (("sampler", "main"), ("trainer", "mismatch_fix"), ("tis", "mismatch_fix")):
-                r = (one(results, "main", loss=loss, n=n, mismatch=cfg["mismatch"]["kind"]) if exp == "main"
-                     else one(results, "mismatch_fix", label=f"{loss}/{src}", n=n))
+                r = (
+                    one(results, "main", loss=loss, n=n, mismatch=cfg["mismatch"]["kind"])
+                    if exp == "main"
+                    else one(results, "mismatch_fix", label=f"{loss}/{src}", n=n)
+                )
                 clean = one(results, "main", loss=loss, n=n, mismatch="none")
                 diff = _mean(r["final"]) - _mean(clean["final"]) if r and clean else None
-                rows.append([loss, str(n), src, _cell(r), _f(diff, 3),
-                             _metric(r, "sim/mismatch_abs", 4) if r else "—"])
-    return _table(["loss", "N", "ratio taken against", "final J", "minus the no-mismatch run",
-                   "mean abs log(pi_old/mu) per token"], rows)
+                rows.append([loss, str(n), src, _cell(r), _f(diff, 3), _metric(r, "sim/mismatch_abs", 4) if r else "—"])
+    return _table(
+        [
+            "loss",
+            "N",
+            "ratio taken against",
+            "final J",
+            "minus the no-mismatch run",
+            "mean abs log(pi_old/mu) per token",
+        ],
+        rows,
+    )
 
 
 def tune_table(results: dict[str, Any]) -> str:
@@ -831,46 +1065,99 @@ def render_doc(results: dict[str, Any]) -> str:
 
     t_main, k_hi = spec["length"], max(cfg["study_k"])
     t_lo, t_hi = min(cfg["study_t"]), max(cfg["study_t"])
-    seq_var_growth = (g(t_hi, k_hi, "seq_is", "rel_var") or float("nan")) / (g(t_lo, k_hi, "seq_is", "rel_var") or float("nan"))
-    ref_var_growth = (g(t_hi, k_hi, "reinforce", "rel_var") or float("nan")) / (g(t_lo, k_hi, "reinforce", "rel_var") or float("nan"))
+    seq_var_growth = (g(t_hi, k_hi, "seq_is", "rel_var") or float("nan")) / (
+        g(t_lo, k_hi, "seq_is", "rel_var") or float("nan")
+    )
+    ref_var_growth = (g(t_hi, k_hi, "reinforce", "rel_var") or float("nan")) / (
+        g(t_lo, k_hi, "reinforce", "rel_var") or float("nan")
+    )
     v_hi = v.get(n_hi)
     fields = dict(
         cmd=results.get("command", "python benchmarks/simulator.py"),
-        wall=f"{tm.get('total', 0) / 60:.1f}", cpu=f"{tm.get('total_cpu', 0) / 60:.1f}",
+        wall=f"{tm.get('total', 0) / 60:.1f}",
+        cpu=f"{tm.get('total_cpu', 0) / 60:.1f}",
         timing=", ".join(f"{k} {tm[k + '_cpu'] / 60:.1f}" for k in ALL_PARTS if k + "_cpu" in tm),
-        V=spec["vocab"], T=spec["length"], P=spec["prompts"], G=spec["group_size"], K=spec["keys"],
-        J0=spec["init_success"], scale=spec["init_scale"], D=pol["embed"], H=pol["hidden"],
-        steps=cfg["steps"], seeds=len(cfg["seeds"]), lr=results["lr"], grid=", ".join(f"{x:g}" for x in cfg["lr_grid"]),
-        tune_losses=", ".join(cfg["tune_losses"]), mm_scale=mm["scale"], B=spec["prompts"] * spec["group_size"],
-        ratio=_f(tg.get("vespo_ratio_64_4"), 3), ratio_verdict="met" if tg.get("ratio_ok") else "**not met**",
-        ratio_m=_f(tgm.get("vespo_ratio_64_4"), 3), ratio_m_verdict="met" if tgm.get("ratio_ok") else "**not met**",
-        all_verdict="met" if tg["all_ok"] else "**not met**", all_m_verdict="met" if tgm["all_ok"] else "**not met**",
-        behind=", ".join(f"{r['baseline']} at N={r['n']} ({r['diff_mean']:+.3f} ± {r['diff_std']:.3f})" for r in behind) or "none",
+        V=spec["vocab"],
+        T=spec["length"],
+        P=spec["prompts"],
+        G=spec["group_size"],
+        K=spec["keys"],
+        J0=spec["init_success"],
+        scale=spec["init_scale"],
+        D=pol["embed"],
+        H=pol["hidden"],
+        steps=cfg["steps"],
+        seeds=len(cfg["seeds"]),
+        lr=results["lr"],
+        grid=", ".join(f"{x:g}" for x in cfg["lr_grid"]),
+        tune_losses=", ".join(cfg["tune_losses"]),
+        mm_scale=mm["scale"],
+        B=spec["prompts"] * spec["group_size"],
+        ratio=_f(tg.get("vespo_ratio_64_4"), 3),
+        ratio_verdict="met" if tg.get("ratio_ok") else "**not met**",
+        ratio_m=_f(tgm.get("vespo_ratio_64_4"), 3),
+        ratio_m_verdict="met" if tgm.get("ratio_ok") else "**not met**",
+        all_verdict="met" if tg["all_ok"] else "**not met**",
+        all_m_verdict="met" if tgm["all_ok"] else "**not met**",
+        behind=", ".join(f"{r['baseline']} at N={r['n']} ({r['diff_mean']:+.3f} ± {r['diff_std']:.3f})" for r in behind)
+        or "none",
         ahead=", ".join(f"{r['baseline']} at N={r['n']} ({r['diff_mean']:+.3f})" for r in ahead) or "none",
-        n_hi=n_hi, rank=rank, n_losses=len(at_hi), study_batches=cfg["study_batches"],
+        n_hi=n_hi,
+        rank=rank,
+        n_losses=len(at_hi),
+        study_batches=cfg["study_batches"],
         order=" > ".join(f"{r['loss']} {_mean(r['final']):.3f}" for r in at_hi),
-        v_drop=_metric(v_hi, "phi/frac_below_0.01", 3), v_logw=_metric(v_hi, "is/abs_log_w_mean", 2),
-        v_pos=_metric(v_hi, "is/log_w_pos_p50", 2), v_neg=_metric(v_hi, "is/log_w_neg_p50", 2),
-        t_main=t_main, k_hi=k_hi, t_lo=t_lo, t_hi=t_hi,
-        seq_var_growth=_f(seq_var_growth, 1), ref_var_growth=_f(ref_var_growth, 1),
-        tok_cos_lo=_f(g(t_lo, k_hi, "tok_is", "cosine_debiased"), 3), tok_cos_hi=_f(g(t_hi, k_hi, "tok_is", "cosine_debiased"), 3),
-        tok_bias_lo=_f(g(t_lo, k_hi, "tok_is", "rel_bias_debiased"), 2), tok_bias_hi=_f(g(t_hi, k_hi, "tok_is", "rel_bias_debiased"), 2),
-        ves_cos_lo=_f(g(t_lo, k_hi, "vespo", "cosine_debiased"), 3), ves_cos_hi=_f(g(t_hi, k_hi, "vespo", "cosine_debiased"), 3),
-        ves_scale_lo=_f(g(t_lo, k_hi, "vespo", "scale"), 2), ves_scale_hi=_f(g(t_hi, k_hi, "vespo", "scale"), 2),
-        ves_var_hi=_f(g(t_hi, k_hi, "vespo", "rel_var"), 1), seq_var_hi=_f(g(t_hi, k_hi, "seq_is", "rel_var"), 1),
+        v_drop=_metric(v_hi, "phi/frac_below_0.01", 3),
+        v_logw=_metric(v_hi, "is/abs_log_w_mean", 2),
+        v_pos=_metric(v_hi, "is/log_w_pos_p50", 2),
+        v_neg=_metric(v_hi, "is/log_w_neg_p50", 2),
+        t_main=t_main,
+        k_hi=k_hi,
+        t_lo=t_lo,
+        t_hi=t_hi,
+        seq_var_growth=_f(seq_var_growth, 1),
+        ref_var_growth=_f(ref_var_growth, 1),
+        tok_cos_lo=_f(g(t_lo, k_hi, "tok_is", "cosine_debiased"), 3),
+        tok_cos_hi=_f(g(t_hi, k_hi, "tok_is", "cosine_debiased"), 3),
+        tok_bias_lo=_f(g(t_lo, k_hi, "tok_is", "rel_bias_debiased"), 2),
+        tok_bias_hi=_f(g(t_hi, k_hi, "tok_is", "rel_bias_debiased"), 2),
+        ves_cos_lo=_f(g(t_lo, k_hi, "vespo", "cosine_debiased"), 3),
+        ves_cos_hi=_f(g(t_hi, k_hi, "vespo", "cosine_debiased"), 3),
+        ves_scale_lo=_f(g(t_lo, k_hi, "vespo", "scale"), 2),
+        ves_scale_hi=_f(g(t_hi, k_hi, "vespo", "scale"), 2),
+        ves_var_hi=_f(g(t_hi, k_hi, "vespo", "rel_var"), 1),
+        seq_var_hi=_f(g(t_hi, k_hi, "seq_is", "rel_var"), 1),
         ref_var_hi=_f(g(t_hi, k_hi, "reinforce", "rel_var"), 1),
-        ves_drop_hi=_f(g(t_hi, k_hi, "vespo", "phi_frac_below_0.01"), 2), logw_hi=_f(g(t_hi, k_hi, "vespo", "abs_log_w_mean"), 2),
-        main_table=main_table(results, "none"), best_table=main_table(results, "none", "best"),
-        mm_table=main_table(results, mm["kind"]), diag_table=diag_table(results), stale_table=staleness_table(results, n_hi),
-        grad_k=gradient_table_k(results, t_main) if grad else "", grad_t_cos=gradient_table_t(results, k_hi, "cosine_debiased") if grad else "",
+        ves_drop_hi=_f(g(t_hi, k_hi, "vespo", "phi_frac_below_0.01"), 2),
+        logw_hi=_f(g(t_hi, k_hi, "vespo", "abs_log_w_mean"), 2),
+        main_table=main_table(results, "none"),
+        best_table=main_table(results, "none", "best"),
+        mm_table=main_table(results, mm["kind"]),
+        diag_table=diag_table(results),
+        stale_table=staleness_table(results, n_hi),
+        grad_k=gradient_table_k(results, t_main) if grad else "",
+        grad_t_cos=gradient_table_t(results, k_hi, "cosine_debiased") if grad else "",
         grad_t_bias=gradient_table_t(results, k_hi, "rel_bias_debiased") if grad else "",
         grad_t_var=gradient_table_t(results, k_hi, "rel_var") if grad else "",
-        grad_t_toward=gradient_table_t(results, k_hi, "toward_mu") if grad and "toward_mu" in grad[0] else "(not in this JSON)",
-        ablation_table=ablation_table(results), sens_table=sensitivity_table(results), fix_table=fix_table(results),
+        grad_t_toward=gradient_table_t(results, k_hi, "toward_mu")
+        if grad and "toward_mu" in grad[0]
+        else "(not in this JSON)",
+        ablation_table=ablation_table(results),
+        sens_table=sensitivity_table(results),
+        fix_table=fix_table(results),
         tune_table=tune_table(results),
-        targets_rows=_table(["N", "baseline", "VESPO − baseline (paired, mean ± std over seeds)", "verdict"],
-                            [[str(r["n"]), r["baseline"], f"{r['diff_mean']:+.3f} ± {r['diff_std']:.3f}",
-                              "VESPO ahead or equal" if r["ok"] else "VESPO behind"] for r in tg["vs_baselines"]]),
+        targets_rows=_table(
+            ["N", "baseline", "VESPO − baseline (paired, mean ± std over seeds)", "verdict"],
+            [
+                [
+                    str(r["n"]),
+                    r["baseline"],
+                    f"{r['diff_mean']:+.3f} ± {r['diff_std']:.3f}",
+                    "VESPO ahead or equal" if r["ok"] else "VESPO behind",
+                ]
+                for r in tg["vs_baselines"]
+            ],
+        ),
     )
     fields.update(reading_fields(results))
     return Template(DOC_TEMPLATE).safe_substitute(fields)
@@ -895,20 +1182,30 @@ def reading_fields(results: dict[str, Any]) -> dict[str, str]:
     # sensitivity: VESPO's rank and ratio in every setting
     lines = []
     for label, exp, match in sensitivity_settings(results):
-        rs = [r for r in (one(results, exp, loss=loss, n=n_hi, **match)
-                          for loss in cfg.get("sens_losses", cfg["core"])) if r]
+        rs = [
+            r
+            for r in (one(results, exp, loss=loss, n=n_hi, **match) for loss in cfg.get("sens_losses", cfg["core"]))
+            if r
+        ]
         if not rs:
             continue
         rs.sort(key=lambda r: -_mean(r["final"]))
         names = [r["loss"] for r in rs]
         v, v4 = one(results, exp, loss="vespo", n=n_hi, **match), one(results, exp, loss="vespo", n=n_ref, **match)
         ratio = _mean(v["final"]) / _mean(v4["final"]) if v and v4 else float("nan")
-        lines.append(f"| {label} | {names.index('vespo') + 1} of {len(names)} | {names[0]} ({_mean(rs[0]['final']):.3f}) | "
-                     f"{_mean(v['final']):.3f} | {_f(ratio, 2)} | {_metric(v, 'phi/frac_below_0.01', 2)} | "
-                     f"{_metric(v, 'is/abs_log_w_mean', 2)} |")
-    out["sens_rank"] = "\n".join(["| setting | VESPO rank at N=%d | best loss | VESPO J | VESPO J(N=%d)/J(N=%d) | "
-                                   "VESPO phi<0.01 | VESPO mean abs log W |" % (n_hi, n_hi, n_ref),
-                                   "|---|---|---|---|---|---|---|"] + lines)
+        lines.append(
+            f"| {label} | {names.index('vespo') + 1} of {len(names)} | {names[0]} ({_mean(rs[0]['final']):.3f}) | "
+            f"{_mean(v['final']):.3f} | {_f(ratio, 2)} | {_metric(v, 'phi/frac_below_0.01', 2)} | "
+            f"{_metric(v, 'is/abs_log_w_mean', 2)} |"
+        )
+    out["sens_rank"] = "\n".join(
+        [
+            f"| setting | VESPO rank at N={n_hi} | best loss | VESPO J | VESPO J(N={n_hi})/J(N={n_ref}) | "
+            "VESPO phi<0.01 | VESPO mean abs log W |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        + lines
+    )
     # where VESPO starts to drop most of a mini-batch
     v = one(results, "main", loss="vespo", n=n_hi, mismatch="none")
     k_half = None
@@ -927,7 +1224,11 @@ def reading_fields(results: dict[str, Any]) -> dict[str, str]:
     for n in cfg["c_sweep_ns"]:
         pts = []
         for lab in ["vespo"] + [f"c_x{x:g}" for x in cfg["c_scales"]]:
-            r = one(results, "main", loss="vespo", n=n, mismatch="none") if lab == "vespo" else one(results, "ablation", label=lab, n=n)
+            r = (
+                one(results, "main", loss="vespo", n=n, mismatch="none")
+                if lab == "vespo"
+                else one(results, "ablation", label=lab, n=n)
+            )
             if r and r["metrics"].get("phi/frac_below_0.01") is not None:
                 pts.append((r["metrics"]["phi/frac_below_0.01"], _mean(r["final"])))
         rhos.append(f"N={n}: {_f(_spearman_sign(pts), 2)}")
@@ -942,8 +1243,11 @@ def reading_fields(results: dict[str, Any]) -> dict[str, str]:
     # sensitivity statements
     first, ratio_ok = [], []
     for label, exp, match in sensitivity_settings(results):
-        rs = [r for r in (one(results, exp, loss=loss, n=n_hi, **match)
-                          for loss in cfg.get("sens_losses", cfg["core"])) if r]
+        rs = [
+            r
+            for r in (one(results, exp, loss=loss, n=n_hi, **match) for loss in cfg.get("sens_losses", cfg["core"]))
+            if r
+        ]
         if rs and max(rs, key=lambda r: _mean(r["final"]))["loss"] == "vespo":
             first.append(label)
         v64, v4 = one(results, exp, loss="vespo", n=n_hi, **match), one(results, exp, loss="vespo", n=n_ref, **match)
@@ -953,8 +1257,11 @@ def reading_fields(results: dict[str, Any]) -> dict[str, str]:
     ok_best = []
     for label, exp, match in sensitivity_settings(results):
         if label in ratio_ok:
-            rs = [r for r in (one(results, exp, loss=loss, n=n_hi, **match)
-                              for loss in cfg.get("sens_losses", cfg["core"])) if r]
+            rs = [
+                r
+                for r in (one(results, exp, loss=loss, n=n_hi, **match) for loss in cfg.get("sens_losses", cfg["core"]))
+                if r
+            ]
             b = max(rs, key=lambda r: _mean(r["final"]))
             vv = one(results, exp, loss="vespo", n=n_hi, **match)
             ok_best.append(f"{b['loss']} at {label} ({_mean(b['final']):.3f} vs VESPO {_mean(vv['final']):.3f})")
@@ -997,13 +1304,20 @@ def reading_fields(results: dict[str, Any]) -> dict[str, str]:
             a_, b_ = g(t, k, "seq_is", "rel_var"), g(t, k, "reinforce", "rel_var")
             return _f(a_ / b_, 1) if a_ and b_ else "n/a"
 
-        out.update(t_lo2=str(t2), k_lo=str(k_lo), seq_ratio_lo=ratio(t2, k_lo), seq_ratio_hi=ratio(t_hi, k_lo),
-                   ess_lo=_f(g(t2, k_lo, "seq_is", "ess_w"), 3), ess_hi=_f(g(t_hi, k_lo, "seq_is", "ess_w"), 3),
-                   tok_cos_lo=_f(g(t2, k_hi, "tok_is", "cosine_debiased"), 3),
-                   tok_cos_hi=_f(g(t_hi, k_hi, "tok_is", "cosine_debiased"), 3),
-                   ves_cos_lo=_f(g(t2, k_hi, "vespo", "cosine_debiased"), 3),
-                   ves_cos_hi=_f(g(t_hi, k_hi, "vespo", "cosine_debiased"), 3),
-                   ves_scale_lo=_f(g(t2, k_hi, "vespo", "scale"), 2), ves_scale_hi=_f(g(t_hi, k_hi, "vespo", "scale"), 2))
+        out.update(
+            t_lo2=str(t2),
+            k_lo=str(k_lo),
+            seq_ratio_lo=ratio(t2, k_lo),
+            seq_ratio_hi=ratio(t_hi, k_lo),
+            ess_lo=_f(g(t2, k_lo, "seq_is", "ess_w"), 3),
+            ess_hi=_f(g(t_hi, k_lo, "seq_is", "ess_w"), 3),
+            tok_cos_lo=_f(g(t2, k_hi, "tok_is", "cosine_debiased"), 3),
+            tok_cos_hi=_f(g(t_hi, k_hi, "tok_is", "cosine_debiased"), 3),
+            ves_cos_lo=_f(g(t2, k_hi, "vespo", "cosine_debiased"), 3),
+            ves_cos_hi=_f(g(t_hi, k_hi, "vespo", "cosine_debiased"), 3),
+            ves_scale_lo=_f(g(t2, k_hi, "vespo", "scale"), 2),
+            ves_scale_hi=_f(g(t_hi, k_hi, "vespo", "scale"), 2),
+        )
         t_main = cfg["spec"]["length"]
         k_min = min(k for k in {r["k"] for r in grad} if k > 0)
         out["k_min"] = str(k_min)
@@ -1015,12 +1329,21 @@ def reading_fields(results: dict[str, Any]) -> dict[str, str]:
             out[f"toward_{key}"] = _f(g(t_main, k_hi, label, "toward_mu"), 2)
             out[f"scale_{key}"] = _f(g(t_main, k_hi, label, "scale"), 2)
         cos_tok = [g(t, k_hi, "tok_is", "cosine_debiased") for t in ts]
-        out["tok_cos_min"] = _f(min(c for c in cos_tok if c is not None), 2) if any(c is not None for c in cos_tok) else "n/a"
+        out["tok_cos_min"] = (
+            _f(min(c for c in cos_tok if c is not None), 2) if any(c is not None for c in cos_tok) else "n/a"
+        )
     out["mm_abs"] = _metric(a, "sim/mismatch_abs", 4)
     out["mm_seq"] = _metric(a, "is/abs_log_w_mean", 2)
     n_fix = max(cfg["fix_ns"])
-    tis, trn = one(results, "mismatch_fix", label="vespo/tis", n=n_fix), one(results, "mismatch_fix", label="vespo/trainer", n=n_fix)
-    out["tis_verdict"] = ("ends lower" if _mean(tis["final"]) < _mean(trn["final"]) else "ends no lower") if tis and trn else "was not run"
+    tis, trn = (
+        one(results, "mismatch_fix", label="vespo/tis", n=n_fix),
+        one(results, "mismatch_fix", label="vespo/trainer", n=n_fix),
+    )
+    out["tis_verdict"] = (
+        ("ends lower" if _mean(tis["final"]) < _mean(trn["final"]) else "ends no lower")
+        if tis and trn
+        else "was not run"
+    )
     for loss, key in (("vespo", "v"), ("grpo", "g")):
         out[f"fix_{key}_sampler"] = _cell(one(results, "main", loss=loss, n=n_fix, mismatch=mm))
         for src in ("trainer", "tis"):
@@ -1366,8 +1689,20 @@ class AdaptiveConfig:
 
 
 def adaptive_quick() -> AdaptiveConfig:
-    return AdaptiveConfig(steps=16, eval_every=8, seeds=(0, 1), t_values=(16,), ns=(1, 4), arm_t=(16,),
-                          ablation_t=(16,), ablation_n=4, study_t=(16,), study_k=(2,), study_batches=64, quick=True)
+    return AdaptiveConfig(
+        steps=16,
+        eval_every=8,
+        seeds=(0, 1),
+        t_values=(16,),
+        ns=(1, 4),
+        arm_t=(16,),
+        ablation_t=(16,),
+        ablation_n=4,
+        study_t=(16,),
+        study_k=(2,),
+        study_batches=64,
+        quick=True,
+    )
 
 
 def _adaptive_jobs(acfg: AdaptiveConfig) -> list[dict[str, Any]]:
@@ -1394,13 +1729,43 @@ def _adaptive_jobs(acfg: AdaptiveConfig) -> list[dict[str, Any]]:
     for t in acfg.ablation_t:
         for label, params in ADAPTIVE_ABLATIONS.items():
             if label != "default":
-                jobs.append(dict(experiment="adaptive_ablation", loss="vespo_adaptive", n=acfg.ablation_n, t=t,
-                                 mismatch=None, variable=False, label=label, loss_params=params))
-        jobs.append(dict(experiment="adaptive_ablation", loss="vespo", n=acfg.ablation_n, t=t, mismatch=None,
-                         variable=False, label="vespo len_sqrt", loss_params={"length_norm": "sqrt"}))
+                jobs.append(
+                    dict(
+                        experiment="adaptive_ablation",
+                        loss="vespo_adaptive",
+                        n=acfg.ablation_n,
+                        t=t,
+                        mismatch=None,
+                        variable=False,
+                        label=label,
+                        loss_params=params,
+                    )
+                )
+        jobs.append(
+            dict(
+                experiment="adaptive_ablation",
+                loss="vespo",
+                n=acfg.ablation_n,
+                t=t,
+                mismatch=None,
+                variable=False,
+                label="vespo len_sqrt",
+                loss_params={"length_norm": "sqrt"},
+            )
+        )
     for t in acfg.ablation_t:  # length normalisation with variable lengths (the paper's Fig. 6 concern)
-        jobs.append(dict(experiment="adaptive_ablation", loss="vespo", n=acfg.ablation_n, t=t, mismatch=None,
-                         variable=True, label="vespo len_sqrt (variable)", loss_params={"length_norm": "sqrt"}))
+        jobs.append(
+            dict(
+                experiment="adaptive_ablation",
+                loss="vespo",
+                n=acfg.ablation_n,
+                t=t,
+                mismatch=None,
+                variable=True,
+                label="vespo len_sqrt (variable)",
+                loss_params={"length_norm": "sqrt"},
+            )
+        )
     return jobs
 
 
@@ -1408,35 +1773,66 @@ def _job_key(experiment: str, loss: str, n: int, t: int, variable: bool, mismatc
     return (experiment, loss, n, t, variable, mismatch, label)
 
 
-def adaptive_sweep(acfg: AdaptiveConfig, save_to: Path | None = None,
-                   resume: dict[str, Any] | None = None) -> dict[str, Any]:
+def adaptive_sweep(
+    acfg: AdaptiveConfig, save_to: Path | None = None, resume: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Run the whole vespo_adaptive sweep; returns the JSON-ready results. With ``resume`` (the
     results of an interrupted run with the same settings) the runs it holds are kept, not rerun."""
     t_start, cpu_start = time.perf_counter(), time.process_time()
     base = quick_config() if acfg.quick else full_config()
     cfg = replace(base, steps=acfg.steps, eval_every=acfg.eval_every, seeds=acfg.seeds)
-    results: dict[str, Any] = {"config": {**asdict(acfg), "mismatch": asdict(acfg.mismatch),
-                                          "spec": asdict(cfg.spec), "policy": asdict(cfg.policy)},
-                               "runs": [], "gradient": [], "timing": {}}
+    results: dict[str, Any] = {
+        "config": {
+            **asdict(acfg),
+            "mismatch": asdict(acfg.mismatch),
+            "spec": asdict(cfg.spec),
+            "policy": asdict(cfg.policy),
+        },
+        "runs": [],
+        "gradient": [],
+        "timing": {},
+    }
     done = {}
     if resume is not None:
         for r in resume["runs"]:
-            done[_job_key(r["experiment"], r["loss"], r["n"], r["T"], r.get("min_length") is not None,
-                          r["mismatch"], r["label"])] = r
+            done[
+                _job_key(
+                    r["experiment"],
+                    r["loss"],
+                    r["n"],
+                    r["T"],
+                    r.get("min_length") is not None,
+                    r["mismatch"],
+                    r["label"],
+                )
+            ] = r
         results["timing"]["resumed_runs_cpu"] = sum(r["cpu_seconds"] for r in resume["runs"])
-        results["timing"]["resumed_wall"] = resume.get("timing", {}).get("total", sum(r["seconds"] for r in resume["runs"]))
+        results["timing"]["resumed_wall"] = resume.get("timing", {}).get(
+            "total", sum(r["seconds"] for r in resume["runs"])
+        )
     # the long fixed-length runs (T > n1_max_t) last, so that an interrupted sweep has every arm
     jobs = sorted(_adaptive_jobs(acfg), key=lambda j: j["experiment"] == "adaptive_fixed" and j["t"] > acfg.n1_max_t)
     for job in jobs:
-        key = _job_key(job["experiment"], job["loss"], job["n"], job["t"], job["variable"],
-                       job["mismatch"].kind if job["mismatch"] else "none", job.get("label") or job["loss"])
+        key = _job_key(
+            job["experiment"],
+            job["loss"],
+            job["n"],
+            job["t"],
+            job["variable"],
+            job["mismatch"].kind if job["mismatch"] else "none",
+            job.get("label") or job["loss"],
+        )
         if key in done:
             results["runs"].append(done[key])
             continue
         t, variable = job.pop("t"), job.pop("variable")
-        spec = replace(cfg.spec, length=t, keys=min(cfg.spec.keys, t),
-                       min_length=max(cfg.spec.keys, int(t * acfg.min_length_frac)) if variable else None,
-                       stop_rate=acfg.stop_rate)
+        spec = replace(
+            cfg.spec,
+            length=t,
+            keys=min(cfg.spec.keys, t),
+            min_length=max(cfg.spec.keys, int(t * acfg.min_length_frac)) if variable else None,
+            stop_rate=acfg.stop_rate,
+        )
         rec = run_one(cfg, job.pop("experiment"), lr=acfg.lr, spec=spec, **job)
         results["runs"].append(rec)
         _log(_fmt_run(rec) + (f"  len {rec['metrics'].get('sim/length_mean') or 0:.0f}" if variable else ""))
@@ -1446,8 +1842,16 @@ def adaptive_sweep(acfg: AdaptiveConfig, save_to: Path | None = None,
     for t in acfg.study_t:
         for k in acfg.study_k:
             spec = replace(cfg.spec, length=t, keys=min(cfg.spec.keys, t))
-            res = gradient_study(ADAPTIVE_STUDY, spec, policy=cfg.policy, drift_steps=k, drift_lr=acfg.lr,
-                                 n_batches=acfg.study_batches, chunk=128, seed=0)
+            res = gradient_study(
+                ADAPTIVE_STUDY,
+                spec,
+                policy=cfg.policy,
+                drift_steps=k,
+                drift_lr=acfg.lr,
+                n_batches=acfg.study_batches,
+                chunk=128,
+                seed=0,
+            )
             for label, st in res.stats.items():
                 row = {"T": t, "k": k, "loss": label, "token_kl": res.token_kl}
                 row.update({key: val for key, val in asdict(st).items() if key != "metrics"})
@@ -1473,6 +1877,7 @@ def adaptive_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for exp in ("adaptive_fixed", "adaptive_variable", "adaptive_mismatch"):
         for t in sorted({r["T"] for r in runs_of(results, exp)}):
+
             def get(loss: str, n: int, exp: str = exp, t: int = t) -> dict[str, Any] | None:
                 return one(results, exp, loss=loss, n=n, T=t)
 
@@ -1514,8 +1919,11 @@ def _arm_table(results: dict[str, Any], exp: str, t: int) -> str:
 
 def _targets_md(results: dict[str, Any]) -> str:
     lines = []
-    names = {"adaptive_fixed": "fixed lengths", "adaptive_variable": "variable lengths",
-             "adaptive_mismatch": "fixed lengths + sampler mismatch"}
+    names = {
+        "adaptive_fixed": "fixed lengths",
+        "adaptive_variable": "variable lengths",
+        "adaptive_mismatch": "fixed lengths + sampler mismatch",
+    }
     rows = []
     for row in adaptive_targets(results):
         if row["T"] not in (128, 512) and row["experiment"] == "adaptive_fixed":
@@ -1524,20 +1932,41 @@ def _targets_md(results: dict[str, Any]) -> str:
         behind = [d for d in row["diffs"] if d["diff"] < 0]
         behind_2se = [d for d in behind if -d["diff"] > 2 * d["se"]]
         ahead_2se = [d for d in row["diffs"] if d["diff"] > 2 * d["se"]]
-        rows.append([
-            names[row["experiment"]], str(row["T"]),
-            f"{ratio:.3f} ({'met' if ratio is not None and ratio >= 0.9 else 'not met'})" if ratio is not None else "—",
-            "met" if not behind else "not met: behind " + ", ".join(
-                f"{d['baseline']}@N={d['n']} ({d['diff']:+.3f} ± {d['se']:.3f})" for d in behind),
-            ", ".join(f"{d['baseline']}@N={d['n']}" for d in behind_2se) or "none",
-            f"{len(ahead_2se)} of {len(row['diffs'])}",
-            f"{row['n1_max_abs_diff']:.1e}" if "n1_max_abs_diff" in row else "—",
-        ])
-    lines.append(_table(["arm", "T", "J(N=64)/J(N=4) ≥ 0.90", "≥ every baseline at N ≥ 16",
-                         "behind by > 2 SE", "ahead by > 2 SE", "N=1: max |J − J_vespo| over seeds"], rows))
+        rows.append(
+            [
+                names[row["experiment"]],
+                str(row["T"]),
+                f"{ratio:.3f} ({'met' if ratio is not None and ratio >= 0.9 else 'not met'})"
+                if ratio is not None
+                else "—",
+                "met"
+                if not behind
+                else "not met: behind "
+                + ", ".join(f"{d['baseline']}@N={d['n']} ({d['diff']:+.3f} ± {d['se']:.3f})" for d in behind),
+                ", ".join(f"{d['baseline']}@N={d['n']}" for d in behind_2se) or "none",
+                f"{len(ahead_2se)} of {len(row['diffs'])}",
+                f"{row['n1_max_abs_diff']:.1e}" if "n1_max_abs_diff" in row else "—",
+            ]
+        )
+    lines.append(
+        _table(
+            [
+                "arm",
+                "T",
+                "J(N=64)/J(N=4) ≥ 0.90",
+                "≥ every baseline at N ≥ 16",
+                "behind by > 2 SE",
+                "ahead by > 2 SE",
+                "N=1: max |J − J_vespo| over seeds",
+            ],
+            rows,
+        )
+    )
     lines.append("")
-    lines.append("Paired differences vespo_adaptive − baseline (final J, mean ± standard error over the 5 paired "
-                 "seeds), every arm and T:")
+    lines.append(
+        "Paired differences vespo_adaptive − baseline (final J, mean ± standard error over the 5 paired "
+        "seeds), every arm and T:"
+    )
     lines.append("")
     drows = []
     for row in adaptive_targets(results):
@@ -1567,15 +1996,24 @@ def _alpha_table(results: dict[str, Any]) -> str:
             if not r:
                 continue
             by = r["metrics_by_staleness"]
-            for key, label, src in (("vespo_adaptive/alpha_pos", "alpha", r), ("phi/ess_pos_before", "ESS(phi) before, A>0", r),
-                                    ("phi/ess_pos_after", "ESS(phi) after, A>0", r),
-                                    ("phi/frac_below_0.01", "vespo_adaptive: share phi<0.01", r)):
+            for key, label, src in (
+                ("vespo_adaptive/alpha_pos", "alpha", r),
+                ("phi/ess_pos_before", "ESS(phi) before, A>0", r),
+                ("phi/ess_pos_after", "ESS(phi) after, A>0", r),
+                ("phi/frac_below_0.01", "vespo_adaptive: share phi<0.01", r),
+            ):
                 vals = src["metrics_by_staleness"].get(key) if src else None
                 if vals:
-                    rows.append([exp.replace("adaptive_", ""), str(t), label] + [_f(vals[k], 2) if k < len(vals) else "—" for k in ks])
+                    rows.append(
+                        [exp.replace("adaptive_", ""), str(t), label]
+                        + [_f(vals[k], 2) if k < len(vals) else "—" for k in ks]
+                    )
             if v and v["metrics_by_staleness"].get("phi/frac_below_0.01"):
                 vals = v["metrics_by_staleness"]["phi/frac_below_0.01"]
-                rows.append([exp.replace("adaptive_", ""), str(t), "vespo: share phi<0.01"] + [_f(vals[k], 2) if k < len(vals) else "—" for k in ks])
+                rows.append(
+                    [exp.replace("adaptive_", ""), str(t), "vespo: share phi<0.01"]
+                    + [_f(vals[k], 2) if k < len(vals) else "—" for k in ks]
+                )
             del by
     return _table(["lengths", "T", "quantity (N=64)"] + [f"k={k}" for k in ks], rows)
 
@@ -1584,27 +2022,72 @@ def _ablation_md(results: dict[str, Any]) -> str:
     rows = []
     for r in runs_of(results, "adaptive_ablation"):
         fixed = r.get("min_length") is None
-        default = one(results, "adaptive_fixed" if fixed else "adaptive_variable", loss="vespo_adaptive",
-                      n=r["n"], T=r["T"])
+        default = one(
+            results, "adaptive_fixed" if fixed else "adaptive_variable", loss="vespo_adaptive", n=r["n"], T=r["T"]
+        )
         d = _paired(r["final"], default["final"]) if default else None
-        rows.append([r["label"], str(r["T"]), "fixed" if fixed else "variable", json.dumps(r["params"]),
-                     ms(r["final"]), f"{d[0]:+.3f} ± {d[1]:.3f}" if d else "—",
-                     _f(r["metrics"].get("vespo_adaptive/alpha_pos"), 3)])
+        rows.append(
+            [
+                r["label"],
+                str(r["T"]),
+                "fixed" if fixed else "variable",
+                json.dumps(r["params"]),
+                ms(r["final"]),
+                f"{d[0]:+.3f} ± {d[1]:.3f}" if d else "—",
+                _f(r["metrics"].get("vespo_adaptive/alpha_pos"), 3),
+            ]
+        )
     for t in sorted({r["T"] for r in runs_of(results, "adaptive_ablation")}):
         r = one(results, "adaptive_fixed", loss="vespo_adaptive", n=64, T=t)
         if r:
-            rows.insert(0, ["**default**", str(t), "fixed", "{}", ms(r["final"]), "0", _f(r["metrics"].get("vespo_adaptive/alpha_pos"), 3)])
-    return _table(["variant (N=64)", "T", "lengths", "parameters", "final J", "minus default (paired, ± SE)",
-                   "mean alpha (A>0)"], rows)
+            rows.insert(
+                0,
+                [
+                    "**default**",
+                    str(t),
+                    "fixed",
+                    "{}",
+                    ms(r["final"]),
+                    "0",
+                    _f(r["metrics"].get("vespo_adaptive/alpha_pos"), 3),
+                ],
+            )
+    return _table(
+        ["variant (N=64)", "T", "lengths", "parameters", "final J", "minus default (paired, ± SE)", "mean alpha (A>0)"],
+        rows,
+    )
 
 
 def _gradient_md(results: dict[str, Any]) -> str:
     rows = []
     for g in results["gradient"]:
-        rows.append([str(g["T"]), str(g["k"]), g["loss"], _f(g["cosine_debiased"], 2), _f(g["rel_bias_debiased"], 2),
-                     _f(g["rel_var"], 3), _f(g["scale"], 2), _f(g.get("toward_mu"), 2), _f(g["phi_frac_below_0.01"], 2)])
-    return _table(["T", "k", "loss", "cos (debiased)", "rel. bias (debiased)", "rel. var", "scale",
-                   "bias toward mu (cos)", "phi<0.01"], rows)
+        rows.append(
+            [
+                str(g["T"]),
+                str(g["k"]),
+                g["loss"],
+                _f(g["cosine_debiased"], 2),
+                _f(g["rel_bias_debiased"], 2),
+                _f(g["rel_var"], 3),
+                _f(g["scale"], 2),
+                _f(g.get("toward_mu"), 2),
+                _f(g["phi_frac_below_0.01"], 2),
+            ]
+        )
+    return _table(
+        [
+            "T",
+            "k",
+            "loss",
+            "cos (debiased)",
+            "rel. bias (debiased)",
+            "rel. var",
+            "scale",
+            "bias toward mu (cos)",
+            "phi<0.01",
+        ],
+        rows,
+    )
 
 
 def _length_md(results: dict[str, Any]) -> str:
@@ -1623,7 +2106,11 @@ def _length_md(results: dict[str, Any]) -> str:
 def plot_adaptive(results: dict[str, Any], img_dir: Path) -> list[Path]:
     plt = _plt()
     panels = [("adaptive_fixed", t) for t in sorted({r["T"] for r in runs_of(results, "adaptive_fixed")})]
-    panels += [(e, t) for e in ("adaptive_variable", "adaptive_mismatch") for t in sorted({r["T"] for r in runs_of(results, e)})]
+    panels += [
+        (e, t)
+        for e in ("adaptive_variable", "adaptive_mismatch")
+        for t in sorted({r["T"] for r in runs_of(results, e)})
+    ]
     cols = 4
     rows_n = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(4 * cols, 3.2 * rows_n), squeeze=False)
@@ -1634,13 +2121,22 @@ def plot_adaptive(results: dict[str, Any], img_dir: Path) -> list[Path]:
             if not pts:
                 continue
             ns, mu, sd = zip(*pts)
-            ax.errorbar(ns, mu, yerr=sd, marker="o", ms=3, capsize=2, label=loss, color=colors.get(loss),
-                        lw=2.2 if loss == "vespo_adaptive" else 1.0)
+            ax.errorbar(
+                ns,
+                mu,
+                yerr=sd,
+                marker="o",
+                ms=3,
+                capsize=2,
+                label=loss,
+                color=colors.get(loss),
+                lw=2.2 if loss == "vespo_adaptive" else 1.0,
+            )
         ax.set_xscale("log", base=2)
         ax.set_title(f"{exp.replace('adaptive_', '')}, T={t}", fontsize=9)
         ax.set_xlabel("staleness N")
         ax.set_ylabel("final exact J")
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
@@ -1658,7 +2154,9 @@ def plot_adaptive(results: dict[str, Any], img_dir: Path) -> list[Path]:
             if v and v["metrics_by_staleness"].get("phi/frac_below_0.01"):
                 ax[1].plot(v["metrics_by_staleness"]["phi/frac_below_0.01"], ls, label=f"vespo {exp[9:]} T={t}")
             if r and r["metrics_by_staleness"].get("phi/frac_below_0.01"):
-                ax[1].plot(r["metrics_by_staleness"]["phi/frac_below_0.01"], ls, lw=2.2, label=f"adaptive {exp[9:]} T={t}")
+                ax[1].plot(
+                    r["metrics_by_staleness"]["phi/frac_below_0.01"], ls, lw=2.2, label=f"adaptive {exp[9:]} T={t}"
+                )
     ax[0].set_xlabel("staleness k of the mini-batch (N = 64)")
     ax[0].set_ylabel("alpha")
     ax[0].set_yscale("log")
@@ -1678,10 +2176,12 @@ def render_adaptive(results: dict[str, Any]) -> str:
     tm = results["timing"]
     resumed = ""
     if "resumed_runs_cpu" in tm:
-        resumed = (f" (this invocation; the resumed first part added {tm['resumed_wall'] / 60:.1f} minutes wall clock "
-                   f"and {tm['resumed_runs_cpu'] / 60:.1f} CPU-minutes: "
-                   f"{(tm['total'] + tm['resumed_wall']) / 60:.1f} wall and {tm['total_cpu_all'] / 60:.1f} CPU-minutes "
-                   "in all, on a machine shared with other jobs)")
+        resumed = (
+            f" (this invocation; the resumed first part added {tm['resumed_wall'] / 60:.1f} minutes wall clock "
+            f"and {tm['resumed_runs_cpu'] / 60:.1f} CPU-minutes: "
+            f"{(tm['total'] + tm['resumed_wall']) / 60:.1f} wall and {tm['total_cpu_all'] / 60:.1f} CPU-minutes "
+            "in all, on a machine shared with other jobs)"
+        )
     parts = [
         f"Generated by `{results.get('command', 'python benchmarks/simulator.py --adaptive')}` from "
         f"`benchmarks/results/simulator_adaptive.json`: {tm['total'] / 60:.1f} minutes wall clock, "
@@ -1695,18 +2195,35 @@ def render_adaptive(results: dict[str, Any]) -> str:
         _targets_md(results),
         "",
     ]
-    for exp, title in (("adaptive_fixed", "Fixed lengths, no mismatch"),
-                       ("adaptive_variable", "Variable lengths (EOS from T/4 on), no mismatch"),
-                       ("adaptive_mismatch", "Fixed lengths, sampler mismatch (logit noise 0.1, ratio against mu)")):
+    for exp, title in (
+        ("adaptive_fixed", "Fixed lengths, no mismatch"),
+        ("adaptive_variable", "Variable lengths (EOS from T/4 on), no mismatch"),
+        ("adaptive_mismatch", "Fixed lengths, sampler mismatch (logit noise 0.1, ratio against mu)"),
+    ):
         for t in sorted({r["T"] for r in runs_of(results, exp)}):
             parts += [f"### {title}, T = {t}", "", _arm_table(results, exp, t), ""]
-    parts += ["![final J vs N](img/sim_adaptive_final_vs_n.png)", "",
-              "### What the adaptation does, by staleness k of the mini-batch (N = 64, mean over training)", "",
-              _alpha_table(results), "", "![alpha and dropped share](img/sim_adaptive_alpha.png)", "",
-              "### Response length with variable lengths", "", _length_md(results), "",
-              "### Ablations", "", _ablation_md(results), "",
-              "### Gradient bias and variance against the exact gradient (fixed lengths, seed 0)", "",
-              _gradient_md(results), ""]
+    parts += [
+        "![final J vs N](img/sim_adaptive_final_vs_n.png)",
+        "",
+        "### What the adaptation does, by staleness k of the mini-batch (N = 64, mean over training)",
+        "",
+        _alpha_table(results),
+        "",
+        "![alpha and dropped share](img/sim_adaptive_alpha.png)",
+        "",
+        "### Response length with variable lengths",
+        "",
+        _length_md(results),
+        "",
+        "### Ablations",
+        "",
+        _ablation_md(results),
+        "",
+        "### Gradient bias and variance against the exact gradient (fixed lengths, seed 0)",
+        "",
+        _gradient_md(results),
+        "",
+    ]
     return "\n".join(parts)
 
 
@@ -1730,7 +2247,8 @@ def adaptive_main(args: argparse.Namespace, argv: list[str] | None) -> int:
         resume = json.loads(args.resume.read_text()) if args.resume else None
         results = adaptive_sweep(acfg, save_to=out, resume=resume)
         results["command"] = "OMP_NUM_THREADS=1 python benchmarks/simulator.py " + " ".join(
-            argv if argv is not None else sys.argv[1:])
+            argv if argv is not None else sys.argv[1:]
+        )
         save(results, out)
         print(f"wrote {out} ({results['timing']['total']:.0f}s wall, {results['timing']['total_cpu']:.0f}s cpu)")
     for row in adaptive_targets(results):
@@ -1752,18 +2270,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="CI-sized run (seconds)")
     parser.add_argument("--parts", default=",".join(ALL_PARTS), help=f"comma-separated subset of {','.join(ALL_PARTS)}")
     parser.add_argument("--lr", type=float, default=None, help="skip tuning and use this learning rate")
-    parser.add_argument("--out", type=Path, default=None, help=f"JSON path (default {DEFAULT_OUT.relative_to(ROOT)}; "
-                        "quick: benchmarks/results/simulator_quick.json)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"JSON path (default {DEFAULT_OUT.relative_to(ROOT)}; quick: benchmarks/results/simulator_quick.json)",
+    )
     parser.add_argument("--img-dir", type=Path, default=DEFAULT_IMG)
     parser.add_argument("--doc", type=Path, default=DEFAULT_DOC)
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--no-doc", action="store_true")
     parser.add_argument("--from-json", type=Path, default=None, help="only redo plots, summary and doc from a JSON")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--resume", type=Path, default=None,
-                        help="--adaptive only: keep the runs of this (interrupted) JSON and run the rest")
-    parser.add_argument("--adaptive", action="store_true",
-                        help="the vespo_adaptive sweep (docs/adaptive.md, benchmarks/results/simulator_adaptive.json)")
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        help="--adaptive only: keep the runs of this (interrupted) JSON and run the rest",
+    )
+    parser.add_argument(
+        "--adaptive",
+        action="store_true",
+        help="the vespo_adaptive sweep (docs/adaptive.md, benchmarks/results/simulator_adaptive.json)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.adaptive:

@@ -61,8 +61,13 @@ def main() -> None:
         examples = task.eval_examples(args.prompts, seed=EVAL_DATA_SEED)
         prompts = encode_prompts(tok, examples)
         t0 = time.perf_counter()
-        out = engine.generate(prompts, max_new_tokens=args.max_new_tokens, eos_token_id=tok.eos_token_id,
-                              pad_token_id=tok.pad_token_id, temperature=0.0)
+        out = engine.generate(
+            prompts,
+            max_new_tokens=args.max_new_tokens,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            temperature=0.0,
+        )
         secs = time.perf_counter() - t0
         texts = [tok.decode(r, skip_special_tokens=True) for r in out.response_ids]
         scores = [task.score(t, ex) for t, ex in zip(texts, examples)]
@@ -73,7 +78,9 @@ def main() -> None:
             naive.append(float(bool(nums) and task.score(f"Answer: {nums[-1]}", ex) >= 1.0))
         lengths = out.response_lengths
         row = {
-            "dataset": ds, "params": params, "prompts": len(examples),
+            "dataset": ds,
+            "params": params,
+            "prompts": len(examples),
             "accuracy": sum(scores) / len(scores),
             "unparsed_frac": sum(unparsed) / len(unparsed),
             "naive_last_number_accuracy": sum(naive) / len(naive),
@@ -87,8 +94,9 @@ def main() -> None:
         for t in texts[: args.show]:
             print("   >>>", t.replace("\n", " | ")[:400], flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps({"max_new_tokens": args.max_new_tokens, "dtype": args.dtype,
-                                              "results": results}, indent=2))
+        Path(args.out).write_text(
+            json.dumps({"max_new_tokens": args.max_new_tokens, "dtype": args.dtype, "results": results}, indent=2)
+        )
 
 
 if __name__ == "__main__":

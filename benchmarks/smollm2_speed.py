@@ -66,8 +66,9 @@ def child(spec: dict, seqs: int, steps: int, threads: int) -> dict:
 
     model, _ = load_pretrained(str(smollm2_checkpoint()))
     if spec.get("lora"):
-        model = lora.apply_lora(model, r=spec["lora"], alpha=2 * spec["lora"], dropout=0.0,
-                                target_modules=list(lora.DEFAULT_TARGET_MODULES))
+        model = lora.apply_lora(
+            model, r=spec["lora"], alpha=2 * spec["lora"], dropout=0.0, target_modules=list(lora.DEFAULT_TARGET_MODULES)
+        )
     if spec.get("gc"):
         precision.enable_gradient_checkpointing(model)
     model.train()
@@ -84,7 +85,7 @@ def child(spec: dict, seqs: int, steps: int, threads: int) -> dict:
     attn = torch.ones_like(ids)
     resp_mask = torch.zeros(seqs, t)
     for i, n in enumerate(lengths):
-        attn[i, PROMPT + n:] = 0
+        attn[i, PROMPT + n :] = 0
         resp_mask[i, :n] = 1
     adv = torch.randn(seqs, 1).expand(seqs, t).contiguous()
     old = torch.full((seqs, t), -2.0)
@@ -97,9 +98,17 @@ def child(spec: dict, seqs: int, steps: int, threads: int) -> dict:
             b = min(a + micro, seqs)
             with precision.autocast(mode):
                 logp, _ = sequence_log_probs_and_entropy(model, ids[a:b], attn[a:b], t)
-                out = compute_policy_loss("vespo", log_prob=logp, old_log_prob=old[a:b], advantages=adv[a:b],
-                                          response_mask=resp_mask[a:b], loss_agg_mode="token-mean",
-                                          global_num_tokens=n_tok, global_num_seqs=n_seq, norm_length=128)
+                out = compute_policy_loss(
+                    "vespo",
+                    log_prob=logp,
+                    old_log_prob=old[a:b],
+                    advantages=adv[a:b],
+                    response_mask=resp_mask[a:b],
+                    loss_agg_mode="token-mean",
+                    global_num_tokens=n_tok,
+                    global_num_seqs=n_seq,
+                    norm_length=128,
+                )
             out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -116,16 +125,21 @@ def child(spec: dict, seqs: int, steps: int, threads: int) -> dict:
         w0, c0 = time.perf_counter(), time.process_time()
         for a in range(0, seqs, micro):
             with precision.autocast(mode):
-                sequence_log_probs_and_entropy(model, ids[a:a + micro], attn[a:a + micro], t, grad=False)
+                sequence_log_probs_and_entropy(model, ids[a : a + micro], attn[a : a + micro], t, grad=False)
         old_wall, old_cpu = time.perf_counter() - w0, time.process_time() - c0
     tokens = float(attn.sum())
     return {
-        "spec": spec, "seqs": seqs, "width": PROMPT + t, "real_tokens": tokens,
+        "spec": spec,
+        "seqs": seqs,
+        "width": PROMPT + t,
+        "real_tokens": tokens,
         "pad_frac": 1 - tokens / attn.numel(),
-        "step_wall_s": sorted(wall)[len(wall) // 2], "step_cpu_s": sorted(cpu)[len(cpu) // 2],
+        "step_wall_s": sorted(wall)[len(wall) // 2],
+        "step_cpu_s": sorted(cpu)[len(cpu) // 2],
         "tokens_per_s_wall": tokens / sorted(wall)[len(wall) // 2],
         "tokens_per_s_cpu": tokens / sorted(cpu)[len(cpu) // 2] * threads,
-        "old_log_prob_wall_s": old_wall, "old_log_prob_cpu_s": old_cpu,
+        "old_log_prob_wall_s": old_wall,
+        "old_log_prob_cpu_s": old_cpu,
         "trainable_params": sum(p.numel() for p in params),
         "rss_after_load_gb": rss_loaded,
         "peak_rss_gb": precision.peak_rss_gb(),
@@ -148,8 +162,18 @@ def main() -> None:
     results: dict[str, dict] = {}
     t_start = time.perf_counter()
     for name in args.variants.split(","):
-        cmd = [sys.executable, __file__, "--child", json.dumps(VARIANTS[name]), "--seqs", str(args.seqs),
-               "--steps", str(args.steps), "--threads", str(args.threads)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            json.dumps(VARIANTS[name]),
+            "--seqs",
+            str(args.seqs),
+            "--steps",
+            str(args.steps),
+            "--threads",
+            str(args.threads),
+        ]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             results[name] = {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
@@ -157,8 +181,10 @@ def main() -> None:
             results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(json.dumps({name: results[name]}), flush=True)
     base = results.get("fp32", {})
-    lines = [f"{'variant':30s} {'tok/s wall':>10s} {'x fp32':>7s} {'tok/s cpu':>10s} {'x fp32':>7s} "
-             f"{'peak RSS GB':>11s} {'x fp32':>7s} {'pi_old s':>8s}"]
+    lines = [
+        f"{'variant':30s} {'tok/s wall':>10s} {'x fp32':>7s} {'tok/s cpu':>10s} {'x fp32':>7s} "
+        f"{'peak RSS GB':>11s} {'x fp32':>7s} {'pi_old s':>8s}"
+    ]
     for name, r in results.items():
         if "error" in r or "tokens_per_s_wall" not in base:
             lines.append(f"{name:30s} failed: {r.get('error')}" if "error" in r else f"{name:30s} (no fp32 baseline)")
@@ -166,12 +192,23 @@ def main() -> None:
         lines.append(
             f"{name:30s} {r['tokens_per_s_wall']:10.1f} {r['tokens_per_s_wall'] / base['tokens_per_s_wall']:7.2f} "
             f"{r['tokens_per_s_cpu']:10.1f} {r['tokens_per_s_cpu'] / base['tokens_per_s_cpu']:7.2f} "
-            f"{r['peak_rss_gb']:11.2f} {r['peak_rss_gb'] / base['peak_rss_gb']:7.2f} {r['old_log_prob_wall_s']:8.1f}")
+            f"{r['peak_rss_gb']:11.2f} {r['peak_rss_gb'] / base['peak_rss_gb']:7.2f} {r['old_log_prob_wall_s']:8.1f}"
+        )
     print("\n".join(lines))
     if args.out:
-        Path(args.out).write_text(json.dumps({"seqs": args.seqs, "steps": args.steps, "threads": args.threads,
-                                              "wall_s": time.perf_counter() - t_start, "results": results,
-                                              "table": lines}, indent=2))
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "seqs": args.seqs,
+                    "steps": args.steps,
+                    "threads": args.threads,
+                    "wall_s": time.perf_counter() - t_start,
+                    "results": results,
+                    "table": lines,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -63,9 +63,16 @@ TRAIN_SIZE = 2000
 
 def _env(threads: int) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
-               HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TRANSFORMERS_NO_ADVISORY_WARNINGS="1",
-               PYTHONWARNINGS="ignore", TQDM_DISABLE="1")
+    env.update(
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_VERBOSITY="error",
+        TRANSFORMERS_NO_ADVISORY_WARNINGS="1",
+        PYTHONWARNINGS="ignore",
+        TQDM_DISABLE="1",
+    )
     if threads > 1:  # spinning OpenMP workers on shared, busy cores make every op wait (see the docs)
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return env
@@ -74,33 +81,36 @@ def _env(threads: int) -> dict[str, str]:
 def _config(spec: dict, out_dir: str):
     from vespo.train.config import load_config
 
-    return load_config(DEFAULT_CONFIG, [
-        f"run.out_dir={out_dir}",
-        "run.seed=0",
-        f"run.threads={spec['threads']}",
-        "run.device=cpu",
-        f"run.total_steps={spec['staleness'] + spec['steps']}",
-        "warmup.steps=0",
-        f"task.train_size={TRAIN_SIZE}",
-        "eval.at_start=false",
-        "eval.every=1000000",
-        "eval.num_prompts=1",
-        "eval.avg_k=1",
-        "checkpoint.every=1000000",
-        "logging.tensorboard=false",
-        "logging.progress=false",
-        "algorithm.loss=vespo",
-        "algorithm.loss_agg_mode=token-mean",
-        f"algorithm.staleness={spec['staleness']}",
-        "algorithm.mini_batch_prompts=8",
-        # N > 1: both recompute pi_old with a no-grad forward; N = 1: TRL skips it (pi_old = detached
-        # pi_theta), ours takes the sampler's log-probs (same fp32 weights): no extra forward either side
-        f"algorithm.old_log_prob={'recompute' if spec['staleness'] > 1 else 'sampler'}",
-        "sampling.group_size=8",
-        f"sampling.max_new_tokens={spec['max_new_tokens']}",
-        "sampling.temperature=1.0",
-        "sampling.top_p=1.0",
-    ])
+    return load_config(
+        DEFAULT_CONFIG,
+        [
+            f"run.out_dir={out_dir}",
+            "run.seed=0",
+            f"run.threads={spec['threads']}",
+            "run.device=cpu",
+            f"run.total_steps={spec['staleness'] + spec['steps']}",
+            "warmup.steps=0",
+            f"task.train_size={TRAIN_SIZE}",
+            "eval.at_start=false",
+            "eval.every=1000000",
+            "eval.num_prompts=1",
+            "eval.avg_k=1",
+            "checkpoint.every=1000000",
+            "logging.tensorboard=false",
+            "logging.progress=false",
+            "algorithm.loss=vespo",
+            "algorithm.loss_agg_mode=token-mean",
+            f"algorithm.staleness={spec['staleness']}",
+            "algorithm.mini_batch_prompts=8",
+            # N > 1: both recompute pi_old with a no-grad forward; N = 1: TRL skips it (pi_old = detached
+            # pi_theta), ours takes the sampler's log-probs (same fp32 weights): no extra forward either side
+            f"algorithm.old_log_prob={'recompute' if spec['staleness'] > 1 else 'sampler'}",
+            "sampling.group_size=8",
+            f"sampling.max_new_tokens={spec['max_new_tokens']}",
+            "sampling.temperature=1.0",
+            "sampling.top_p=1.0",
+        ],
+    )
 
 
 # ------------------------------------------------------------------------------------ workers
@@ -167,14 +177,33 @@ def worker_trl(spec: dict) -> dict:
 
         n, steps = spec["staleness"], spec["steps"]
         args = GRPOConfig(
-            output_dir=out_dir, use_cpu=True, report_to=[], seed=0,
-            max_steps=n + steps, per_device_train_batch_size=64, gradient_accumulation_steps=1,
-            steps_per_generation=n, num_generations=8, num_iterations=1,
-            max_completion_length=spec["max_new_tokens"], temperature=1.0, top_p=1.0, top_k=0,
-            loss_type="vespo", beta=0.0, learning_rate=1e-4, weight_decay=0.01, max_grad_norm=1.0,
-            lr_scheduler_type="constant", warmup_steps=0,
-            logging_steps=1_000_000, save_strategy="no", eval_strategy="no", disable_tqdm=True,
-            dataloader_num_workers=0, log_completions=False,
+            output_dir=out_dir,
+            use_cpu=True,
+            report_to=[],
+            seed=0,
+            max_steps=n + steps,
+            per_device_train_batch_size=64,
+            gradient_accumulation_steps=1,
+            steps_per_generation=n,
+            num_generations=8,
+            num_iterations=1,
+            max_completion_length=spec["max_new_tokens"],
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            loss_type="vespo",
+            beta=0.0,
+            learning_rate=1e-4,
+            weight_decay=0.01,
+            max_grad_norm=1.0,
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            logging_steps=1_000_000,
+            save_strategy="no",
+            eval_strategy="no",
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            log_completions=False,
             # fp32 and no gradient checkpointing, like ours; "trl_defaults" keeps GRPOConfig's CPU
             # defaults instead (bf16 autocast, gradient checkpointing) as a point of reference
             **({} if spec.get("trl_defaults") else {"bf16": False, "gradient_checkpointing": False}),
@@ -189,11 +218,22 @@ def worker_trl(spec: dict) -> dict:
                 stamps.append(time.perf_counter())
                 cpu_stamps.append(time.process_time())
                 metrics = holder["trainer"]._metrics["train"]
-                seen.append({k: float(metrics[k][-1]) for k in
-                             ("completions/mean_length", "vespo/phi_seq_mean", "policy_loss") if metrics.get(k)})
+                seen.append(
+                    {
+                        k: float(metrics[k][-1])
+                        for k in ("completions/mean_length", "vespo/phi_seq_mean", "policy_loss")
+                        if metrics.get(k)
+                    }
+                )
 
-        trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset,
-                              processing_class=tokenizer, callbacks=[Stamp()])
+        trainer = GRPOTrainer(
+            model=model,
+            reward_funcs=reward,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            callbacks=[Stamp()],
+        )
         holder["trainer"] = trainer
         trainer.train()
         timed = seen[n:]
@@ -232,11 +272,19 @@ def worker_sampler(spec: dict) -> dict:
         ids = torch.full((batch, width), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
-        gen_cfg = GenerationConfig(do_sample=True, max_new_tokens=new, min_new_tokens=new, temperature=1.0,
-                                   top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=tokenizer.pad_token_id,
-                                   bos_token_id=tokenizer.bos_token_id)
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
+        gen_cfg = GenerationConfig(
+            do_sample=True,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            eos_token_id=None,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+        )
         gen = torch.Generator().manual_seed(0)
         ours = functools.partial(_sample_ours, sampler, prompts, new, tokenizer.pad_token_id, gen)
         hf = functools.partial(_sample_hf, model, ids, mask, gen_cfg)
@@ -246,13 +294,17 @@ def worker_sampler(spec: dict) -> dict:
         for name, fn in (("ours", ours), ("hf", hf)):  # untimed warm-up call each
             tokens[name] = fn()
         for r in range(spec["rounds"]):
-            for name, fn in ((("ours", ours), ("hf", hf)) if r % 2 == 0 else (("hf", hf), ("ours", ours))):
+            for name, fn in (("ours", ours), ("hf", hf)) if r % 2 == 0 else (("hf", hf), ("ours", ours)):
                 t0, c0 = time.perf_counter(), time.process_time()
                 tokens[name] = fn()
                 times[name].append(time.perf_counter() - t0)
                 cpu_times[name].append(time.process_time() - c0)
-        results[f"{batch}x{new}"] = {"times": times, "cpu_times": cpu_times, "tokens": tokens,
-                                     "expected_tokens": batch * new}
+        results[f"{batch}x{new}"] = {
+            "times": times,
+            "cpu_times": cpu_times,
+            "tokens": tokens,
+            "expected_tokens": batch * new,
+        }
     return {"threads": torch.get_num_threads(), "shapes": results}
 
 
@@ -279,7 +331,7 @@ def run_worker(kind: str, spec: dict) -> dict:
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
         raise SystemExit(f"worker {kind} failed (exit {proc.returncode})")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def steady_rate(stamps: list[float], warm: int, steps: int) -> tuple[float, list[float]]:
@@ -296,17 +348,30 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="8 timed steps, 1 trainer round, 3 sampler rounds")
     p.add_argument("--steps", type=int, default=16, help="timed optimizer steps per run (multiple of N)")
-    p.add_argument("--staleness", "-N", type=int, default=4,
-                   help="ours: algorithm.staleness; TRL: steps_per_generation (generation every N steps)")
+    p.add_argument(
+        "--staleness",
+        "-N",
+        type=int,
+        default=4,
+        help="ours: algorithm.staleness; TRL: steps_per_generation (generation every N steps)",
+    )
     p.add_argument("--repeats", type=int, default=5, help="trainer rounds (each runs both sides)")
     p.add_argument("--sampler-rounds", type=int, default=5)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads on both sides (1: see the docs on shared, oversubscribed cores)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads on both sides (1: see the docs on shared, oversubscribed cores)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=32, help="trainer response length")
     p.add_argument("--part", choices=("all", "trainer", "sampler"), default="all")
-    p.add_argument("--trl-defaults", action=argparse.BooleanOptionalAction, default=None,
-                   help="also time TRL with GRPOConfig's CPU defaults (bf16, gradient checkpointing); "
-                        "default: on, off with --quick")
+    p.add_argument(
+        "--trl-defaults",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time TRL with GRPOConfig's CPU defaults (bf16, gradient checkpointing); "
+        "default: on, off with --quick",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     p.add_argument("--worker", choices=tuple(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
@@ -325,10 +390,15 @@ def main(argv: list[str] | None = None) -> int:
 
     n = args.staleness
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"# trainer vs TRL GRPOTrainer, sampler vs model.generate ({args.threads} torch threads, "
-          f"{os.cpu_count()} cores, load average {load:.1f} at start)\n", flush=True)
-    report: dict = {"args": {k: str(v) for k, v in vars(args).items() if k not in ("worker", "spec")},
-                    "load_average_start": load}
+    print(
+        f"# trainer vs TRL GRPOTrainer, sampler vs model.generate ({args.threads} torch threads, "
+        f"{os.cpu_count()} cores, load average {load:.1f} at start)\n",
+        flush=True,
+    )
+    report: dict = {
+        "args": {k: str(v) for k, v in vars(args).items() if k not in ("worker", "spec")},
+        "load_average_start": load,
+    }
 
     if args.part in ("all", "trainer"):
         spec = {"threads": args.threads, "staleness": n, "steps": args.steps, "max_new_tokens": args.max_new_tokens}
@@ -340,14 +410,18 @@ def main(argv: list[str] | None = None) -> int:
             rates = {}
             for kind in order:
                 t0 = time.perf_counter()
-                res = run_worker("trl" if kind.startswith("trl") else kind,
-                                 {**spec, "trl_defaults": kind == "trl_defaults"})
+                res = run_worker(
+                    "trl" if kind.startswith("trl") else kind, {**spec, "trl_defaults": kind == "trl_defaults"}
+                )
                 res["rate"], res["per_step"] = steady_rate(res["stamps"], n, args.steps)
                 res["cpu_rate"], _ = steady_rate(res["cpu_stamps"], n, args.steps)
                 runs[kind].append(res)
                 rates[kind] = res["rate"]
-                print(f"round {r} {kind:12s}: {res['rate']:.3f} steps/s, {1 / res['cpu_rate']:.3f} CPU s/step (process {time.perf_counter() - t0:.0f} s, "
-                      f"{res['threads']} threads, mean response {res['mean_response_length']:.1f} tokens)", flush=True)
+                print(
+                    f"round {r} {kind:12s}: {res['rate']:.3f} steps/s, {1 / res['cpu_rate']:.3f} CPU s/step (process {time.perf_counter() - t0:.0f} s, "
+                    f"{res['threads']} threads, mean response {res['mean_response_length']:.1f} tokens)",
+                    flush=True,
+                )
             round_ratios.append(rates["ours"] / rates["trl"])
 
         def summary(kind: str) -> dict:
@@ -365,40 +439,67 @@ def main(argv: list[str] | None = None) -> int:
         summ = {kind: summary(kind) for kind in sides}
         ours = summ["ours"]
         ratio = ours["steps_per_s"] / summ["trl"]["steps_per_s"]
-        names = {"ours": "vespo `Trainer`", "trl": f"TRL {_trl_version()} `GRPOTrainer` (fp32, no grad. ckpt)",
-                 "trl_defaults": "TRL `GRPOTrainer`, GRPOConfig CPU defaults (bf16, grad. ckpt)"}
-        print(f"\n## Optimizer steps/s: 8 prompts x G=8 per step, {args.max_new_tokens} new tokens, "
-              f"generation every N={n} steps, {args.steps} timed steps x {args.repeats} round(s)\n")
-        print("| trainer | steps/s (median) | s/step | generation step (s) | other steps (s) "
-              "| CPU s/step | mean response (tokens) | vespo speed-up (wall) | vespo speed-up (CPU time) |")
+        names = {
+            "ours": "vespo `Trainer`",
+            "trl": f"TRL {_trl_version()} `GRPOTrainer` (fp32, no grad. ckpt)",
+            "trl_defaults": "TRL `GRPOTrainer`, GRPOConfig CPU defaults (bf16, grad. ckpt)",
+        }
+        print(
+            f"\n## Optimizer steps/s: 8 prompts x G=8 per step, {args.max_new_tokens} new tokens, "
+            f"generation every N={n} steps, {args.steps} timed steps x {args.repeats} round(s)\n"
+        )
+        print(
+            "| trainer | steps/s (median) | s/step | generation step (s) | other steps (s) "
+            "| CPU s/step | mean response (tokens) | vespo speed-up (wall) | vespo speed-up (CPU time) |"
+        )
         print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for kind in sides:
             s = summ[kind]
             speedup = "" if kind == "ours" else f"**{ours['steps_per_s'] / s['steps_per_s']:.2f}x**"
             cpu_speedup = "" if kind == "ours" else f"{s['cpu_s_per_step'] / ours['cpu_s_per_step']:.2f}x"
-            print(f"| {names[kind]} | {s['steps_per_s']:.3f} | {1 / s['steps_per_s']:.3f} | {s['gen_step_s']:.3f} | "
-                  f"{s['reuse_step_s']:.3f} | {s['cpu_s_per_step']:.3f} | {s['mean_response_length']:.1f} | "
-                  f"{speedup} | {cpu_speedup} |")
-        print(f"\nratio vespo / TRL (fp32), wall clock: {ratio:.2f}x (target >= 3x); per round: "
-              f"{', '.join(f'{x:.2f}x' for x in round_ratios)}; by CPU time: "
-              f"{summ['trl']['cpu_s_per_step'] / ours['cpu_s_per_step']:.2f}x\n", flush=True)
-        ours_split = {k: statistics.median(res[k] for res in runs["ours"]) for k in
-                      ("sample_time_s", "old_log_prob_time_s", "train_time_s")}
-        print(f"vespo, timed window of {args.steps} steps (medians, s): sampling {ours_split['sample_time_s']:.2f}, "
-              f"pi_old recompute {ours_split['old_log_prob_time_s']:.2f}, "
-              f"optimizer steps (fwd+bwd+AdamW) {ours_split['train_time_s']:.2f}\n")
-        report["trainer"] = {**summ, "ratio": ratio,
-                             "cpu_ratio": summ["trl"]["cpu_s_per_step"] / ours["cpu_s_per_step"], "round_ratios": round_ratios, "ours_breakdown": ours_split,
-                             "raw": {k: [{kk: vv for kk, vv in res.items() if kk != "stamps"} for res in v]
-                                     for k, v in runs.items()}}
+            print(
+                f"| {names[kind]} | {s['steps_per_s']:.3f} | {1 / s['steps_per_s']:.3f} | {s['gen_step_s']:.3f} | "
+                f"{s['reuse_step_s']:.3f} | {s['cpu_s_per_step']:.3f} | {s['mean_response_length']:.1f} | "
+                f"{speedup} | {cpu_speedup} |"
+            )
+        print(
+            f"\nratio vespo / TRL (fp32), wall clock: {ratio:.2f}x (target >= 3x); per round: "
+            f"{', '.join(f'{x:.2f}x' for x in round_ratios)}; by CPU time: "
+            f"{summ['trl']['cpu_s_per_step'] / ours['cpu_s_per_step']:.2f}x\n",
+            flush=True,
+        )
+        ours_split = {
+            k: statistics.median(res[k] for res in runs["ours"])
+            for k in ("sample_time_s", "old_log_prob_time_s", "train_time_s")
+        }
+        print(
+            f"vespo, timed window of {args.steps} steps (medians, s): sampling {ours_split['sample_time_s']:.2f}, "
+            f"pi_old recompute {ours_split['old_log_prob_time_s']:.2f}, "
+            f"optimizer steps (fwd+bwd+AdamW) {ours_split['train_time_s']:.2f}\n"
+        )
+        report["trainer"] = {
+            **summ,
+            "ratio": ratio,
+            "cpu_ratio": summ["trl"]["cpu_s_per_step"] / ours["cpu_s_per_step"],
+            "round_ratios": round_ratios,
+            "ours_breakdown": ours_split,
+            "raw": {k: [{kk: vv for kk, vv in res.items() if kk != "stamps"} for res in v] for k, v in runs.items()},
+        }
 
     if args.part in ("all", "sampler"):
         shapes = [(64, 48), (n * 64, args.max_new_tokens)]
-        spec = {"threads": args.threads, "staleness": n, "max_new_tokens": args.max_new_tokens,
-                "rounds": args.sampler_rounds, "shapes": shapes}
+        spec = {
+            "threads": args.threads,
+            "staleness": n,
+            "max_new_tokens": args.max_new_tokens,
+            "rounds": args.sampler_rounds,
+            "shapes": shapes,
+        }
         res = run_worker("sampler", spec)
-        print(f"## Sampling tokens/s: `Sampler.generate` vs `model.generate(do_sample=True)`, EOS disabled, "
-              f"{args.sampler_rounds} interleaved rounds ({res['threads']} threads)\n")
+        print(
+            f"## Sampling tokens/s: `Sampler.generate` vs `model.generate(do_sample=True)`, EOS disabled, "
+            f"{args.sampler_rounds} interleaved rounds ({res['threads']} threads)\n"
+        )
         print("| batch x new tokens | `Sampler.generate` tok/s | `model.generate` tok/s | ratio | ratio by CPU time |")
         print("|---|---:|---:|---:|---:|")
         report["sampler"] = {}
@@ -408,10 +509,17 @@ def main(argv: list[str] | None = None) -> int:
                     raise SystemExit(f"{name} generated {r['tokens'][name]} tokens, expected {r['expected_tokens']}")
             tps = {name: r["expected_tokens"] / statistics.median(r["times"][name]) for name in ("ours", "hf")}
             cpu_ratio = statistics.median(r["cpu_times"]["hf"]) / statistics.median(r["cpu_times"]["ours"])
-            print(f"| {key} | {tps['ours']:,.0f} | {tps['hf']:,.0f} | **{tps['ours'] / tps['hf']:.2f}x** | "
-                  f"{cpu_ratio:.2f}x |")
-            report["sampler"][key] = {"tokens_per_s": tps, "ratio": tps["ours"] / tps["hf"], "cpu_ratio": cpu_ratio,
-                                      "times": r["times"], "cpu_times": r["cpu_times"]}
+            print(
+                f"| {key} | {tps['ours']:,.0f} | {tps['hf']:,.0f} | **{tps['ours'] / tps['hf']:.2f}x** | "
+                f"{cpu_ratio:.2f}x |"
+            )
+            report["sampler"][key] = {
+                "tokens_per_s": tps,
+                "ratio": tps["ours"] / tps["hf"],
+                "cpu_ratio": cpu_ratio,
+                "times": r["times"],
+                "cpu_times": r["cpu_times"],
+            }
         print(flush=True)
 
     report["load_average_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

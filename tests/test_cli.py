@@ -12,7 +12,9 @@ from vespo import cli
 @pytest.mark.parametrize("argv", [["train"], ["eval", "runs/x"], ["plot", "runs/x"], ["kernels"], ["warmup"]])
 def test_trainer_commands_without_the_train_extra_name_it(monkeypatch, capsys, argv):
     real = importlib.util.find_spec
-    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name, *a: None if name == "pydantic" else real(name, *a))
+    monkeypatch.setattr(
+        cli.importlib.util, "find_spec", lambda name, *a: None if name == "pydantic" else real(name, *a)
+    )
     assert cli.main(argv) == cli.EXIT_USAGE
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
@@ -21,7 +23,9 @@ def test_trainer_commands_without_the_train_extra_name_it(monkeypatch, capsys, a
 
 def test_losses_runs_on_the_base_install(monkeypatch, capsys):
     real = importlib.util.find_spec
-    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name, *a: None if name in cli.TRAIN_MODULES else real(name, *a))
+    monkeypatch.setattr(
+        cli.importlib.util, "find_spec", lambda name, *a: None if name in cli.TRAIN_MODULES else real(name, *a)
+    )
     assert cli.main(["losses"]) == 0
     out = capsys.readouterr().out
     assert "vespo (sequence)" in out and "k_pos=2.0" in out

@@ -198,15 +198,17 @@ def make_task(spec: TaskSpec, seeds: Sequence[int], dtype: torch.dtype = torch.f
     logits[:, :, key_pos] = key_logits.scatter(-1, tgt, new_tgt)
     if spec.min_length is not None:  # EOS (token 0) with probability h at every later position
         h = spec.stop_rate / (t - spec.min_length)
-        tail = logits[:, :, spec.min_length:]
+        tail = logits[:, :, spec.min_length :]
         rest = torch.logsumexp(tail[..., 1:], -1)
-        logits[:, :, spec.min_length:, :, 0] = math.log(h / (1 - h)) + rest
-    return Task(spec=spec, key_pos=key_pos, targets=targets, init_logits=logits.to(dtype),
-                seeds=tuple(int(s) for s in seeds))
+        logits[:, :, spec.min_length :, :, 0] = math.log(h / (1 - h)) + rest
+    return Task(
+        spec=spec, key_pos=key_pos, targets=targets, init_logits=logits.to(dtype), seeds=tuple(int(s) for s in seeds)
+    )
 
 
-def _forward(logits: torch.Tensor, task: Task, ref: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _forward(
+    logits: torch.Tensor, task: Task, ref: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Exact forward pass over positions for [S, P, T, C, V] logits.
 
     The state after position t is (context for t + 1, number of correct keys so far); its
@@ -404,8 +406,9 @@ def sample_batch(
     b = pid.numel()
     log_pi = _log_softmax(logits, -1)  # trainer
     per_response = mismatch.kind == "noise" and mismatch.scale > 0
-    log_mu = log_pi if mismatch.kind == "none" or per_response else _log_softmax(
-        mismatch.sampler_logits(logits, gen), -1)
+    log_mu = (
+        log_pi if mismatch.kind == "none" or per_response else _log_softmax(mismatch.sampler_logits(logits, gen), -1)
+    )
     if c == 1:  # no context: every position at once
         rows = log_mu[:, pid, :, 0]  # [S, B, T, V]
         if per_response:
@@ -459,8 +462,13 @@ def response_mask(tokens: torch.Tensor, spec: TaskSpec) -> torch.Tensor | None:
 
 
 def sample_rollout(
-    logits: torch.Tensor, task: Task, n_minibatches: int, gen: torch.Generator,
-    mismatch: Mismatch = Mismatch(), behaviour_step: int = 0, max_chunk: int = 64,
+    logits: torch.Tensor,
+    task: Task,
+    n_minibatches: int,
+    gen: torch.Generator,
+    mismatch: Mismatch = Mismatch(),
+    behaviour_step: int = 0,
+    max_chunk: int = 64,
 ) -> list[Batch]:
     """A rollout batch of N mini-batches, all drawn from the same behaviour weights ``logits``.
 
@@ -475,12 +483,18 @@ def sample_rollout(
         big = sample_batch(logits, task, gen, mismatch, prompt_ids=layout.repeat(n))
         for j in range(n):
             sl = slice(j * b, (j + 1) * b)
-            out.append(Batch(
-                tokens=big.tokens[:, sl], prompt_ids=layout, old_log_prob=big.old_log_prob[:, sl],
-                sampler_log_prob=big.sampler_log_prob[:, sl], rewards=big.rewards[:, sl],
-                staleness=len(out), behaviour_step=behaviour_step,
-                mask=None if big.mask is None else big.mask[:, sl],
-            ))
+            out.append(
+                Batch(
+                    tokens=big.tokens[:, sl],
+                    prompt_ids=layout,
+                    old_log_prob=big.old_log_prob[:, sl],
+                    sampler_log_prob=big.sampler_log_prob[:, sl],
+                    rewards=big.rewards[:, sl],
+                    staleness=len(out),
+                    behaviour_step=behaviour_step,
+                    mask=None if big.mask is None else big.mask[:, sl],
+                )
+            )
     return out
 
 
@@ -548,8 +562,16 @@ def loss_on_batch(
     s, b, t = log_prob.shape
     if batch.mask is not None:
         outs = [
-            loss_on_batch(loss, log_prob[i:i + 1], _seed_slice(batch, i), advantages[i:i + 1], is_source=is_source,
-                          loss_params=loss_params, loss_agg_mode=loss_agg_mode, _mask=batch.mask[i])
+            loss_on_batch(
+                loss,
+                log_prob[i : i + 1],
+                _seed_slice(batch, i),
+                advantages[i : i + 1],
+                is_source=is_source,
+                loss_params=loss_params,
+                loss_agg_mode=loss_agg_mode,
+                _mask=batch.mask[i],
+            )
             for i in range(s)
         ]
         keys = set.intersection(*(set(o.metrics) for o in outs))
@@ -557,8 +579,16 @@ def loss_on_batch(
             loss=sum(o.loss for o in outs) / s,
             metrics={k: sum(o.metrics[k] for o in outs) / s for k in keys},
         )
-    return _loss_call(loss, log_prob, batch, advantages, is_source=is_source, loss_params=loss_params,
-                      loss_agg_mode=loss_agg_mode, mask=_mask)
+    return _loss_call(
+        loss,
+        log_prob,
+        batch,
+        advantages,
+        is_source=is_source,
+        loss_params=loss_params,
+        loss_agg_mode=loss_agg_mode,
+        mask=_mask,
+    )
 
 
 @dataclass
@@ -570,13 +600,29 @@ class PooledOutput:
 
 
 def _seed_slice(batch: Batch, i: int) -> Batch:
-    return Batch(tokens=batch.tokens[i:i + 1], prompt_ids=batch.prompt_ids, old_log_prob=batch.old_log_prob[i:i + 1],
-                 sampler_log_prob=batch.sampler_log_prob[i:i + 1], rewards=batch.rewards[i:i + 1],
-                 staleness=batch.staleness, behaviour_step=batch.behaviour_step, mask=None)
+    return Batch(
+        tokens=batch.tokens[i : i + 1],
+        prompt_ids=batch.prompt_ids,
+        old_log_prob=batch.old_log_prob[i : i + 1],
+        sampler_log_prob=batch.sampler_log_prob[i : i + 1],
+        rewards=batch.rewards[i : i + 1],
+        staleness=batch.staleness,
+        behaviour_step=batch.behaviour_step,
+        mask=None,
+    )
 
 
-def _loss_call(loss: str, log_prob: torch.Tensor, batch: Batch, advantages: torch.Tensor, *, is_source: str,
-               loss_params: dict[str, Any] | None, loss_agg_mode: str, mask: torch.Tensor | None = None):
+def _loss_call(
+    loss: str,
+    log_prob: torch.Tensor,
+    batch: Batch,
+    advantages: torch.Tensor,
+    *,
+    is_source: str,
+    loss_params: dict[str, Any] | None,
+    loss_agg_mode: str,
+    mask: torch.Tensor | None = None,
+):
     s, b, t = log_prob.shape
     kw: dict[str, Any] = dict(loss_params or {})
     if is_source == "trainer":
@@ -601,8 +647,9 @@ def _loss_call(loss: str, log_prob: torch.Tensor, batch: Batch, advantages: torc
         if extra:  # the token-TIS weights enter log W as in the loss call
             from vespo.losses import rollout_correction
 
-            corr = rollout_correction(inputs["old_log_prob"], extra["rollout_log_prob"], inputs["response_mask"],
-                                      extra["correction"])
+            corr = rollout_correction(
+                inputs["old_log_prob"], extra["rollout_log_prob"], inputs["response_mask"], extra["correction"]
+            )
             seq = vespo_adaptive_seq_inputs(**inputs, rollout_is_weights=corr.weights)
         else:
             seq = vespo_adaptive_seq_inputs(**inputs)
@@ -672,8 +719,11 @@ class Policy:
         if self.spec.kind == "table":
             return self.base + ps[0]
         emb_p, emb_t, emb_c, w1, b1, w2, w3 = ps
-        pre = (torch.einsum("spd,sdh->sph", emb_p, w1)[:, :, None]
-               + torch.einsum("std,sdh->sth", emb_t, w1)[:, None] + b1[:, None, None])  # [S, P, T, H]
+        pre = (
+            torch.einsum("spd,sdh->sph", emb_p, w1)[:, :, None]
+            + torch.einsum("std,sdh->sth", emb_t, w1)[:, None]
+            + b1[:, None, None]
+        )  # [S, P, T, H]
         d_pt = torch.einsum("spth,shv->sptv", torch.tanh(pre), w2)  # [S, P, T, V]
         d_c = torch.einsum("scd,sdv->scv", emb_c, w3)  # [S, C, V]
         return self.base + d_pt[:, :, :, None] + d_c[:, None, None]
@@ -697,8 +747,14 @@ class VecAdam:
     actor default is 1.0).
     """
 
-    def __init__(self, params: Sequence[torch.Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, grad_clip: float | None = 1.0):
+    def __init__(
+        self,
+        params: Sequence[torch.Tensor],
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        grad_clip: float | None = 1.0,
+    ):
         self.params, self.lr, self.betas, self.eps, self.grad_clip = list(params), lr, betas, eps, grad_clip
         self.m = [torch.zeros_like(p) for p in self.params]
         self.v = [torch.zeros_like(p) for p in self.params]
@@ -855,8 +911,9 @@ def train(
         beh.append(batch.behaviour_step)
         log_prob = token_log_probs(pol.logits(theta), batch.prompt_ids, batch.tokens)
         adv = compute_advantages(batch.rewards, task.spec.group_size, adv_mode)
-        out = loss_on_batch(loss, log_prob, batch, adv, is_source=is_source, loss_params=loss_params,
-                            loss_agg_mode=loss_agg_mode)
+        out = loss_on_batch(
+            loss, log_prob, batch, adv, is_source=is_source, loss_params=loss_params, loss_agg_mode=loss_agg_mode
+        )
         grads = torch.autograd.grad(out.loss * s_count, theta)
         gnorms.append(float(opt.step(grads).mean()))
         step_metrics = dict(out.metrics)
@@ -877,14 +934,19 @@ def train(
                 window[name] = []
     kept = {k: v for k, v in metrics.items() if any(x == x for x in v)}
     by_stale = {
-        name: [sum(v) / len(v) if v else float("nan") for v in lists]
-        for name, lists in by_k.items()
-        if any(lists)
+        name: [sum(v) / len(v) if v else float("nan") for v in lists] for name, lists in by_k.items() if any(lists)
     }
     return TrainResult(
-        eval_steps=eval_steps, reward=reward, entropy=entropy, metrics=kept,
-        metrics_by_staleness=by_stale, staleness=stal, behaviour_step=beh, grad_norm=gnorms,
-        seconds=time.perf_counter() - start, cpu_seconds=time.process_time() - cpu_start,
+        eval_steps=eval_steps,
+        reward=reward,
+        entropy=entropy,
+        metrics=kept,
+        metrics_by_staleness=by_stale,
+        staleness=stal,
+        behaviour_step=beh,
+        grad_norm=gnorms,
+        seconds=time.perf_counter() - start,
+        cpu_seconds=time.process_time() - cpu_start,
         params=[p.detach().clone() for p in theta] if keep_params else None,
     )
 
@@ -894,8 +956,9 @@ def train(
 # ---------------------------------------------------------------------------------------------
 
 
-def perturb_to_kl(policy: Policy, params: Sequence[torch.Tensor], kl: float, gen: torch.Generator,
-                  tol: float = 1e-3) -> list[torch.Tensor]:
+def perturb_to_kl(
+    policy: Policy, params: Sequence[torch.Tensor], kl: float, gen: torch.Generator, tol: float = 1e-3
+) -> list[torch.Tensor]:
     """params + eps * Z (Z ~ N(0, 1) per parameter) with eps set by bisection so that the mean
     per-token KL(pi_params || pi_new) along pi_params' trajectories equals ``kl``."""
     if kl <= 0:
@@ -995,12 +1058,14 @@ def logit_gradients(
     return g, out.metrics
 
 
-def stack_batches(logits: torch.Tensor, task: Task, n: int, gen: torch.Generator,
-                  mismatch: Mismatch = Mismatch()) -> Batch:
+def stack_batches(
+    logits: torch.Tensor, task: Task, n: int, gen: torch.Generator, mismatch: Mismatch = Mismatch()
+) -> Batch:
     """R = ``n`` independent mini-batches of a single instance, stacked on the seed axis."""
     big = logits.expand(n, *logits.shape[1:])
-    task_r = Task(task.spec, task.key_pos, task.targets.expand(n, *task.targets.shape[1:]),
-                  task.init_logits, task.seeds)
+    task_r = Task(
+        task.spec, task.key_pos, task.targets.expand(n, *task.targets.shape[1:]), task.init_logits, task.seeds
+    )
     return sample_batch(big, task_r, gen, mismatch)
 
 
@@ -1100,8 +1165,18 @@ def gradient_study(
     if drift_kl is not None:
         pi_params = perturb_to_kl(pol, mu_params, drift_kl, gen)
     elif drift_steps > 0:
-        res = train("reinforce", task, n_stale=1, steps=drift_steps, lr=drift_lr, policy=policy,
-                    eval_every=drift_steps, sample_seed=seed + 99, keep_params=True, init_params=mu_params)
+        res = train(
+            "reinforce",
+            task,
+            n_stale=1,
+            steps=drift_steps,
+            lr=drift_lr,
+            policy=policy,
+            eval_every=drift_steps,
+            sample_seed=seed + 99,
+            keep_params=True,
+            init_params=mu_params,
+        )
         assert res.params is not None
         pi_params = res.params
     else:
@@ -1123,8 +1198,9 @@ def gradient_study(
         n = min(chunk, n_batches - done)
         batches = stack_batches(mu_logits, task, n, gen, mismatch)
         for label, (name, params) in losses.items():
-            g, metrics = logit_gradients(name, pi_logits, batches, task, loss_params=params,
-                                         adv_mode=adv_mode, is_source=is_source)
+            g, metrics = logit_gradients(
+                name, pi_logits, batches, task, loss_params=params, adv_mode=adv_mode, is_source=is_source
+            )
             acc[label].add(pull_back(g), true_grad, metrics)
         done += n
     with torch.no_grad():

@@ -31,8 +31,16 @@ EXIT_USAGE = 2
 
 #: Modules of the ``train`` extra (pyproject.toml), by the name they are imported under.
 TRAIN_MODULES = (
-    "numpy", "transformers", "safetensors", "yaml", "pydantic", "rich", "matplotlib", "tensorboard",
-    "reasoning_gym", "math_verify",
+    "numpy",
+    "transformers",
+    "safetensors",
+    "yaml",
+    "pydantic",
+    "rich",
+    "matplotlib",
+    "tensorboard",
+    "reasoning_gym",
+    "math_verify",
 )
 #: Commands that run on the base install alone.
 BASE_COMMANDS = frozenset({"losses"})
@@ -130,9 +138,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         grid["run.seed"] = [int(s) for s in args.seeds.split(",")]
     if not grid:
         raise ValueError("give at least one --grid key=v1,v2 (or --seeds)")
-    results = run_sweep(out=args.out, grid=grid, config=args.config or str(_default_config()),
-                        overrides=args.overrides, jobs=args.jobs, threads_per_job=args.threads,
-                        report_only=args.report_only)
+    results = run_sweep(
+        out=args.out,
+        grid=grid,
+        config=args.config or str(_default_config()),
+        overrides=args.overrides,
+        jobs=args.jobs,
+        threads_per_job=args.threads,
+        report_only=args.report_only,
+    )
     from vespo.experiment.sweep import results_table
 
     print(results_table(results))
@@ -186,14 +200,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", help="comma-separated run.seed values")
     p.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1)), help="runs at a time")
     p.add_argument("--threads", type=int, help="torch threads per run (default: cores / jobs)")
-    p.add_argument("--report-only", action="store_true",
-                   help="train nothing; write results and plots of the cells evaluated so far")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing; write results and plots of the cells evaluated so far",
+    )
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("eval", help="evaluate the latest checkpoint (or the best weights) of a run")
     p.add_argument("run_dir")
-    p.add_argument("--which", choices=("latest", "best"), default="latest",
-                   help="the latest checkpoint (default) or the best weights seen in evaluation")
+    p.add_argument(
+        "--which",
+        choices=("latest", "best"),
+        default="latest",
+        help="the latest checkpoint (default) or the best weights seen in evaluation",
+    )
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval.num_prompts=512")
     p.set_defaults(func=cmd_eval)
 
@@ -222,7 +243,9 @@ def _file_in_traceback(exc: BaseException) -> str | None:
         tb = tb.tb_next
     for frame in reversed(frames):
         for value in frame.f_locals.values():
-            if isinstance(value, (io.TextIOWrapper, io.BufferedReader)) and isinstance(getattr(value, "name", None), str):
+            if isinstance(value, (io.TextIOWrapper, io.BufferedReader)) and isinstance(
+                getattr(value, "name", None), str
+            ):
                 return value.name
         for name in ("path", "filename", "file", "p"):
             value = frame.f_locals.get(name)

@@ -30,8 +30,13 @@ def effective_weights(name: str, ratios: Sequence[float] | torch.Tensor, advanta
     mask = torch.ones_like(w, dtype=torch.bool)
     # token-sum makes d loss / d log pi_b = -phi_b * A exactly, with no batch normaliser.
     out = compute_policy_loss(
-        name, log_prob=log_prob, old_log_prob=old, advantages=adv, response_mask=mask,
-        loss_agg_mode="token-sum", **params,
+        name,
+        log_prob=log_prob,
+        old_log_prob=old,
+        advantages=adv,
+        response_mask=mask,
+        loss_agg_mode="token-sum",
+        **params,
     )
     (grad,) = torch.autograd.grad(out.loss, log_prob)
     return (-grad / advantage).reshape(-1).detach() + 0.0  # + 0.0 turns -0.0 into 0.0

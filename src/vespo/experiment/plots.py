@@ -53,7 +53,7 @@ def plot_kernels(path: str | Path, losses: Sequence[str] | None = None, w_max: f
         ax.set_xlim(0, w_max)
         ax.set_ylim(-0.05, 2.2)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(names):]:
+    for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     for ax in axes[-1]:
         ax.set_xlabel("ratio W = pi_theta / mu")
@@ -61,8 +61,8 @@ def plot_kernels(path: str | Path, losses: Sequence[str] | None = None, w_max: f
         ax.set_ylabel("phi(W)")
     axes.flat[0].legend(loc="upper right", fontsize=8)
     fig.suptitle(
-        "Effective weight phi(W) on A * grad log pi of each loss (one-token sequence, via autograd);"
-        " dashed: VESPO", fontsize=10,
+        "Effective weight phi(W) on A * grad log pi of each loss (one-token sequence, via autograd); dashed: VESPO",
+        fontsize=10,
     )
     return save_figure(fig, path)
 
@@ -158,7 +158,7 @@ def plot_runs(
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
     return save_figure(fig, path)

@@ -144,7 +144,7 @@ def build_cells(grid: dict[str, list[Any]]) -> list[Cell]:
         name = "_".join(_short(k, v) for k, v in values.items())
         if len(name) > MAX_NAME:  # keep directory names short and still unique
             digest = hashlib.sha1(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
-            name = f"{name[:MAX_NAME - 9]}-{digest}"
+            name = f"{name[: MAX_NAME - 9]}-{digest}"
         overrides = [o for k, v in values.items() for o in cell_overrides(k, v)]
         cells.append(Cell(name, overrides, values))
     seen: dict[str, Cell] = {}
@@ -152,7 +152,8 @@ def build_cells(grid: dict[str, list[Any]]) -> list[Cell]:
         if cell.name in seen:
             raise ConfigError(
                 f"two grid cells would share the run directory '{cell.name}': {seen[cell.name].values} and "
-                f"{cell.values}; remove repeated values or make them distinct")
+                f"{cell.values}; remove repeated values or make them distinct"
+            )
         seen[cell.name] = cell
     return cells
 
@@ -196,8 +197,11 @@ def run_sweep(
         names = {c.name for c in cells}
         others = sorted(p.name for p in (out / "cells").glob("*") if p.is_dir() and p.name not in names)
         if others:
-            print(f"[sweep] {len(others)} cell directories are not in this grid and are left out: "
-                  f"{', '.join(others[:5])}{' ...' if len(others) > 5 else ''}", flush=True)
+            print(
+                f"[sweep] {len(others)} cell directories are not in this grid and are left out: "
+                f"{', '.join(others[:5])}{' ...' if len(others) > 5 else ''}",
+                flush=True,
+            )
         old_failures: list[str] = []
         if (out / "results.json").exists():
             old_failures = [f for f in json.loads((out / "results.json").read_text()).get("failures", []) if f in names]
@@ -211,8 +215,16 @@ def run_sweep(
         weights = warm_dir / "warmup" / "model.safetensors"
         if not weights.exists():
             print(f"[sweep] warm-up once for all cells -> {warm_dir}", flush=True)
-            cmd = [sys.executable, "-m", "vespo.cli", "warmup"] + ([config] if config else []) + [
-                *overrides, f"run.out_dir={warm_dir}", f"run.threads={os.cpu_count() or 1}", "logging.progress=false"]
+            cmd = (
+                [sys.executable, "-m", "vespo.cli", "warmup"]
+                + ([config] if config else [])
+                + [
+                    *overrides,
+                    f"run.out_dir={warm_dir}",
+                    f"run.threads={os.cpu_count() or 1}",
+                    "logging.progress=false",
+                ]
+            )
             subprocess.run(cmd, check=True)
         common += [f"model.init_from={weights}", "warmup.steps=0"]
 
@@ -249,8 +261,11 @@ def run_sweep(
             status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see {cell.name}.log)"
             if proc.returncode != 0:
                 failures.append(cell.name)
-            print(f"[sweep] {done}/{total} {cell.name}: {status} in {time.time() - t0:.0f} s "
-                  f"(sweep {time.time() - started:.0f} s)", flush=True)
+            print(
+                f"[sweep] {done}/{total} {cell.name}: {status} in {time.time() - t0:.0f} s "
+                f"(sweep {time.time() - started:.0f} s)",
+                flush=True,
+            )
     results = write_report(out, cells, failures, base_loss=base.algorithm.loss)
     if failures:
         raise RuntimeError(f"{len(failures)} sweep cells failed: {', '.join(failures)}")
@@ -277,7 +292,7 @@ def read_rows(run_dir: Path) -> list[dict[str, Any]]:
 def tail_mean(rows: list[dict[str, Any]], key: str) -> float | None:
     """Mean of a finite ``key`` over the last 10 % of the training steps (at least one)."""
     train = [r for r in rows if "reward/mean" in r]
-    tail = train[-max(1, len(train) // 10):]
+    tail = train[-max(1, len(train) // 10) :]
     vals = [r[key] for r in tail if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
     return sum(vals) / len(vals) if vals else None
 
@@ -290,25 +305,27 @@ def collect_results(out: Path, cells: list[Cell], base_loss: str = "?") -> dict[
         evals = [r for r in rows if r.get("eval/accuracy") is not None]
         if not evals:
             continue
-        per_cell.append({
-            "name": cell.name,
-            "variant": variant_label(cell.values, base_loss),
-            **{k: v for k, v in cell.values.items()},
-            "start_accuracy": evals[0]["eval/accuracy"],
-            "final_accuracy": evals[-1]["eval/accuracy"],
-            "best_accuracy": max(e["eval/accuracy"] for e in evals),
-            "final_step": evals[-1].get("step"),
-            "done": (cell.run_dir(out) / "summary.json").exists(),
-            "final_reward": tail_mean(rows, "reward/mean"),
-            "abs_log_w": tail_mean(rows, "is/abs_log_w_mean"),
-            "phi_mean": tail_mean(rows, "phi/mean"),
-            "phi_below_001": tail_mean(rows, "phi/frac_below_0.01"),
-            "clip_frac": tail_mean(rows, "loss/clip_frac"),
-            "ess": tail_mean(rows, "is/ess"),
-            "entropy": tail_mean(rows, "policy/entropy"),
-            "response_length": tail_mean(rows, "response/length_mean"),
-            "wall_time_s": rows[-1].get("perf/elapsed_s") if rows else None,
-        })
+        per_cell.append(
+            {
+                "name": cell.name,
+                "variant": variant_label(cell.values, base_loss),
+                **{k: v for k, v in cell.values.items()},
+                "start_accuracy": evals[0]["eval/accuracy"],
+                "final_accuracy": evals[-1]["eval/accuracy"],
+                "best_accuracy": max(e["eval/accuracy"] for e in evals),
+                "final_step": evals[-1].get("step"),
+                "done": (cell.run_dir(out) / "summary.json").exists(),
+                "final_reward": tail_mean(rows, "reward/mean"),
+                "abs_log_w": tail_mean(rows, "is/abs_log_w_mean"),
+                "phi_mean": tail_mean(rows, "phi/mean"),
+                "phi_below_001": tail_mean(rows, "phi/frac_below_0.01"),
+                "clip_frac": tail_mean(rows, "loss/clip_frac"),
+                "ess": tail_mean(rows, "is/ess"),
+                "entropy": tail_mean(rows, "policy/entropy"),
+                "response_length": tail_mean(rows, "response/length_mean"),
+                "wall_time_s": rows[-1].get("perf/elapsed_s") if rows else None,
+            }
+        )
     return {"cells": per_cell}
 
 
@@ -359,16 +376,20 @@ def results_table(results: dict[str, Any]) -> str:
     start = group_cells(results, "start_accuracy")
     phi_low = group_cells(results, "phi_below_001")
     unfinished = {(_method(c), c.get("algorithm.staleness", "?")) for c in results["cells"] if c.get("done") is False}
-    lines = ["| N | method | seeds | start acc | final acc (mean ± std) | best acc (mean ± std) | phi<0.01 share |",
-             "|---|---|---|---|---|---|---|"]
-    for (loss, n) in sorted(final, key=lambda k: (float(k[1]) if isinstance(k[1], (int, float)) else 0, k[0])):
+    lines = [
+        "| N | method | seeds | start acc | final acc (mean ± std) | best acc (mean ± std) | phi<0.01 share |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for loss, n in sorted(final, key=lambda k: (float(k[1]) if isinstance(k[1], (int, float)) else 0, k[0])):
         fm, fs = mean_std(final[(loss, n)])
         bm, bs = mean_std(best[(loss, n)])
         sm, _ = mean_std(start[(loss, n)])
         pl = phi_low.get((loss, n))
         pl_text = f"{mean_std(pl)[0]:.2f}" if pl else "-"
         mark = "*" if (loss, n) in unfinished else ""
-        lines.append(f"| {n} | {loss}{mark} | {len(final[(loss, n)])} | {sm:.3f} | {fm:.3f} ± {fs:.3f} | {bm:.3f} ± {bs:.3f} | {pl_text} |")
+        lines.append(
+            f"| {n} | {loss}{mark} | {len(final[(loss, n)])} | {sm:.3f} | {fm:.3f} ± {fs:.3f} | {bm:.3f} ± {bs:.3f} | {pl_text} |"
+        )
     if unfinished:
         lines.append("\n\\* a run of this row has not finished: its final accuracy is its last evaluation so far.")
     return "\n".join(lines) + "\n"
@@ -393,8 +414,11 @@ def plot_sweep(out: Path, results: dict[str, Any]) -> list[Path]:
     cmap = plt.get_cmap("viridis")
     for ax, method in zip(axes[0], methods):
         for i, n in enumerate(staleness):
-            curves = [read_rows(out / "cells" / c["name"]) for c in cells
-                      if _method(c) == method and c.get("algorithm.staleness") == n]
+            curves = [
+                read_rows(out / "cells" / c["name"])
+                for c in cells
+                if _method(c) == method and c.get("algorithm.staleness") == n
+            ]
             curves = [[r for r in rows if "reward/mean" in r] for rows in curves]
             curves = [c for c in curves if c]
             if not curves:
@@ -402,8 +426,16 @@ def plot_sweep(out: Path, results: dict[str, Any]) -> list[Path]:
             length = min(len(c) for c in curves)
             mean = [sum(c[j]["reward/mean"] for c in curves) / len(curves) for j in range(length)]
             window = max(1, length // 25)
-            smooth = [sum(mean[max(0, j - window + 1): j + 1]) / len(mean[max(0, j - window + 1): j + 1]) for j in range(length)]
-            ax.plot([curves[0][j]["step"] for j in range(length)], smooth, color=cmap(i / max(1, len(staleness) - 1)), label=f"N={n}")
+            smooth = [
+                sum(mean[max(0, j - window + 1) : j + 1]) / len(mean[max(0, j - window + 1) : j + 1])
+                for j in range(length)
+            ]
+            ax.plot(
+                [curves[0][j]["step"] for j in range(length)],
+                smooth,
+                color=cmap(i / max(1, len(staleness) - 1)),
+                label=f"N={n}",
+            )
         ax.set_title(method, fontsize=9 if len(method) > 20 else 11)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
@@ -419,8 +451,15 @@ def plot_sweep(out: Path, results: dict[str, Any]) -> list[Path]:
         if not ns:
             continue
         stats = [mean_std(final[(method, n)]) for n in ns]
-        ax.errorbar([float(n) for n in ns], [m for m, _ in stats], yerr=[s for _, s in stats], marker="o",
-                    capsize=3, label=method, linewidth=2.5 if method == "vespo" else 1.2)
+        ax.errorbar(
+            [float(n) for n in ns],
+            [m for m, _ in stats],
+            yerr=[s for _, s in stats],
+            marker="o",
+            capsize=3,
+            label=method,
+            linewidth=2.5 if method == "vespo" else 1.2,
+        )
     ax.set_xscale("log", base=2)
     ax.set_ylim(bottom=0)  # accuracy: a std bar below 0 says "collapsed in some seeds", not less than 0
     ax.set_xlabel("staleness N (mini-batches per rollout batch)")
@@ -440,7 +479,9 @@ def plot_diagnostics(out: Path, results: dict[str, Any]) -> list[Path]:
     from vespo.experiment.plots import plot_runs
 
     paths = []
-    for n in sorted({c.get("algorithm.staleness") for c in results["cells"]}, key=lambda v: float(v) if v is not None else 0):
+    for n in sorted(
+        {c.get("algorithm.staleness") for c in results["cells"]}, key=lambda v: float(v) if v is not None else 0
+    ):
         chosen: dict[str, dict[str, Any]] = {}
         for cell in results["cells"]:
             if cell.get("algorithm.staleness") != n:
@@ -452,6 +493,9 @@ def plot_diagnostics(out: Path, results: dict[str, Any]) -> list[Path]:
             continue
         methods = sorted(chosen)
         suffix = f"N{n}" if n is not None else "all"
-        paths.append(plot_runs([out / "cells" / chosen[m]["name"] for m in methods],
-                               out / f"diagnostics_{suffix}.png", labels=methods))
+        paths.append(
+            plot_runs(
+                [out / "cells" / chosen[m]["name"] for m in methods], out / f"diagnostics_{suffix}.png", labels=methods
+            )
+        )
     return paths

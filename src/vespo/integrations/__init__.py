@@ -27,9 +27,7 @@ __all__ = [
 #: Diagnostics that exist only when the batch holds sequences of that advantage sign. Frameworks
 #: that average a metric over micro-batches and ranks need the same keys on every call: verl drops
 #: them, TRL fills the missing ones with NaN (its logger skips NaN).
-SIGN_QUANTILE_KEYS: tuple[str, ...] = tuple(
-    f"is/log_w_{sign}_p{q}" for sign in ("pos", "neg") for q in (10, 50, 90)
-)
+SIGN_QUANTILE_KEYS: tuple[str, ...] = tuple(f"is/log_w_{sign}_p{q}" for sign in ("pos", "neg") for q in (10, 50, 90))
 _SIGN_QUANTILE = re.compile(r"^is/log_w_(pos|neg)_p\d+$")
 
 
@@ -41,8 +39,6 @@ def is_sign_quantile(key: str) -> bool:
 def flat_metric_name(key: str) -> str:
     """``phi/mean`` -> ``phi_mean``: one path segment, for frameworks that prefix their own."""
     return key.replace("/", "_")
-
-
 
 
 def fill_sign_quantiles(metrics: dict[str, float], fill: float = math.nan) -> dict[str, float]:

@@ -247,15 +247,22 @@ class VespoGRPOTrainer(GRPOTrainer):
         attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
         logps, _, _ = self._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=False,
-            compute_aux_loss=False, **{key: inputs.get(key) for key in _FORWARD_KEYS},
+            model,
+            input_ids,
+            attention_mask,
+            completion_ids.size(1),
+            compute_entropy=False,
+            compute_aux_loss=False,
+            **{key: inputs.get(key) for key in _FORWARD_KEYS},
         )
         return logps, mask
 
     def _micro_batch_stats(self, model: Any, inputs: dict[str, Any], logps: torch.Tensor | None = None) -> Any:
         """AdaptiveStats of one micro-batch (None when it has no valid token)."""
         params = {k: v for k, v in self.vespo_loss_params.items() if k != "batch_stats"}
-        mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+        mask = (
+            inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+        )
         if not bool(mask.any()):
             return None
         old = inputs.get("old_per_token_logps")
@@ -265,7 +272,10 @@ class VespoGRPOTrainer(GRPOTrainer):
             elif logps is None:
                 logps, mask = self._forward_inputs(model, inputs)
             seq = vespo_adaptive_seq_inputs(
-                log_prob=logps.detach(), old_log_prob=old, advantages=inputs["advantages"], response_mask=mask,
+                log_prob=logps.detach(),
+                old_log_prob=old,
+                advantages=inputs["advantages"],
+                response_mask=mask,
                 rollout_is_weights=inputs.get("importance_sampling_ratio"),
             )
         return vespo_adaptive_batch_stats(*seq, **params)
@@ -303,7 +313,9 @@ class VespoGRPOTrainer(GRPOTrainer):
 
     # -- loss -------------------------------------------------------------------------------
 
-    def _aggregate(self, loss_mat: torch.Tensor, mask: torch.Tensor, inputs: dict[str, Any], train: bool) -> torch.Tensor:
+    def _aggregate(
+        self, loss_mat: torch.Tensor, mask: torch.Tensor, inputs: dict[str, Any], train: bool
+    ) -> torch.Tensor:
         """Reduce ``loss_mat`` with TRL's normalisers for this micro-batch (see module docstring)."""
         mode = self.vespo_loss_agg_mode
         accum = self.current_gradient_accumulation_steps if train else 1
@@ -394,8 +406,16 @@ class VespoGRPOTrainer(GRPOTrainer):
         totals = self.accelerator.reduce(totals, reduction="sum")
         return (totals[0] / totals[1].clamp(min=1.0)).item()
 
-    def _log_metrics(self, mode: str, batch: Any, out: Any, entropies: torch.Tensor,
-                     per_token_kl: torch.Tensor | None, mask: torch.Tensor, empty: bool = False) -> None:
+    def _log_metrics(
+        self,
+        mode: str,
+        batch: Any,
+        out: Any,
+        entropies: torch.Tensor,
+        per_token_kl: torch.Tensor | None,
+        mask: torch.Tensor,
+        empty: bool = False,
+    ) -> None:
         metrics = self._metrics[mode]
         with torch.no_grad():
             metrics["entropy"].append(self._global_masked_mean(entropies.detach(), mask))

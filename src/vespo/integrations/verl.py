@@ -69,10 +69,7 @@ from vespo.losses.vespo_adaptive import adaptive_seq_log_w, vespo_adaptive_batch
 TESTED_VERL_VERSIONS: tuple[str, ...] = ("0.9.1",)
 SUPPORTED_VERL = "verl>=0.9,<0.10 (tested: 0.9.1)"
 
-_INSTALL_HINT = (
-    "install it with `pip install -c constraints.txt --no-deps -r requirements-integrations.txt` "
-    "(see docs/integrations.md)"
-)
+_INSTALL_HINT = "install verl next to vespo: `pip install -c constraints.txt vespo verl==0.9.1` (docs/integrations.md)"
 
 
 def _incompatible(problem: str, version: str) -> ImportError:
@@ -344,8 +341,7 @@ def register_verl_losses() -> dict[str, str]:
 
 def _loss_config_fields() -> list[tuple[str, Any, Any]]:
     return [
-        (config_node_name(spec.name), dict[str, Any], dataclasses.field(default_factory=dict))
-        for spec in loss_specs()
+        (config_node_name(spec.name), dict[str, Any], dataclasses.field(default_factory=dict)) for spec in loss_specs()
     ]
 
 

@@ -58,8 +58,7 @@ def _check_advantages(advantages: Any, shape: torch.Size) -> torch.Tensor:
     if advantages.shape in ((b,), (b, 1)):
         return advantages.reshape(b)
     raise ValueError(
-        f"advantages must have shape [{b}, {t}] (per token) or [{b}] (per sequence), "
-        f"got {tuple(advantages.shape)}"
+        f"advantages must have shape [{b}, {t}] (per token) or [{b}] (per sequence), got {tuple(advantages.shape)}"
     )
 
 
@@ -95,8 +94,7 @@ def _rollout_terms(
         seq_log = torch.log(w.clamp_min(1e-8)).clamp(LOG_W_FLOOR, LOG_RATIO_CLAMP)
         return w.unsqueeze(-1).expand(b, t), seq_log
     raise ValueError(
-        f"rollout_is_weights must have shape [{b}, {t}] (per token) or [{b}] (per sequence), "
-        f"got {tuple(weights.shape)}"
+        f"rollout_is_weights must have shape [{b}, {t}] (per token) or [{b}] (per sequence), got {tuple(weights.shape)}"
     )
 
 

@@ -105,7 +105,7 @@ def weight_diagnostics(
     if kernel_mode is not None:
         scalars["is/frac_beyond_mode"] = (log_w > torch.log(x[3])).to(f64).mean()
     if parts:
-        split = x[len(rows) - len(parts):]
+        split = x[len(rows) - len(parts) :]
         means, abs_means = split.mean(1), split.abs().mean(1)
         for i, (name, _) in enumerate(parts):
             scalars[f"is/log_w_{name}_mean"] = means[i]
@@ -113,7 +113,7 @@ def weight_diagnostics(
     keys = list(scalars)
     values = torch.cat([torch.stack([scalars[k] for k in keys]), by_sign.reshape(-1)]).tolist()
     out = dict(zip(keys, values[: len(keys)]))
-    sorted_by_sign = values[len(keys):]
+    sorted_by_sign = values[len(keys) :]
 
     w_sum, w_sq_sum = out.pop("_w_sum"), out.pop("_w_sq_sum")
     out["is/ess"] = w_sum**2 / (n * w_sq_sum)  # w_rel's maximum is 1, so w_sq_sum >= 1
@@ -156,8 +156,9 @@ def length_bucket_quantiles(
         spans.append((starts[j], sizes[j]) if sizes[j] else spans[-1] if spans else (0, n))
     order = torch.argsort(lens, stable=True)
     bucket = torch.empty(n, dtype=torch.float64, device=log_w.device)
-    bucket[order] = torch.repeat_interleave(torch.arange(buckets, dtype=torch.float64, device=log_w.device),
-                                            torch.tensor(sizes, device=log_w.device))
+    bucket[order] = torch.repeat_interleave(
+        torch.arange(buckets, dtype=torch.float64, device=log_w.device), torch.tensor(sizes, device=log_w.device)
+    )
     # one sort orders by bucket, then by log W inside the bucket (log W is within +-20)
     key_sorted = torch.sort(bucket * 100.0 + log_w).values - torch.sort(bucket).values * 100.0
     idx_lo, idx_hi, frac = [], [], []

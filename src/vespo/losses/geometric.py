@@ -74,7 +74,7 @@ def gmpo_loss(batch: LossBatch, *, clip_low: float, clip_high: float) -> KernelO
     seq_loss = -seq_adv * seq_ratio  # [B]
     loss_mat = seq_loss.unsqueeze(-1).expand_as(log_ratio)
     clipped = log_ratio.detach() != clamped.detach()
-    active = (sign * log_ratio.detach() <= sign * clamped.detach())
+    active = sign * log_ratio.detach() <= sign * clamped.detach()
     token_weight = seq_ratio.detach().unsqueeze(-1) * active
     return KernelOutput(
         loss_mat=loss_mat,

@@ -18,9 +18,7 @@ def masked_fill_zero(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-def clamped_log_ratio(
-    log_prob: torch.Tensor, old_log_prob: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
+def clamped_log_ratio(log_prob: torch.Tensor, old_log_prob: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """[B, T] clamp(log_prob - old_log_prob, -20, 20), zero on masked positions."""
     diff = masked_fill_zero(log_prob, mask) - masked_fill_zero(old_log_prob, mask)
     return diff.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)

@@ -9,10 +9,11 @@ can list them with their defaults and reject unknown names or out-of-range value
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-from vespo.losses.types import KernelOutput, LossBatch
+from vespo.losses.types import KernelOutput
 
 Kernel = Callable[..., KernelOutput]
 
@@ -37,9 +38,7 @@ class Param:
     def check(self, loss: str, name: str, value: Any) -> Any:
         if self.choices is not None:
             if value not in self.choices:
-                raise ValueError(
-                    f"loss '{loss}': {name}={value!r} is not one of {', '.join(self.choices)}"
-                )
+                raise ValueError(f"loss '{loss}': {name}={value!r} is not one of {', '.join(self.choices)}")
             return value
         if isinstance(self.default, bool):
             if not isinstance(value, bool):
@@ -51,12 +50,8 @@ class Param:
             value = float(value)
             if not math.isfinite(value):
                 raise ValueError(f"loss '{loss}': {name} must be finite, got {value}")
-            too_low = self.low is not None and (
-                value <= self.low if self.low_open else value < self.low
-            )
-            too_high = self.high is not None and (
-                value >= self.high if self.high_open else value > self.high
-            )
+            too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+            too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
             if too_low or too_high:
                 msg = f"loss '{loss}': {name}={value:g} is out of range {self.range_text()}"
                 if self.note:
@@ -94,8 +89,7 @@ class LossSpec:
         if unknown:
             known = ", ".join(self.params) or "none"
             raise ValueError(
-                f"loss '{self.name}' has no parameter {', '.join(map(repr, unknown))}; "
-                f"its parameters are: {known}"
+                f"loss '{self.name}' has no parameter {', '.join(map(repr, unknown))}; its parameters are: {known}"
             )
         values = self.defaults()
         for key, value in overrides.items():
@@ -137,9 +131,7 @@ def get_loss_spec(name: str) -> LossSpec:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(
-            f"unknown policy loss '{name}'; registered losses: {', '.join(sorted(_REGISTRY))}"
-        ) from None
+        raise ValueError(f"unknown policy loss '{name}'; registered losses: {', '.join(sorted(_REGISTRY))}") from None
 
 
 def list_losses() -> dict[str, dict[str, Any]]:

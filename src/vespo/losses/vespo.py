@@ -76,9 +76,7 @@ def variance_constant(c1: float, c2: float) -> float:
             "code); 'factorised' keeps them outside phi as a separate truncated weight",
             choices=("joint", "factorised"),
         ),
-        "is_clip": Param(
-            2.0, "upper truncation of the rollout IS weight in 'factorised' mode", low=0.0, low_open=True
-        ),
+        "is_clip": Param(2.0, "upper truncation of the rollout IS weight in 'factorised' mode", low=0.0, low_open=True),
         "length_norm": Param(
             "none",
             "divide log W by 1, sqrt(T) or T before phi (the paper's Fig. 6 ablation)",

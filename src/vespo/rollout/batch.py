@@ -59,7 +59,9 @@ class Rollout:
                 raise ValueError(
                     f"sequence {i}: {len(response)} response tokens but per-token fields of lengths {lengths}"
                 )
-            if self.routed_experts is not None and len(self.routed_experts[i]) != len(self.prompt_ids[i]) + len(response):
+            if self.routed_experts is not None and len(self.routed_experts[i]) != len(self.prompt_ids[i]) + len(
+                response
+            ):
                 raise ValueError(f"sequence {i}: routed_experts must cover its prompt and response tokens")
 
     def __len__(self) -> int:
@@ -180,8 +182,17 @@ class RolloutBatch:
     metrics: dict[str, float] = field(default_factory=dict)
 
     TENSORS = (
-        "input_ids", "attention_mask", "response_mask", "rollout_log_prob", "token_version", "finished",
-        "reference_log_prob", "rewards", "advantages", "old_log_prob", "routed_experts",
+        "input_ids",
+        "attention_mask",
+        "response_mask",
+        "rollout_log_prob",
+        "token_version",
+        "finished",
+        "reference_log_prob",
+        "rewards",
+        "advantages",
+        "old_log_prob",
+        "routed_experts",
     )
 
     @property

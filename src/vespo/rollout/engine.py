@@ -87,7 +87,9 @@ ENGINES: dict[str, Callable[[nn.Module, str, Mapping[str, Any]], SamplerEngine]]
 }
 
 
-def build_engine(name: str, model: nn.Module, *, dtype: str = "float32", options: Mapping[str, Any] | None = None) -> SamplerEngine:
+def build_engine(
+    name: str, model: nn.Module, *, dtype: str = "float32", options: Mapping[str, Any] | None = None
+) -> SamplerEngine:
     """An engine by name (``hf`` or ``vllm``) holding a copy of ``model``'s weights in ``dtype``."""
     if name not in ENGINES:
         raise EngineError(f"unknown sampling.engine '{name}' (choose from {', '.join(ENGINES)})")

@@ -48,7 +48,17 @@ class RolloutSettings:
     trainer_dtype: str = "float32"
     engine_options: dict[str, Any] = field(default_factory=dict)
     reward_timeout_s: float | None = 5.0
+    reward_workers: int = 2
+    reward_isolation: str = "auto"
     record_routing: bool = False  # MoE on the hf engine: each token's experts travel with the rollout (R3)
+
+    def reward_runner(self, task: Any) -> Any:
+        """A :class:`vespo.tasks.RewardRunner` for ``task`` with these settings."""
+        from vespo.tasks import RewardRunner
+
+        return RewardRunner(
+            task, timeout_s=self.reward_timeout_s, workers=self.reward_workers, isolation=self.reward_isolation
+        )
 
 
 def generate_and_score(
@@ -98,7 +108,9 @@ def generate_and_score(
         segments += 1
         if reference is not None:
             flips.extend(reference.score_segment(rollout, before, reference_log_probs))
-        open_rows = [i for i in range(n) if not rollout.finished[i] and len(rollout.response_ids[i]) < settings.max_new_tokens]
+        open_rows = [
+            i for i in range(n) if not rollout.finished[i] and len(rollout.response_ids[i]) < settings.max_new_tokens
+        ]
         if not open_rows:
             break
         if on_interrupt is None:
@@ -141,7 +153,8 @@ def rollout_metrics(stats: Sequence[dict[str, float]]) -> dict[str, float]:
         "perf/sample_time_s": sample_s / calls,
         "perf/reward_time_s": sum(s["reward_time_s"] for s in stats) / calls,
         "perf/sample_tokens_per_s": sum(s["tokens"] for s in stats) / max(sample_s, 1e-9),
-        "rollout/interrupted_rows_frac": sum(s["interrupted_rows"] for s in stats) / max(sum(s["rows"] for s in stats), 1.0),
+        "rollout/interrupted_rows_frac": sum(s["interrupted_rows"] for s in stats)
+        / max(sum(s["rows"] for s in stats), 1.0),
     }
     for key in REWARD_COUNTS:
         out[key] = sum(s.get(key, 0.0) for s in stats)

@@ -14,7 +14,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["forward_logits", "left_pad", "position_ids_from_mask", "sequence_log_probs", "sequence_log_probs_and_entropy"]
+__all__ = [
+    "forward_logits",
+    "left_pad",
+    "position_ids_from_mask",
+    "sequence_log_probs",
+    "sequence_log_probs_and_entropy",
+]
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
@@ -22,7 +28,9 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
-def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+def left_pad(
+    seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device | str | None = None
+) -> tuple[Tensor, Tensor]:
     """``(input_ids, attention_mask)`` ``[B, L]`` with every sequence right-aligned."""
     width = max((len(s) for s in seqs), default=0)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)

@@ -60,7 +60,8 @@ from vespo.rollout.metrics import engine_mismatch_metrics, staleness_metrics
 from vespo.rollout.prompts import PromptStream
 from vespo.rollout.reference import ReferencePolicy
 from vespo.rollout.source import OldLogProbFn, RolloutSourceError, set_old_log_prob
-from vespo.tasks import Example, RewardRunner
+from vespo.rollout.vllm_engine import EngineDiedError
+from vespo.tasks import Example
 
 #: Chunks queued on one worker at a time: one running, one ready to start the moment it ends.
 CHUNKS_PER_WORKER = 2
@@ -153,16 +154,26 @@ class RolloutWorker:
         self.index = index
         settings = spec.settings
         model = _rebuilt(spec.model)
-        self.engine = build_engine(settings.engine, model, dtype=settings.sampler_dtype, options=settings.engine_options)
+        t_start = time.perf_counter()
+        self.engine = build_engine(
+            settings.engine, model, dtype=settings.sampler_dtype, options=settings.engine_options
+        )
+        self.engine_start_s: float | None = time.perf_counter() - t_start  # reported with the first chunk
+        self._sync_s: list[float] = []  # engine weight loads since the last chunk was returned
         self.engine.policy_version = -1
         pad = spec.tokenizer.pad_token_id if spec.tokenizer.pad_token_id is not None else 0
         self.reference = (
-            ReferencePolicy(model, dtype=DTYPES[settings.trainer_dtype], pad_id=pad,
-                            engine_model=getattr(self.engine, "model", None))
-            if spec.measure_mismatch else None
+            ReferencePolicy(
+                model,
+                dtype=DTYPES[settings.trainer_dtype],
+                pad_id=pad,
+                engine_model=getattr(self.engine, "model", None),
+            )
+            if spec.measure_mismatch
+            else None
         )
         self.tokenizer = spec.tokenizer
-        self.runner = RewardRunner(spec.task, timeout_s=settings.reward_timeout_s)
+        self.runner = settings.reward_runner(spec.task)
         self.generator = torch.Generator()
         self._cond = threading.Condition()
         self._pending: tuple[dict[str, torch.Tensor], int, int | None] | None = None
@@ -190,6 +201,12 @@ class RolloutWorker:
             self._cond.notify_all()
         return version
 
+    def close_engine(self) -> bool:
+        """Shut the engine down before the actor is killed (vLLM: its processes and shared memory)."""
+        self._interrupt.set()
+        self.engine.close()
+        return True
+
     def stats(self) -> dict[str, float]:
         return {"busy_s": self.busy_s, "alive_s": time.time() - self.started, "version": float(self.version)}
 
@@ -200,7 +217,9 @@ class RolloutWorker:
         if pending is None:
             return
         state_dict, version, seed = pending
+        t_sync = time.perf_counter()
         self.engine.load_state_dict(state_dict, version=version)
+        self._sync_s.append(time.perf_counter() - t_sync)
         if self.reference is not None:
             self.reference.load_state_dict(state_dict)
         if seed is not None:
@@ -234,14 +253,23 @@ class RolloutWorker:
         self._load_pending()
         partial = self.spec.partial_rollout and self.engine.supports_partial_rollout
         rollout, stats = generate_and_score(
-            self.engine, examples, tokenizer=self.tokenizer, reward_runner=self.runner,
-            settings=self.spec.settings, generator=self.generator, reference=self.reference,
+            self.engine,
+            examples,
+            tokenizer=self.tokenizer,
+            reward_runner=self.runner,
+            settings=self.spec.settings,
+            generator=self.generator,
+            reference=self.reference,
             stop_flag=self._interrupt.is_set if partial else None,
             on_interrupt=self._load_pending if partial else None,
         )
         busy = time.perf_counter() - t0
         self.busy_s += busy
         groups = [rollout.select(range(k * g, (k + 1) * g)) for k in range(len(examples))]
+        stats.update({"engine_sync_s": sum(self._sync_s), "engine_syncs": float(len(self._sync_s))})
+        if self.engine_start_s is not None:
+            stats["engine_start_s"], self.engine_start_s = self.engine_start_s, None
+        self._sync_s = []
         return {"groups": groups, "stats": {**stats, "busy_s": busy}, "worker": self.index}
 
 
@@ -343,8 +371,12 @@ class AsyncRolloutSource:
         )
         on_cpu = all(p.device.type == "cpu" for p in model.parameters())
         spec = WorkerSpec(
-            model=model if on_cpu else copy.deepcopy(model).cpu(), tokenizer=tokenizer, task=task,
-            settings=settings, threads=acfg.worker_threads, partial_rollout=self.partial,
+            model=model if on_cpu else copy.deepcopy(model).cpu(),
+            tokenizer=tokenizer,
+            task=task,
+            settings=settings,
+            threads=acfg.worker_threads,
+            partial_rollout=self.partial,
             measure_mismatch=acfg.measure_mismatch,
         )
         # reward functions loaded from a .py file live in a module the workers cannot import:
@@ -534,11 +566,18 @@ class AsyncRolloutSource:
                 continue
             try:
                 result = ray.get(ref)
-            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
-                    ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError) as exc:
+            except (
+                ray.exceptions.RayActorError,
+                ray.exceptions.WorkerCrashedError,
+                ray.exceptions.ObjectLostError,
+                ray.exceptions.OwnerDiedError,
+            ) as exc:
                 self._replace(slot, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
                 continue
             except ray.exceptions.RayTaskError as exc:
+                if isinstance(exc, EngineDiedError):  # the worker's engine processes died: replace the worker
+                    self._replace(slot, f"EngineDiedError: {str(exc).strip().splitlines()[-1][:200]}")
+                    continue
                 raise RolloutWorkerError(
                     f"rollout worker {slot.index} raised an error while generating: {exc}"
                 ) from None
@@ -588,16 +627,18 @@ class AsyncRolloutSource:
         elapsed = now - (self._t_start or now)
         interval = now - self._last_return if self._last_return is not None else None
         self._last_return = now
-        mb.metrics.update({
-            "perf/wait_time_s": wait,
-            "perf/queue_depth": float(queue_depth),
-            "perf/in_flight_groups": float(in_flight),
-            "perf/trainer_util": 1.0 - self._wait_total / elapsed if elapsed > 0 else 0.0,
-            "perf/worker_util": self._worker_util(elapsed),
-            "async/worker_restarts": float(self.restarts),
-            "async/window_groups": float(self._window_count),
-            "async/budget_groups": float(self.budget),
-        })
+        mb.metrics.update(
+            {
+                "perf/wait_time_s": wait,
+                "perf/queue_depth": float(queue_depth),
+                "perf/in_flight_groups": float(in_flight),
+                "perf/trainer_util": 1.0 - self._wait_total / elapsed if elapsed > 0 else 0.0,
+                "perf/worker_util": self._worker_util(elapsed),
+                "async/worker_restarts": float(self.restarts),
+                "async/window_groups": float(self._window_count),
+                "async/budget_groups": float(self.budget),
+            }
+        )
         if interval:
             mb.metrics["perf/samples_per_s"] = self.m * self.group_size / interval
         mb.metrics.update(self._chunk_metrics())
@@ -644,6 +685,11 @@ class AsyncRolloutSource:
             return
         self._closed = True
         ray = self._ray
+        if self.settings.engine != "hf":  # engines with processes of their own: let them exit cleanly first
+            with contextlib.suppress(Exception):
+                ray.wait(
+                    [s.handle.close_engine.remote() for s in self._slots], num_returns=len(self._slots), timeout=30
+                )
         for slot in self._slots:
             with contextlib.suppress(Exception):  # already gone
                 ray.kill(slot.handle, no_restart=True)
@@ -675,4 +721,10 @@ class AsyncRolloutSource:
         out = rollout_metrics(stats)
         out["async/chunks_done"] = float(len(stats))
         out["perf/worker_busy_s"] = sum(s["busy_s"] for s in stats)
+        syncs = sum(s.get("engine_syncs", 0.0) for s in stats)
+        if syncs:  # weight loads inside the workers' engines (perf/sync_time_s is the trainer's push)
+            out["perf/engine_sync_time_s"] = sum(s.get("engine_sync_s", 0.0) for s in stats) / syncs
+        starts = [s["engine_start_s"] for s in stats if "engine_start_s" in s]
+        if starts:
+            out["perf/engine_start_s"] = max(starts)
         return out

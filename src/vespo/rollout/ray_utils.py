@@ -164,8 +164,11 @@ class RaySession:
 
     def alive_processes(self) -> list[int]:
         """Recorded processes that still run."""
-        return [pid for pid, st in self.processes.items()
-                if process_alive(pid) and (st is None or _proc_start_time(pid) == st)]
+        return [
+            pid
+            for pid, st in self.processes.items()
+            if process_alive(pid) and (st is None or _proc_start_time(pid) == st)
+        ]
 
     def stop(self, *, keep_logs: bool = False, timeout_s: float = 10.0) -> None:
         """Shut Ray down (if started here), wait for its processes, kill stragglers, drop the session dir."""
@@ -222,8 +225,12 @@ def start_ray(
         os.environ.setdefault(key, value)
     if ray.is_initialized():
         return RaySession(owned=False, address=address, _stopped=False)
-    quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING,
-             "configure_logging": True}
+    quiet = {
+        "include_dashboard": False,
+        "log_to_driver": False,
+        "logging_level": logging.WARNING,
+        "configure_logging": True,
+    }
     if address:
         ray.init(address=address, **quiet)
         session = RaySession(owned=False, address=address)

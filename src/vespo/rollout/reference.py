@@ -66,7 +66,11 @@ class ReferencePolicy:
         if self.engine_model is None:
             return []
         try:
-            return [self._routing_flips(batch.input_ids, batch.attention_mask, batch.prompt_length, [before[i] for i in rows])]
+            return [
+                self._routing_flips(
+                    batch.input_ids, batch.attention_mask, batch.prompt_length, [before[i] for i in rows]
+                )
+            ]
         except (AttributeError, TypeError):  # pragma: no cover - a model without router outputs
             self.engine_model = None
             return []
@@ -74,8 +78,13 @@ class ReferencePolicy:
     def _routing_flips(self, ids: Tensor, mask: Tensor, prompt_length: int, starts: list[int]) -> float:
         """Fraction of (new token, layer) pairs whose top-k experts differ between the engine's
         precision and the trainer's, on the same inputs (full forward passes)."""
-        kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids_from_mask(mask),
-                  "output_router_logits": True, "use_cache": False}
+        kwargs = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "position_ids": position_ids_from_mask(mask),
+            "output_router_logits": True,
+            "use_cache": False,
+        }
         routed_ref = self.model(**kwargs).router_logits
         routed_eng = self.engine_model(**kwargs).router_logits
         b, width = ids.shape

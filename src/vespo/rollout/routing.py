@@ -103,16 +103,22 @@ def config_error(*, mode: str, kind: str, arch: str, engine: str, old_log_prob: 
     if mode == "none":
         return None
     if kind == "tiny" and arch not in ("qwen3_moe", "mixtral"):
-        return (f"algorithm.routing_replay={mode} needs a mixture-of-experts policy "
-                f"(model.arch=qwen3_moe or mixtral), but model.arch={arch} is dense")
+        return (
+            f"algorithm.routing_replay={mode} needs a mixture-of-experts policy "
+            f"(model.arch=qwen3_moe or mixtral), but model.arch={arch} is dense"
+        )
     if kind == "smollm2":
         return f"algorithm.routing_replay={mode} needs a mixture-of-experts policy; SmolLM2 is dense"
     if mode == "r2" and old_log_prob != "recompute":
-        return ("algorithm.routing_replay=r2 replays the routing of the trainer's pi_old pass, "
-                "so it needs algorithm.old_log_prob=recompute")
+        return (
+            "algorithm.routing_replay=r2 replays the routing of the trainer's pi_old pass, "
+            "so it needs algorithm.old_log_prob=recompute"
+        )
     if mode == "r3" and engine != "hf":
-        return (f"algorithm.routing_replay=r3 needs the sampler's routing, which only sampling.engine=hf "
-                f"records (sampling.engine={engine} does not); use r2 or engine=hf")
+        return (
+            f"algorithm.routing_replay=r3 needs the sampler's routing, which only sampling.engine=hf "
+            f"records (sampling.engine={engine} does not); use r2 or engine=hf"
+        )
     return None
 
 
@@ -156,7 +162,9 @@ def find_routers(model: nn.Module) -> list[_Router]:
         cls = type(module).__name__
         if cls in ROUTERS:
             top_k = int(getattr(module, "top_k", 0) or 0)
-            experts = int(getattr(module, "num_experts", 0) or getattr(getattr(module, "weight", None), "shape", [0])[0])
+            experts = int(
+                getattr(module, "num_experts", 0) or getattr(getattr(module, "weight", None), "shape", [0])[0]
+            )
             routers.append(_Router(len(routers), name, module, ROUTERS[cls], top_k, experts))
         elif cls.endswith(("Router", "TopKRouter")) or (name.endswith(".gate") and "Moe" in type(module).__name__):
             unknown.add(cls)
@@ -169,7 +177,8 @@ def find_routers(model: nn.Module) -> list[_Router]:
         found = f" (its routers: {', '.join(sorted(unknown))})" if unknown else ""
         raise RoutingReplayError(
             f"routing replay does not recognise the router of {model_name}{found}; recognised: "
-            f"{', '.join(sorted(ROUTERS))} (transformers >= 5 TopKRouter modules)")
+            f"{', '.join(sorted(ROUTERS))} (transformers >= 5 TopKRouter modules)"
+        )
     raise RoutingReplayError(f"routing replay needs a mixture-of-experts model; {model_name} has no expert router")
 
 
@@ -180,10 +189,13 @@ def _check_formula(router: _Router, logits: Tensor, scores: Tensor, chosen: Tens
     router.checked = True
     with torch.no_grad():
         again = router.weights(logits.detach(), chosen, scores)
-        if again.shape != scores.shape or not torch.allclose(again.float(), scores.detach().float(), rtol=1e-3, atol=1e-5):
+        if again.shape != scores.shape or not torch.allclose(
+            again.float(), scores.detach().float(), rtol=1e-3, atol=1e-5
+        ):
             raise RoutingReplayError(
                 f"router {router.name} ({type(router.module).__name__}) does not compute its weights the way "
-                "routing replay expects (transformers changed it?); replay would be wrong, so it is refused")
+                "routing replay expects (transformers changed it?); replay would be wrong, so it is refused"
+            )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -271,7 +283,8 @@ def replay_routing(
     if n_layers != len(routers) or any(r.top_k not in (0, k) for r in routers):
         raise RoutingReplayError(
             f"stored routing has {n_layers} layers x top-{k}, the model has {len(routers)} MoE layers x "
-            f"top-{routers[0].top_k}")
+            f"top-{routers[0].top_k}"
+        )
     sentinel = unknown_index(experts.dtype)
     flat = experts.reshape(b * s, n_layers, k)
     known = (flat[:, :, 0] != sentinel) if flat.numel() else torch.zeros((b * s, n_layers), dtype=torch.bool)
@@ -284,7 +297,8 @@ def replay_routing(
         logits, scores, chosen = output
         if logits.shape[0] != b * s:
             raise RoutingReplayError(
-                f"router {router.name} saw {logits.shape[0]} tokens, the replayed routing covers {b}x{s}")
+                f"router {router.name} saw {logits.shape[0]} tokens, the replayed routing covers {b}x{s}"
+            )
         _check_formula(router, logits, scores, chosen)
         dev = chosen.device
         if dev not in cache:
@@ -294,7 +308,7 @@ def replay_routing(
         new_idx = torch.where(ok[:, None], rep.to(chosen.dtype), chosen)
         new_w = torch.where(ok[:, None], router.weights(logits, new_idx, scores), scores)
         with torch.no_grad():
-            sel = (counted.to(dev) & ok)
+            sel = counted.to(dev) & ok
             if bool(sel.any()):
                 natural = chosen[sel].sort(-1).values
                 target = rep[sel].sort(-1).values
@@ -349,7 +363,7 @@ class SamplerRouting:
         exp = exp.reshape(b, s, *exp.shape[1:])
         for j, r in enumerate(live):
             n = s if mask is None or s == 1 else int(mask[j].sum())
-            chunk = exp[j, s - min(n, s):]
+            chunk = exp[j, s - min(n, s) :]
             if r not in self._started:
                 self._started.add(r)
                 rows[r].routing = [chunk]
@@ -429,7 +443,7 @@ class TrainerRouting:
             yield
             return
         count = torch.zeros(micro.input_ids.shape, dtype=torch.bool)
-        count[:, micro.prompt_length:] = micro.response_mask.cpu()
+        count[:, micro.prompt_length :] = micro.response_mask.cpu()
         target = self._old_target if self._old_target is not None else self._theta
         with replay_routing(self.model, experts, count_mask=count) as stats:
             yield

@@ -129,8 +129,12 @@ class SyncRolloutSource:
         sync_s = time.perf_counter() - t0
         examples = self.stream.take(self.num_minibatches * self.minibatch_prompts)
         rollout, stats = generate_and_score(
-            self.engine, examples, tokenizer=self.tokenizer, reward_runner=self.reward_runner,
-            settings=self.settings, generator=self.generator,
+            self.engine,
+            examples,
+            tokenizer=self.tokenizer,
+            reward_runner=self.reward_runner,
+            settings=self.settings,
+            generator=self.generator,
         )
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         minibatches = split_minibatches(rollout.to_batch(pad), self.num_minibatches, self.settings.group_size)

@@ -43,7 +43,7 @@ def extract_final_number(text: str) -> tuple[bool, float | None]:
     matches = list(_STATEMENT.finditer(text))
     if not matches:
         return False, None
-    rest = text[matches[-1].end():]
+    rest = text[matches[-1].end() :]
     m = _NUMBER.match(rest)
     if m is None:
         return True, None

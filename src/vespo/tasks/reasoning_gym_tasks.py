@@ -43,8 +43,7 @@ PROMPT_STYLES: tuple[str, ...] = ("plain", "instruct")
 ARITHMETIC_DATASETS: dict[str, bool] = {"chain_sum": False, "basic_arithmetic": False, "products": True}
 
 INSTRUCT_SUFFIX = (
-    "\n\nWork it out step by step, then give the final answer on the last line in the form "
-    '"Answer: <answer>".'
+    '\n\nWork it out step by step, then give the final answer on the last line in the form "Answer: <answer>".'
 )
 
 _CHUNK = 1024  # items per reasoning-gym dataset object; seeds advance by _CHUNK per chunk

@@ -114,6 +114,7 @@ def extract_answer(text: str, multiline: bool = False) -> str | None:
         line = line[:-1].rstrip()
     return line or None
 
+
 # --------------------------------------------------------------------------- math-verify
 
 MATH_VERIFY_TIMEOUT_S = 5  # math-verify's own limit (seconds) where it may use signals
@@ -277,6 +278,7 @@ def load_reward_function(spec: str) -> RewardFn:
         pass
     return obj
 
+
 # --------------------------------------------------------------------------- runner
 
 ISOLATION_MODES: tuple[str, ...] = ("auto", "process", "inline")
@@ -374,7 +376,14 @@ class RewardRunner:
         self.isolation = _default_isolation(task_or_fn) if isolation == "auto" else isolation
         self.timeout_s = timeout_s
         self.max_logged_errors = max_logged_errors
-        self.totals: dict[str, int] = {"calls": 0, "errors": 0, "timeouts": 0, "nonfinite": 0, "clipped": 0, "unparsed": 0}
+        self.totals: dict[str, int] = {
+            "calls": 0,
+            "errors": 0,
+            "timeouts": 0,
+            "nonfinite": 0,
+            "clipped": 0,
+            "unparsed": 0,
+        }
         self.recent_errors: deque[str] = deque(maxlen=20)
         self._logged = 0
         self._lock = threading.Lock()
@@ -483,8 +492,13 @@ class RewardRunner:
         if len(responses) != len(examples):
             raise ValueError(f"score_batch got {len(responses)} responses but {len(examples)} examples")
         counts = {"errors": 0, "timeouts": 0, "nonfinite": 0, "clipped": 0, "unparsed": 0}
-        key = {"error": "errors", "timeout": "timeouts", "nonfinite": "nonfinite", "clipped": "clipped",
-               "unparsed": "unparsed"}
+        key = {
+            "error": "errors",
+            "timeout": "timeouts",
+            "nonfinite": "nonfinite",
+            "clipped": "clipped",
+            "unparsed": "unparsed",
+        }
         scores: list[float] = []
         start = time.perf_counter()
         with self._lock:

@@ -179,8 +179,11 @@ def _sha256(path: Path) -> str:
 
 
 def _write_manifest(path: Path) -> None:
-    files = {f.name: {"size": f.stat().st_size, "sha256": _sha256(f)}
-             for f in sorted(path.iterdir()) if f.is_file() and f.name != MANIFEST}
+    files = {
+        f.name: {"size": f.stat().st_size, "sha256": _sha256(f)}
+        for f in sorted(path.iterdir())
+        if f.is_file() and f.name != MANIFEST
+    }
     (path / MANIFEST).write_text(json.dumps({"version": 1, "files": files}, indent=2, sort_keys=True))
 
 
@@ -298,13 +301,16 @@ def _shape_mismatch(model: torch.nn.Module, path: Path) -> str | None:
         return None
     parts = []
     if differ:
-        parts.append(f"{len(differ)} tensors differ in shape (this model vs the checkpoint: {', '.join(differ[:3])}"
-                     f"{', ...' if len(differ) > 3 else ''})")
+        parts.append(
+            f"{len(differ)} tensors differ in shape (this model vs the checkpoint: {', '.join(differ[:3])}"
+            f"{', ...' if len(differ) > 3 else ''})"
+        )
     if missing:
         parts.append(f"{len(missing)} missing ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
     if unexpected:
-        parts.append(f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])}"
-                     f"{', ...' if len(unexpected) > 3 else ''})")
+        parts.append(
+            f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''})"
+        )
     return "; ".join(parts)
 
 
@@ -354,8 +360,10 @@ def load_checkpoint(
                 problem = f"{path} cannot be loaded ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
             else:
                 for bad, why in skipped:
-                    print(f"vespo: warning: checkpoint {bad.name} is damaged ({why}); resuming from {path.name}",
-                          file=sys.stderr)
+                    print(
+                        f"vespo: warning: checkpoint {bad.name} is damaged ({why}); resuming from {path.name}",
+                        file=sys.stderr,
+                    )
                 ckpt.skipped = skipped
                 return ckpt
         skipped.append((path, problem))
@@ -389,8 +397,9 @@ class WarmupCheckpoints:
         if not resume:
             shutil.rmtree(self.dir / CHECKPOINT_DIR, ignore_errors=True)
 
-    def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rng: Any,
-                log_path: str | Path | None = None) -> int:
+    def restore(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rng: Any, log_path: str | Path | None = None
+    ) -> int:
         """Load the newest intact warm-up checkpoint; returns its step (0 when there is none)."""
         if latest_checkpoint(self.dir) is None:
             return 0
@@ -411,9 +420,15 @@ class WarmupCheckpoints:
         if step % self.every:
             return
         version, internal, gauss = rng.getstate()
-        save_checkpoint(self.dir, step, model=model, optimizer=optimizer,
-                        tensors={"rng.torch": torch.get_rng_state()},
-                        state={"rng": [version, list(internal), gauss]}, keep_last=1)
+        save_checkpoint(
+            self.dir,
+            step,
+            model=model,
+            optimizer=optimizer,
+            tensors={"rng.torch": torch.get_rng_state()},
+            state={"rng": [version, list(internal), gauss]},
+            keep_last=1,
+        )
 
     def done(self) -> None:
         shutil.rmtree(self.dir / CHECKPOINT_DIR, ignore_errors=True)

@@ -57,9 +57,7 @@ class ModelConfig(_Section):
     num_experts: int = Field(4, ge=2)
     num_experts_per_tok: int = Field(2, ge=1)
     dtype: Literal["float32", "bfloat16"] = "float32"
-    init_from: str | None = Field(
-        None, description="start from these weights: a .safetensors file or a run directory"
-    )
+    init_from: str | None = Field(None, description="start from these weights: a .safetensors file or a run directory")
     autocast: Literal["none", "bfloat16"] = Field(
         "none", description="trainer forward/backward under bf16 autocast; fp32 master weights and AdamW state"
     )
@@ -67,7 +65,7 @@ class ModelConfig(_Section):
     lora: LoraSettings | None = Field(None, description="train LoRA adapters instead of all weights (needs peft)")
 
     @model_validator(mode="after")
-    def _check(self) -> "ModelConfig":
+    def _check(self) -> ModelConfig:
         if self.autocast != "none" and self.dtype != "float32":
             raise ValueError(f"model.autocast={self.autocast} needs model.dtype=float32 (the fp32 master weights)")
         if self.kind == "pretrained" and not self.name_or_path:
@@ -94,6 +92,10 @@ class TaskConfig(_Section):
     )
     reward_fn: str | None = Field(None, description="module:function overriding the task's scorer")
     reward_timeout_s: float = Field(5.0, gt=0)
+    reward_workers: int = Field(2, ge=1, description="reward worker processes (user rewards run there, isolated)")
+    reward_isolation: Literal["auto", "process", "inline"] = Field(
+        "auto", description="auto: built-in pure-Python scorers in-process, everything else in worker processes"
+    )
     overlong: Literal["error", "skip"] = Field(
         "error",
         description="a prompt whose tokens + sampling.max_new_tokens exceed the model's context: "
@@ -101,7 +103,7 @@ class TaskConfig(_Section):
     )
 
     @model_validator(mode="after")
-    def _check(self) -> "TaskConfig":
+    def _check(self) -> TaskConfig:
         if self.kind == "verl_file" and not self.train_path:
             raise ValueError("task.kind=verl_file needs task.train_path (a .parquet or .jsonl file)")
         return self
@@ -142,12 +144,13 @@ class AlgorithmConfig(_Section):
     correction_high: float | None = Field(None, gt=0)
     correction_low: float | None = Field(None, ge=0)
     routing_replay: Literal["none", "r2", "r3"] = Field(
-        "none", description="MoE routing replay: r2 replays pi_old's routing in pi_theta, r3 the sampler's "
+        "none",
+        description="MoE routing replay: r2 replays pi_old's routing in pi_theta, r3 the sampler's "
         "in pi_old and pi_theta (docs/routing_replay.md)",
     )
 
     @model_validator(mode="after")
-    def _check(self) -> "AlgorithmConfig":
+    def _check(self) -> AlgorithmConfig:
         from vespo.losses import get_loss_spec
         from vespo.losses.aggregation import normalize_agg_mode
 
@@ -220,7 +223,7 @@ class AsyncConfig(_Section):
     )
 
     @model_validator(mode="after")
-    def _check(self) -> "AsyncConfig":
+    def _check(self) -> AsyncConfig:
         for name, amount in self.worker_resources.items():
             if name in ("CPU", "GPU", "memory", "object_store_memory"):
                 raise ValueError(
@@ -249,7 +252,7 @@ class TrainConfig(_Section):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     @model_validator(mode="after")
-    def _check_async(self) -> "TrainConfig":
+    def _check_async(self) -> TrainConfig:
         m = self.algorithm.mini_batch_prompts
         if self.run.mode == "async" and self.async_.queue_size < m:
             raise ValueError(
@@ -259,11 +262,16 @@ class TrainConfig(_Section):
         return self
 
     @model_validator(mode="after")
-    def _check_routing(self) -> "TrainConfig":
+    def _check_routing(self) -> TrainConfig:
         from vespo.rollout.routing import config_error
 
-        error = config_error(mode=self.algorithm.routing_replay, kind=self.model.kind, arch=self.model.arch,
-                             engine=self.sampling.engine, old_log_prob=self.algorithm.old_log_prob)
+        error = config_error(
+            mode=self.algorithm.routing_replay,
+            kind=self.model.kind,
+            arch=self.model.arch,
+            engine=self.sampling.engine,
+            old_log_prob=self.algorithm.old_log_prob,
+        )
         if error:
             raise ValueError(error)
         return self
@@ -294,11 +302,14 @@ class _Loader(yaml.SafeLoader):
 
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
                     |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
                     |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
                     |[-+]?\.(?:inf|Inf|INF)
-                    |\.(?:nan|NaN|NAN))$""", re.VERBOSE),
+                    |\.(?:nan|NaN|NAN))$""",
+        re.VERBOSE,
+    ),
     list("-+0123456789."),
 )
 

@@ -44,15 +44,23 @@ def evaluate_policy(
     t0 = time.perf_counter()
     prompts = encode_prompts(tokenizer, examples)
     generator = torch.Generator().manual_seed(seed)
-    common = dict(max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                  pad_token_id=tokenizer.pad_token_id, generator=generator)
+    common = dict(
+        max_new_tokens=max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        generator=generator,
+    )
     greedy = engine.generate(prompts, temperature=0.0, **common)
     greedy_scores, _ = reward_runner.score_batch(
-        [tokenizer.decode(r, skip_special_tokens=True) for r in greedy.response_ids], examples)
-    sampled = engine.generate([p for p in prompts for _ in range(avg_k)], temperature=temperature, top_p=top_p, **common)
+        [tokenizer.decode(r, skip_special_tokens=True) for r in greedy.response_ids], examples
+    )
+    sampled = engine.generate(
+        [p for p in prompts for _ in range(avg_k)], temperature=temperature, top_p=top_p, **common
+    )
     sampled_scores, _ = reward_runner.score_batch(
         [tokenizer.decode(r, skip_special_tokens=True) for r in sampled.response_ids],
-        [ex for ex in examples for _ in range(avg_k)])
+        [ex for ex in examples for _ in range(avg_k)],
+    )
     per_prompt = torch.tensor(sampled_scores).reshape(-1, avg_k)
     return {
         "eval/accuracy": sum(greedy_scores) / len(greedy_scores),

@@ -27,8 +27,16 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["DEFAULT_TARGET_MODULES", "SyncView", "apply_lora", "engine_model", "is_lora", "merged_state_dict",
-           "sync_view", "trainable_parameters"]
+__all__ = [
+    "DEFAULT_TARGET_MODULES",
+    "SyncView",
+    "apply_lora",
+    "engine_model",
+    "is_lora",
+    "merged_state_dict",
+    "sync_view",
+    "trainable_parameters",
+]
 
 #: the linear layers of Llama / Qwen2 / Mistral-style decoders (attention and MLP)
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -60,8 +68,9 @@ def apply_lora(model: nn.Module, *, r: int, alpha: float, dropout: float, target
                 f"model.lora.target_modules: {', '.join(missing)} not in this model "
                 f"(its linear layers: {', '.join(sorted(available)) or 'none'})"
             )
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
-                        task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none", task_type="CAUSAL_LM"
+    )
     try:
         return get_peft_model(model, config)
     except (ValueError, TypeError, NotImplementedError) as exc:

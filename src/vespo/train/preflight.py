@@ -80,8 +80,11 @@ def check_run_dir(cfg: TrainConfig, *, resume: bool) -> bool:
         if (run_dir / "config.yaml").is_file():
             warm = latest_checkpoint(run_dir / "warmup")
             where = f", continuing the warm-up from step {int(warm.name.split('_')[-1])}" if warm else ""
-            print(f"vespo: notice: {run_dir} stopped before its first checkpoint: starting it again from its "
-                  f"saved config{where}", file=sys.stderr)
+            print(
+                f"vespo: notice: {run_dir} stopped before its first checkpoint: starting it again from its "
+                f"saved config{where}",
+                file=sys.stderr,
+            )
             return False
         raise CheckpointError(f"{run_dir} has no checkpoint to resume from")
     if not resume and has_checkpoint:
@@ -197,37 +200,51 @@ def _split_overlong(cfg: TrainConfig, tokenizer: Any, examples: Sequence[Any], c
     return [ex for ex, _ in keep], drop
 
 
-def check_examples(cfg: TrainConfig, tokenizer: Any, model: Any, train: Sequence[Any],
-                   evaluation: Sequence[Any]) -> tuple[list, list]:
+def check_examples(
+    cfg: TrainConfig, tokenizer: Any, model: Any, train: Sequence[Any], evaluation: Sequence[Any]
+) -> tuple[list, list]:
     """The train and eval examples to use, after the checks; raises :class:`ConfigError`."""
     if not train:
         raise ConfigError("the task produced no training examples")
     if not evaluation:
-        where = (f"no row of {cfg.task.train_path} fell into the held-out share task.eval_fraction="
-                 f"{cfg.task.eval_fraction:g}" if cfg.task.kind == "verl_file" and not cfg.task.eval_path
-                 else f"task '{cfg.task.name}' gave no evaluation prompts")
+        where = (
+            f"no row of {cfg.task.train_path} fell into the held-out share task.eval_fraction="
+            f"{cfg.task.eval_fraction:g}"
+            if cfg.task.kind == "verl_file" and not cfg.task.eval_path
+            else f"task '{cfg.task.name}' gave no evaluation prompts"
+        )
         raise ConfigError(f"the evaluation split is empty: {where}; give task.eval_path or raise task.eval_fraction")
     context = context_length(model)
     train, evaluation = list(train), list(evaluation)
     if context is not None:
         if cfg.sampling.max_new_tokens >= context:
-            raise ConfigError(f"sampling.max_new_tokens={cfg.sampling.max_new_tokens} leaves no room for a prompt "
-                              f"in the model's context of {context} positions")
+            raise ConfigError(
+                f"sampling.max_new_tokens={cfg.sampling.max_new_tokens} leaves no room for a prompt "
+                f"in the model's context of {context} positions"
+            )
         train, train_drop = _split_overlong(cfg, tokenizer, train, context)
         evaluation, eval_drop = _split_overlong(cfg, tokenizer, evaluation, context)
         if train_drop or eval_drop:
             first_ex, first_n = (train_drop or eval_drop)[0]
-            counts = (f"{len(train_drop)} of {len(train) + len(train_drop)} train and {len(eval_drop)} of "
-                      f"{len(evaluation) + len(eval_drop)} eval prompts")
-            why = (f"prompt + sampling.max_new_tokens={cfg.sampling.max_new_tokens} exceed the model's context of "
-                   f"{context} positions (first: {getattr(first_ex, 'uid', '?')}, {'over ' if first_n > context else ''}"
-                   f"{first_n} prompt tokens)")
+            counts = (
+                f"{len(train_drop)} of {len(train) + len(train_drop)} train and {len(eval_drop)} of "
+                f"{len(evaluation) + len(eval_drop)} eval prompts"
+            )
+            why = (
+                f"prompt + sampling.max_new_tokens={cfg.sampling.max_new_tokens} exceed the model's context of "
+                f"{context} positions (first: {getattr(first_ex, 'uid', '?')}, {'over ' if first_n > context else ''}"
+                f"{first_n} prompt tokens)"
+            )
             if cfg.task.overlong == "error":
-                raise ConfigError(f"{counts} are too long: {why}; shorten them, lower sampling.max_new_tokens, "
-                                  "or set task.overlong=skip")
+                raise ConfigError(
+                    f"{counts} are too long: {why}; shorten them, lower sampling.max_new_tokens, "
+                    "or set task.overlong=skip"
+                )
             if not train or not evaluation:
-                raise ConfigError(f"{counts} are too long and task.overlong=skip leaves no "
-                                  f"{'train' if not train else 'eval'} prompt: {why}")
+                raise ConfigError(
+                    f"{counts} are too long and task.overlong=skip leaves no "
+                    f"{'train' if not train else 'eval'} prompt: {why}"
+                )
             print(f"vespo: warning: skipped {counts} (task.overlong=skip): {why}", file=sys.stderr)
     check_disk_space(cfg, model)
     return train, evaluation
@@ -253,5 +270,7 @@ def check_disk_space(cfg: TrainConfig, model: Any) -> None:
     except OSError:
         return
     if free < need:
-        raise ConfigError(f"run.out_dir={cfg.run.out_dir}: {free / 2**20:.0f} MiB free on its disk, checkpoints need "
-                          f"about {need / 2**20:.0f} MiB (checkpoint.keep_last={cfg.checkpoint.keep_last})")
+        raise ConfigError(
+            f"run.out_dir={cfg.run.out_dir}: {free / 2**20:.0f} MiB free on its disk, checkpoints need "
+            f"about {need / 2**20:.0f} MiB (checkpoint.keep_last={cfg.checkpoint.keep_last})"
+        )

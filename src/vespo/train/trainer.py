@@ -49,6 +49,7 @@ from vespo.train.checkpoint import (
 )
 from vespo.train.config import ConfigError, TrainConfig, load_config, save_config
 from vespo.train.evaluation import evaluate_policy
+from vespo.train.lora import apply_lora, engine_model, merged_state_dict, sync_view, trainable_parameters
 from vespo.train.metrics_log import MetricsWriter
 from vespo.train.models import (
     build_char_tokenizer,
@@ -57,9 +58,15 @@ from vespo.train.models import (
     load_pretrained,
     smollm2_checkpoint,
 )
-from vespo.train.lora import apply_lora, engine_model, merged_state_dict, sync_view, trainable_parameters
-from vespo.train.precision import TrainingOutOfMemory, autocast, enable_gradient_checkpointing, is_out_of_memory
-from vespo.train.precision import out_of_memory_message, peak_rss_gb
+from vespo.train.precision import (
+    TrainingOutOfMemory,
+    autocast,
+    enable_gradient_checkpointing,
+    is_out_of_memory,
+    out_of_memory_message,
+    peak_rss_gb,
+)
+
 #: the eval and train splits of procedural tasks come from fixed data seeds, so that runs with
 #: different ``run.seed`` (sampling, order, init) are scored on the same eval prompts.
 TRAIN_DATA_SEED, EVAL_DATA_SEED = 1234, 98765
@@ -165,12 +172,13 @@ class Trainer:
         self.task = build_task(cfg.task.spec())
         self.train_examples = self.task.train_examples(cfg.task.train_size, seed=TRAIN_DATA_SEED)
         self.eval_examples = self.task.eval_examples(cfg.eval.num_prompts, seed=EVAL_DATA_SEED)
-        self.reward_runner = RewardRunner(self.task, timeout_s=cfg.task.reward_timeout_s)
+        self.reward_runner = self.rollout_settings().reward_runner(self.task)
 
         self.device = resolve_device(cfg.run.device)
         self.model, self.tokenizer = build_policy(cfg)
         self.train_examples, self.eval_examples = preflight.check_examples(
-            cfg, self.tokenizer, self.model, self.train_examples, self.eval_examples)
+            cfg, self.tokenizer, self.model, self.train_examples, self.eval_examples
+        )
         self.model.to(self.device).train()
         self.sync_model = sync_view(self.model)  # what engines sync from (merged weights under LoRA)
         self.optimizer = torch.optim.AdamW(
@@ -200,10 +208,19 @@ class Trainer:
         """The rollout layer's view of the config."""
         cfg, smp = self.cfg, self.cfg.sampling
         return RolloutSettings(
-            group_size=smp.group_size, max_new_tokens=smp.max_new_tokens, temperature=smp.temperature,
-            top_p=smp.top_p, normalize_adv_std=cfg.algorithm.normalize_adv_std, engine=smp.engine,
-            sampler_dtype=smp.sampler_dtype, trainer_dtype=cfg.model.dtype, engine_options=dict(smp.engine_options),
-            reward_timeout_s=cfg.task.reward_timeout_s, record_routing=cfg.algorithm.routing_replay == "r3",
+            group_size=smp.group_size,
+            max_new_tokens=smp.max_new_tokens,
+            temperature=smp.temperature,
+            top_p=smp.top_p,
+            normalize_adv_std=cfg.algorithm.normalize_adv_std,
+            engine=smp.engine,
+            sampler_dtype=smp.sampler_dtype,
+            trainer_dtype=cfg.model.dtype,
+            engine_options=dict(smp.engine_options),
+            reward_timeout_s=cfg.task.reward_timeout_s,
+            reward_workers=cfg.task.reward_workers,
+            reward_isolation=cfg.task.reward_isolation,
+            record_routing=cfg.algorithm.routing_replay == "r3",
         )
 
     def _build_source(self) -> RolloutSource:
@@ -219,14 +236,22 @@ class Trainer:
                 torch.set_num_threads(max(1, (os.cpu_count() or 1) - acfg.num_workers * acfg.worker_threads))
             async_settings = AsyncSettings(**{name: getattr(acfg, name) for name in AsyncSettings.__dataclass_fields__})
             return AsyncRolloutSource(
-                settings, async_settings, model=engine_model(self.model), tokenizer=self.tokenizer, task=self.task,
-                train_examples=self.train_examples, mini_batch_prompts=cfg.algorithm.mini_batch_prompts,
-                seed=cfg.run.seed, run_dir=self.run_dir, old_log_prob_fn=old_fn,
+                settings,
+                async_settings,
+                model=engine_model(self.model),
+                tokenizer=self.tokenizer,
+                task=self.task,
+                train_examples=self.train_examples,
+                mini_batch_prompts=cfg.algorithm.mini_batch_prompts,
+                seed=cfg.run.seed,
+                run_dir=self.run_dir,
+                old_log_prob_fn=old_fn,
             )
         return SyncRolloutSource(
             settings=settings,
-            engine=build_engine(settings.engine, engine_model(self.model), dtype=settings.sampler_dtype,
-                                options=settings.engine_options),
+            engine=build_engine(
+                settings.engine, engine_model(self.model), dtype=settings.sampler_dtype, options=settings.engine_options
+            ),
             stream=PromptStream(self.train_examples, seed=cfg.run.seed),
             tokenizer=self.tokenizer,
             reward_runner=self.reward_runner,
@@ -239,8 +264,9 @@ class Trainer:
     # ------------------------------------------------------------------------------ the loop
     def train(self) -> TrainResult:
         cfg = self.cfg
-        writer = MetricsWriter(self.run_dir, tensorboard=cfg.logging.tensorboard,
-                               resume_step=self.step if self.resumed else None)
+        writer = MetricsWriter(
+            self.run_dir, tensorboard=cfg.logging.tensorboard, resume_step=self.step if self.resumed else None
+        )
         start = time.perf_counter()
         stop = _StopFlag()
         try:
@@ -327,7 +353,10 @@ class Trainer:
         mb = mb.to(self.device)
         with self.routing.forward(mb), autocast(self.cfg.model.autocast, self.device):
             return sequence_log_probs_and_entropy(
-                self.model, mb.input_ids, mb.attention_mask, mb.response_mask.shape[1],
+                self.model,
+                mb.input_ids,
+                mb.attention_mask,
+                mb.response_mask.shape[1],
                 temperature=self.cfg.sampling.temperature,
             )
 
@@ -338,8 +367,16 @@ class Trainer:
             parts = [self._log_probs(mb.slice(a, b))[0] for a, b in self._micro_slices(mb.num_sequences)]
         return torch.cat(parts).float().cpu()
 
-    def _loss(self, mb: RolloutBatch, log_prob: torch.Tensor, n_tokens: float, n_seqs: float):
-        """compute_policy_loss on (a slice of) a mini-batch, normalised by the mini-batch's counts."""
+    def _loss(
+        self,
+        mb: RolloutBatch,
+        log_prob: torch.Tensor,
+        n_tokens: float,
+        n_seqs: float,
+        batch_params: dict[str, Any] | None = None,
+    ):
+        """compute_policy_loss on (a slice of) a mini-batch, normalised by the mini-batch's counts;
+        ``batch_params``: statistics of the whole mini-batch for losses that need them."""
         alg = self.cfg.algorithm
         use_correction = alg.correction != "none"
         return compute_policy_loss(
@@ -357,7 +394,44 @@ class Trainer:
             global_num_seqs=n_seqs,
             norm_length=self.cfg.sampling.max_new_tokens,
             **alg.loss_params,
+            **(batch_params or {}),
         )
+
+    @torch.no_grad()
+    def _batch_params(self, mb: RolloutBatch, slices: list[tuple[int, int]]) -> dict[str, Any]:
+        """Whole-mini-batch statistics of a loss whose weights depend on the batch (vespo_adaptive's
+        alpha), from a no-grad pre-pass over the micro-batches, so that every micro-batch's loss and
+        gradient equal the whole mini-batch's. Nothing to do for one pass or for other losses."""
+        alg = self.cfg.algorithm
+        if alg.loss != "vespo_adaptive" or len(slices) == 1:
+            return {}
+        from vespo.losses import merge_adaptive_stats, vespo_adaptive_batch_stats, vespo_adaptive_seq_inputs
+        from vespo.losses.corrections import rollout_correction
+
+        parts = []
+        for a, b in slices:
+            micro = mb.slice(a, b).to(self.device)
+            mask, weights = micro.response_mask, None
+            if alg.correction != "none":  # the same weights and mask as compute_policy_loss derives
+                corr = rollout_correction(
+                    micro.old_log_prob,
+                    micro.rollout_log_prob,
+                    mask,
+                    alg.correction,
+                    high=alg.correction_high,
+                    low=alg.correction_low,
+                )
+                mask, weights = corr.mask, corr.weights
+            log_prob, _ = self._log_probs(micro)
+            seq_log_w, seq_adv, valid = vespo_adaptive_seq_inputs(
+                log_prob=log_prob,
+                old_log_prob=micro.old_log_prob,
+                advantages=micro.advantages,
+                response_mask=mask,
+                rollout_is_weights=weights,
+            )
+            parts.append(vespo_adaptive_batch_stats(seq_log_w, seq_adv, valid, **alg.loss_params))
+        return {"batch_stats": merge_adaptive_stats(parts)}
 
     def _optimize(self, mb: RolloutBatch) -> dict[str, float]:
         """Forward + backward over micro-batches, one optimizer step; metrics of the whole mini-batch.
@@ -371,6 +445,7 @@ class Trainer:
         n_tokens = float(mask.sum())
         n_seqs = float(mask.any(-1).sum())
         slices = self._micro_slices(mb.num_sequences)
+        batch_params = self._batch_params(mb, slices)
         log_prob_all = torch.zeros_like(mb.rollout_log_prob)
         entropy_sum = 0.0
         metrics: dict[str, float] = {}
@@ -379,7 +454,7 @@ class Trainer:
             if not micro.response_mask.any():
                 continue
             log_prob, entropy = self._log_probs(micro)
-            out = self._loss(micro, log_prob, n_tokens, n_seqs)
+            out = self._loss(micro, log_prob, n_tokens, n_seqs, batch_params)
             out.loss.backward()
             log_prob_all[a:b] = log_prob.detach().float().cpu()
             entropy_sum += float((entropy.detach().float() * micro.response_mask).sum().cpu())
@@ -387,7 +462,7 @@ class Trainer:
                 metrics = dict(out.metrics)
         if len(slices) > 1:  # diagnostics of the whole mini-batch, not averages over micro-batches
             with torch.no_grad():
-                metrics = dict(self._loss(mb, log_prob_all, n_tokens, n_seqs).metrics)
+                metrics = dict(self._loss(mb, log_prob_all, n_tokens, n_seqs, batch_params).metrics)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
         skipped = not math.isfinite(float(grad_norm))
         if not skipped:  # never let a NaN/Inf reach the weights
@@ -401,7 +476,7 @@ class Trainer:
         return metrics
 
     # --------------------------------------------------------------------------- warm-up
-    def warm_up(self, stop: "_StopFlag | None" = None) -> None:
+    def warm_up(self, stop: _StopFlag | None = None) -> None:
         """Supervised steps on task demonstrations (prompt masked), before RL; logged to warmup.jsonl.
 
         Interrupted (SIGTERM/Ctrl-C), it stops at once. It checkpoints every
@@ -425,8 +500,10 @@ class Trainer:
         pad = self.tokenizer.pad_token_id
         ckpts = WarmupCheckpoints(self.run_dir, wcfg.checkpoint_every, resume=self.continue_warmup)
         start = ckpts.restore(self.model, optimizer, rng, log_path=self.run_dir / "warmup.jsonl")
-        with open(self.run_dir / "warmup.jsonl", "a" if start else "w", buffering=1) as log, \
-                _progress(self.cfg, start, total=wcfg.steps, label="warm-up") as progress:
+        with (
+            open(self.run_dir / "warmup.jsonl", "a" if start else "w", buffering=1) as log,
+            _progress(self.cfg, start, total=wcfg.steps, label="warm-up") as progress,
+        ):
             for step in range(start + 1, wcfg.steps + 1):
                 if stop is not None and stop.requested:
                     raise KeyboardInterrupt
@@ -465,8 +542,15 @@ class Trainer:
     # -------------------------------------------------------------------------- evaluation
     def evaluate(self) -> dict[str, float]:
         """Evaluate the current weights (:func:`evaluate_policy`); keep the best weights in ``best/``."""
-        result = run_evaluation(self.cfg, self.eval_engine, self.model, self.tokenizer, self.eval_examples,
-                                self.reward_runner, step=self.step)
+        result = run_evaluation(
+            self.cfg,
+            self.eval_engine,
+            self.model,
+            self.tokenizer,
+            self.eval_examples,
+            self.reward_runner,
+            step=self.step,
+        )
         self.last_eval = {"step": float(self.step), **result}
         if not self.best_eval or result["eval/accuracy"] > self.best_eval["eval/accuracy"]:
             self.best_eval = dict(self.last_eval)
@@ -494,12 +578,20 @@ class Trainer:
             "elapsed_s": self.elapsed_before,
             "python_random": _encode_random_state(random.getstate()),
         }
-        return save_checkpoint(self.run_dir, self.step, model=self.model, optimizer=self.optimizer,
-                               tensors=tensors, state=state, keep_last=self.cfg.checkpoint.keep_last)
+        return save_checkpoint(
+            self.run_dir,
+            self.step,
+            model=self.model,
+            optimizer=self.optimizer,
+            tensors=tensors,
+            state=state,
+            keep_last=self.cfg.checkpoint.keep_last,
+        )
 
     def _restore(self) -> None:
-        ckpt = load_checkpoint(self.run_dir, model=self.model, optimizer=self.optimizer,
-                               verify=self.cfg.checkpoint.verify)
+        ckpt = load_checkpoint(
+            self.run_dir, model=self.model, optimizer=self.optimizer, verify=self.cfg.checkpoint.verify
+        )
         self.step = int(ckpt.state["step"])
         self.best_eval = ckpt.state.get("best_eval", {})
         self.last_eval = ckpt.state.get("last_eval", {})
@@ -559,14 +651,23 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Tr
     return cfg
 
 
-def run_evaluation(cfg: TrainConfig, engine, model: torch.nn.Module, tokenizer: Any, examples, reward_runner,
-                   *, step: int) -> dict[str, float]:
+def run_evaluation(
+    cfg: TrainConfig, engine, model: torch.nn.Module, tokenizer: Any, examples, reward_runner, *, step: int
+) -> dict[str, float]:
     """:func:`evaluate_policy` of ``model``'s weights with the config's sampling settings."""
     engine.load_state_dict(merged_state_dict(model), version=step)
     smp = cfg.sampling
-    return evaluate_policy(engine, examples, tokenizer=tokenizer, reward_runner=reward_runner,
-                           max_new_tokens=smp.max_new_tokens, temperature=smp.temperature, top_p=smp.top_p,
-                           avg_k=cfg.eval.avg_k, seed=cfg.run.seed * 7919 + step)
+    return evaluate_policy(
+        engine,
+        examples,
+        tokenizer=tokenizer,
+        reward_runner=reward_runner,
+        max_new_tokens=smp.max_new_tokens,
+        temperature=smp.temperature,
+        top_p=smp.top_p,
+        avg_k=cfg.eval.avg_k,
+        seed=cfg.run.seed * 7919 + step,
+    )
 
 
 def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, *, which: str = "latest") -> dict[str, float]:
@@ -574,24 +675,22 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, *, whi
     if which not in ("latest", "best"):
         raise ConfigError(f"--which must be 'latest' or 'best', got '{which}'")
     cfg = resume_config(run_dir, overrides)
-    ckpt = latest_checkpoint(run_dir)
+    task = build_task(cfg.task.spec())
+    examples = task.eval_examples(cfg.eval.num_prompts, seed=EVAL_DATA_SEED)
+    runner = RewardRunner(
+        task, timeout_s=cfg.task.reward_timeout_s, workers=cfg.task.reward_workers, isolation=cfg.task.reward_isolation
+    )
+    model, tokenizer = build_policy(cfg)
+    model.to(resolve_device(cfg.run.device))
     if which == "best":
         weights = Path(run_dir) / "best" / "model.safetensors"
         info = Path(run_dir) / "best" / "best.json"
         if not weights.exists() or not info.exists():
             raise CheckpointError(f"{run_dir} has no best weights yet (best/model.safetensors)")
         step = int(json.loads(info.read_text())["step"])
-    else:
-        if ckpt is None:
-            raise CheckpointError(f"{run_dir} has no checkpoint to evaluate")
-        weights = ckpt / "model.safetensors"
-        step = int(json.loads((ckpt / "state.json").read_text())["step"])
-    task = build_task(cfg.task.spec())
-    examples = task.eval_examples(cfg.eval.num_prompts, seed=EVAL_DATA_SEED)
-    runner = RewardRunner(task, timeout_s=cfg.task.reward_timeout_s)
-    model, tokenizer = build_policy(cfg)
-    model.to(resolve_device(cfg.run.device))
-    load_init_weights(model, str(weights))
+        load_init_weights(model, str(weights))
+    else:  # the newest intact checkpoint, verified as a resume would
+        step = int(load_checkpoint(run_dir, model=model, verify=cfg.checkpoint.verify).state["step"])
     engine = build_engine("hf", engine_model(model), dtype=cfg.model.dtype)
     result = run_evaluation(cfg, engine, model, tokenizer, examples, runner, step=step)
     from rich.console import Console
@@ -620,8 +719,13 @@ def print_summary(result: TrainResult, trainer: Trainer) -> None:
     table.add_column("value", justify="right")
     if trainer.cfg.run.mode == "async":
         acfg = trainer.cfg.async_
-        rows.append(("loss / async", f"{trainer.cfg.algorithm.loss} / sync_every {acfg.sync_every}, "
-                     f"staleness_threshold {acfg.staleness_threshold:g}"))
+        rows.append(
+            (
+                "loss / async",
+                f"{trainer.cfg.algorithm.loss} / sync_every {acfg.sync_every}, "
+                f"staleness_threshold {acfg.staleness_threshold:g}",
+            )
+        )
     else:
         rows.append(("loss / staleness N", f"{trainer.cfg.algorithm.loss} / {trainer.cfg.algorithm.staleness}"))
     rows.append(("optimizer steps", str(result.steps)))
@@ -631,10 +735,14 @@ def print_summary(result: TrainResult, trainer: Trainer) -> None:
     if result.final_eval:
         rows.append(("eval accuracy at end", f"{result.final_eval['eval/accuracy']:.3f}"))
     if result.best_eval:
-        rows.append(("best eval accuracy (step)", f"{result.best_eval['eval/accuracy']:.3f} ({int(result.best_eval['step'])})"))
+        rows.append(
+            ("best eval accuracy (step)", f"{result.best_eval['eval/accuracy']:.3f} ({int(result.best_eval['step'])})")
+        )
     if rewards:
-        head, tail = rewards[: max(1, len(rewards) // 10)], rewards[-max(1, len(rewards) // 10):]
-        rows.append(("train reward first 10% -> last 10%", f"{sum(head)/len(head):.3f} -> {sum(tail)/len(tail):.3f}"))
+        head, tail = rewards[: max(1, len(rewards) // 10)], rewards[-max(1, len(rewards) // 10) :]
+        rows.append(
+            ("train reward first 10% -> last 10%", f"{sum(head) / len(head):.3f} -> {sum(tail) / len(tail):.3f}")
+        )
     for row in rows:
         table.add_row(*row)
     Console().print(table)
@@ -674,10 +782,23 @@ class _progress:
 
     def __enter__(self):
         if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
-            self._bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+            self._bar = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[info]}"),
+            )
             self._bar.start()
             self._task = self._bar.add_task(self.label, total=self.total, completed=self.done, info="")
         return self._update

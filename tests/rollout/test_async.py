@@ -149,13 +149,23 @@ def test_partial_rollout_tokens_carry_the_weights_that_sampled_them():
     """In-process worker: a sync lands mid-generation; the tokens before it carry version 0 and
     mu of version 0, the ones after it version 1 and mu of version 1."""
     tok = build_char_tokenizer()
-    model = build_tiny_model("llama", vocab_size=len(tok), hidden_size=32, num_layers=2, num_heads=2, seed=0,
-                             pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                             eos_token_id=tok.eos_token_id, init_std=0.05)
+    model = build_tiny_model(
+        "llama",
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        seed=0,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        init_std=0.05,
+    )
     task = build_task({"kind": "reasoning_gym", "name": "chain_sum"})
     settings = RolloutSettings(group_size=3, max_new_tokens=20)
-    spec = WorkerSpec(model=model, tokenizer=tok, task=task, settings=settings, threads=1, partial_rollout=True,
-                      measure_mismatch=True)
+    spec = WorkerSpec(
+        model=model, tokenizer=tok, task=task, settings=settings, threads=1, partial_rollout=True, measure_mismatch=True
+    )
     worker = RolloutWorker(spec)
     w0 = copy.deepcopy(model.state_dict())
     w1 = {k: v + 0.05 * torch.randn_like(v) for k, v in w0.items()}
@@ -182,8 +192,9 @@ def test_partial_rollout_tokens_carry_the_weights_that_sampled_them():
     out = worker.generate({"ticket": 0, "min_version": 0, "examples": examples})
     assert out["stats"]["segments"] == 2.0
     for group, prompt in zip(out["groups"], encode_prompts(tok, examples)):
-        for resp, mu, ver, ref in zip(group.response_ids, group.rollout_log_probs, group.token_versions,
-                                      group.reference_log_probs):
+        for resp, mu, ver, ref in zip(
+            group.response_ids, group.rollout_log_probs, group.token_versions, group.reference_log_probs
+        ):
             assert ver == sorted(ver) and set(ver) <= {0, 1}
             ids = torch.tensor([prompt + resp])
             mask = torch.ones_like(ids)
@@ -204,27 +215,54 @@ def test_partial_rollout_tokens_carry_the_weights_that_sampled_them():
 def test_bf16_sampler_flips_moe_routing():
     """A tiny Qwen3-MoE: the bf16 sampler and the fp32 reference route some tokens differently."""
     tok = build_char_tokenizer()
-    model = build_tiny_model("qwen3_moe", vocab_size=len(tok), hidden_size=32, num_layers=2, num_heads=2,
-                             num_experts=4, num_experts_per_tok=2, seed=0, pad_token_id=tok.pad_token_id,
-                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    model = build_tiny_model(
+        "qwen3_moe",
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        seed=0,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     task = build_task({"kind": "reasoning_gym", "name": "chain_sum"})
     settings = RolloutSettings(group_size=4, max_new_tokens=12, sampler_dtype="bfloat16")
-    spec = WorkerSpec(model=model, tokenizer=tok, task=task, settings=settings, threads=1, partial_rollout=False,
-                      measure_mismatch=True)
+    spec = WorkerSpec(
+        model=model,
+        tokenizer=tok,
+        task=task,
+        settings=settings,
+        threads=1,
+        partial_rollout=False,
+        measure_mismatch=True,
+    )
     worker = RolloutWorker(spec)
     worker.set_weights(copy.deepcopy(model.state_dict()), 0, seed=0)
     out = worker.generate({"ticket": 0, "min_version": 0, "examples": task.train_examples(4, seed=0)})
     assert out["stats"]["routing_flip_frac"] > 0
-    diffs = [abs(r - m) for g in out["groups"]
-             for rr, mm in zip(g.reference_log_probs, g.rollout_log_probs) for r, m in zip(rr, mm)]
+    diffs = [
+        abs(r - m)
+        for g in out["groups"]
+        for rr, mm in zip(g.reference_log_probs, g.rollout_log_probs)
+        for r, m in zip(rr, mm)
+    ]
     assert max(diffs) > 1e-3  # bf16 sampling against fp32: a real log-prob gap
 
 
 # ------------------------------------------------------------------------------ async runs
 def test_async_run_bounded_staleness_and_exact_mu_with_partial_rollouts(tmp_path, ray_session):
-    cfg = async_config(tmp_path / "run", "run.total_steps=8", "async.sync_every=2",
-                       "async.staleness_threshold=1.0", "async.partial_rollout=true",
-                       "algorithm.old_log_prob=sampler", "sampling.max_new_tokens=24")
+    cfg = async_config(
+        tmp_path / "run",
+        "run.total_steps=8",
+        "async.sync_every=2",
+        "async.staleness_threshold=1.0",
+        "async.partial_rollout=true",
+        "algorithm.old_log_prob=sampler",
+        "sampling.max_new_tokens=24",
+    )
     trainer = Trainer(cfg)
     rec = Recorder(trainer)
     trainer.train()
@@ -256,18 +294,35 @@ def test_async_run_bounded_staleness_and_exact_mu_with_partial_rollouts(tmp_path
     # the worker is the bottleneck here, so every sync lands in a chunk in flight
     assert partial > 0 and sum(r["stale/partial_frac"] for r in rows) > 0
     assert wrong_version_error > 1e-3  # the mu check above can tell versions apart
-    for key in ("perf/queue_depth", "perf/worker_util", "perf/trainer_util", "stale/lag_frac_0",
-                "mismatch/pi_mu_k3_kl", "stale/log_w_mean", "mismatch/log_w_mean", "is/log_w_pi_mu_mean"):
+    for key in (
+        "perf/queue_depth",
+        "perf/worker_util",
+        "perf/trainer_util",
+        "stale/lag_frac_0",
+        "mismatch/pi_mu_k3_kl",
+        "stale/log_w_mean",
+        "mismatch/log_w_mean",
+        "is/log_w_pi_mu_mean",
+    ):
         assert key in rows[-1], key
 
 
 def test_async_two_workers_bf16_moe_without_partial_rollouts(tmp_path, ray_session):
     """Responses are never split; prompts are trained in stream order, none skipped or repeated.
     The policy is a tiny Qwen3-MoE sampled in bf16 and trained in fp32: the mismatch is real."""
-    cfg = async_config(tmp_path / "run", "run.total_steps=6", "async.num_workers=2", "async.sync_every=2",
-                       "async.staleness_threshold=0.5", "async.partial_rollout=false",
-                       "model.arch=qwen3_moe", "model.num_experts=4", "model.num_experts_per_tok=2",
-                       "sampling.sampler_dtype=bfloat16", "algorithm.old_log_prob=sampler")
+    cfg = async_config(
+        tmp_path / "run",
+        "run.total_steps=6",
+        "async.num_workers=2",
+        "async.sync_every=2",
+        "async.staleness_threshold=0.5",
+        "async.partial_rollout=false",
+        "model.arch=qwen3_moe",
+        "model.num_experts=4",
+        "model.num_experts_per_tok=2",
+        "sampling.sampler_dtype=bfloat16",
+        "algorithm.old_log_prob=sampler",
+    )
     trainer = Trainer(cfg)
     rec = Recorder(trainer)
     expected = trainer.source.stream
@@ -302,8 +357,9 @@ def test_zero_staleness_async_reproduces_the_sync_trainer(tmp_path, ray_session)
     common = ["run.total_steps=4", "algorithm.old_log_prob=recompute"]
     sync_cfg = tiny_config(tmp_path / "sync", *common)
     Trainer(sync_cfg).train()
-    async_cfg = async_config(tmp_path / "async", *common, "async.sync_every=1", "async.staleness_threshold=0",
-                             "async.partial_rollout=false")
+    async_cfg = async_config(
+        tmp_path / "async", *common, "async.sync_every=1", "async.staleness_threshold=0", "async.partial_rollout=false"
+    )
     Trainer(async_cfg).train()
     sync_rows, async_rows = _run_rows(tmp_path / "sync"), _run_rows(tmp_path / "async")
     assert len(sync_rows) == len(async_rows) == 4
@@ -321,8 +377,14 @@ def test_dead_workers_are_replaced_then_the_run_stops_with_a_checkpoint(tmp_path
     import ray
 
     # K=1, s=0: the chunk of the next step is always in flight when the worker is killed after a step
-    cfg = async_config(tmp_path / "run", "run.total_steps=6", "async.sync_every=1", "async.max_worker_restarts=1",
-                       "async.staleness_threshold=0", "async.partial_rollout=false")
+    cfg = async_config(
+        tmp_path / "run",
+        "run.total_steps=6",
+        "async.sync_every=1",
+        "async.max_worker_restarts=1",
+        "async.staleness_threshold=0",
+        "async.partial_rollout=false",
+    )
     trainer = Trainer(cfg)
     rec = Recorder(trainer)
 
@@ -373,11 +435,22 @@ RUN_SCRIPT = textwrap.dedent(
 def test_killed_trainer_resumes_and_leaves_no_ray_processes(tmp_path):
     """SIGKILL the trainer mid-run, resume it; afterwards no process of either Ray instance lives."""
     run = tmp_path / "run"
-    overrides = [*TINY, f"run.out_dir={run}", "run.mode=async", "run.total_steps=200",
-                 "checkpoint.every=2", "async.sync_every=2"]
+    overrides = [
+        *TINY,
+        f"run.out_dir={run}",
+        "run.mode=async",
+        "run.total_steps=200",
+        "checkpoint.every=2",
+        "async.sync_every=2",
+    ]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", RUN_SCRIPT, str(run), "new", *overrides], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RUN_SCRIPT, str(run), "new", *overrides],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+    )
     deadline = time.monotonic() + 240  # generous: a loaded 2-core machine starts Ray slowly
     record = run / "ray_processes.json"
     latest = run / "checkpoints" / "latest"
@@ -397,8 +470,15 @@ def test_killed_trainer_resumes_and_leaves_no_ray_processes(tmp_path):
     proc.wait(timeout=30)
     # resume in a fresh process for a few more steps; it first reaps the dead run's Ray leftovers
     target = checkpointed_step() + 3  # the kill may land a few steps after the first checkpoint we saw
-    done = subprocess.run([sys.executable, "-c", RUN_SCRIPT, str(run), "resume", f"run.total_steps={target}"],
-                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", RUN_SCRIPT, str(run), "resume", f"run.total_steps={target}"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert [r["step"] for r in read_rows(run) if "stale/index" in r] == list(range(1, target + 1))
     assert not record.exists()  # removed by the clean shutdown of the resumed run

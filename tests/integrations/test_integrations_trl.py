@@ -35,16 +35,31 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
 def make_model(tok: PreTrainedTokenizerFast, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id,
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.eos_token_id,
     )
     return LlamaForCausalLM(config)
 
 
 def dataset() -> Dataset:
-    prompts = ["one plus two is", "three minus one is", "a b c", "four plus four is",
-               "d e f", "five minus two is", "g h a", "two plus three is"]
+    prompts = [
+        "one plus two is",
+        "three minus one is",
+        "a b c",
+        "four plus four is",
+        "d e f",
+        "five minus two is",
+        "g h a",
+        "two plus three is",
+    ]
     return Dataset.from_list([{"prompt": p} for p in prompts])
 
 
@@ -54,9 +69,18 @@ def length_reward(completions, **kwargs):
 
 def common_args(tmp_path, **kw) -> dict:
     args = {
-        "output_dir": str(tmp_path), "use_cpu": True, "report_to": [], "per_device_train_batch_size": 4,
-        "num_generations": 4, "max_completion_length": 8, "logging_steps": 1, "save_strategy": "no",
-        "seed": 0, "bf16": False, "dataloader_num_workers": 0, "disable_tqdm": True,
+        "output_dir": str(tmp_path),
+        "use_cpu": True,
+        "report_to": [],
+        "per_device_train_batch_size": 4,
+        "num_generations": 4,
+        "max_completion_length": 8,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "seed": 0,
+        "bf16": False,
+        "dataloader_num_workers": 0,
+        "disable_tqdm": True,
     }
     args.update(kw)
     return args
@@ -72,10 +96,14 @@ def test_training_steps_with_staleness_change_params_and_log_diagnostics(tmp_pat
     before = {k: v.clone() for k, v in model.state_dict().items()}
     # steps_per_generation=2 > gradient_accumulation_steps=1: the second step trains on a batch
     # generated before the first update, so TRL fills old_per_token_logps and W != 1.
-    args = VespoGRPOConfig(**common_args(tmp_path, steps_per_generation=2, max_steps=2, learning_rate=3e-2),
-                           vespo_loss="vespo", vespo_loss_params={"k_pos": 2.0, "lambda_pos": 3.0})
-    trainer = VespoGRPOTrainer(model=model, reward_funcs=length_reward, args=args,
-                               train_dataset=dataset(), processing_class=tok)
+    args = VespoGRPOConfig(
+        **common_args(tmp_path, steps_per_generation=2, max_steps=2, learning_rate=3e-2),
+        vespo_loss="vespo",
+        vespo_loss_params={"k_pos": 2.0, "lambda_pos": 3.0},
+    )
+    trainer = VespoGRPOTrainer(
+        model=model, reward_funcs=length_reward, args=args, train_dataset=dataset(), processing_class=tok
+    )
     assert trainer.vespo_loss_params["k_neg"] == 3.0  # from GRPOConfig.vespo_k_neg
     trainer.train()
     changed = [k for k, v in trainer.model.state_dict().items() if not torch.equal(v, before[k])]
@@ -100,17 +128,20 @@ def _prepared_inputs(trainer, tok, seed: int = 0) -> dict:
     prompt_ids[0, 0] = tok.pad_token_id
     lengths = torch.tensor([7, 3, 5, 1, 7, 4])
     completion_mask = (torch.arange(c)[None, :] < lengths[:, None]).long()
-    completion_ids = torch.where(completion_mask.bool(), torch.randint(3, len(tok), (b, c), generator=g),
-                                 torch.full((b, c), tok.pad_token_id))
+    completion_ids = torch.where(
+        completion_mask.bool(), torch.randint(3, len(tok), (b, c), generator=g), torch.full((b, c), tok.pad_token_id)
+    )
     with torch.no_grad():
         logps, _, _ = trainer._get_per_token_logps_and_entropies(
-            trainer.model, torch.cat([prompt_ids, completion_ids], 1),
-            torch.cat([prompt_mask, completion_mask], 1), c)
+            trainer.model, torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, completion_mask], 1), c
+        )
     old = logps + 0.15 * torch.randn(b, c, generator=g)  # a stale behaviour policy
     is_ratio = torch.exp(0.2 * torch.randn(b, c, generator=g)) * completion_mask + (1 - completion_mask)
     return {
-        "prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
-        "completion_ids": completion_ids, "completion_mask": completion_mask,
+        "prompt_ids": prompt_ids,
+        "prompt_mask": prompt_mask,
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,
         "advantages": torch.randn(b, generator=g),
         "old_per_token_logps": old,
         "importance_sampling_ratio": is_ratio,
@@ -129,19 +160,32 @@ def _loss_and_grads(trainer, inputs):
     return loss.detach(), grads
 
 
-@pytest.mark.parametrize(("ours", "trl_kwargs"), [
-    ({"vespo_loss": "vespo"}, {"loss_type": "vespo"}),
-    # our PPO clip without dual clip is TRL's dapo (token-level clip, global token mean)
-    ({"vespo_loss": "grpo", "vespo_loss_params": {"clip_c": 1e9}}, {"loss_type": "dapo", "epsilon_high": 0.28}),
-])
+@pytest.mark.parametrize(
+    ("ours", "trl_kwargs"),
+    [
+        ({"vespo_loss": "vespo"}, {"loss_type": "vespo"}),
+        # our PPO clip without dual clip is TRL's dapo (token-level clip, global token mean)
+        ({"vespo_loss": "grpo", "vespo_loss_params": {"clip_c": 1e9}}, {"loss_type": "dapo", "epsilon_high": 0.28}),
+    ],
+)
 def test_one_batch_matches_trl_builtin(tmp_path, tok, ours, trl_kwargs):
     model = make_model(tok, seed=1)
     base = common_args(tmp_path, steps_per_generation=2, gradient_accumulation_steps=2, max_steps=1)
-    builtin = GRPOTrainer(model=model, reward_funcs=length_reward, args=GRPOConfig(**base, **trl_kwargs),
-                          train_dataset=dataset(), processing_class=tok)
+    builtin = GRPOTrainer(
+        model=model,
+        reward_funcs=length_reward,
+        args=GRPOConfig(**base, **trl_kwargs),
+        train_dataset=dataset(),
+        processing_class=tok,
+    )
     ours_args = VespoGRPOConfig(**base, **ours, epsilon_high=trl_kwargs.get("epsilon_high"))
-    adapter = VespoGRPOTrainer(model=copy.deepcopy(model), reward_funcs=length_reward, args=ours_args,
-                               train_dataset=dataset(), processing_class=tok)
+    adapter = VespoGRPOTrainer(
+        model=copy.deepcopy(model),
+        reward_funcs=length_reward,
+        args=ours_args,
+        train_dataset=dataset(),
+        processing_class=tok,
+    )
     inputs = _prepared_inputs(builtin, tok)
     if trl_kwargs["loss_type"] != "vespo":  # TRL applies the vLLM ratio to dapo only when use_vllm=True
         del inputs["importance_sampling_ratio"]
@@ -158,21 +202,30 @@ def test_one_batch_matches_trl_builtin(tmp_path, tok, ours, trl_kwargs):
     assert logged["vespo/phi_mean"] and logged["vespo/is_abs_log_w_mean"][0] > 0
     if ours["vespo_loss"] == "vespo":
         assert logged["vespo/is_log_w_mismatch_abs_mean"][0] > 0
-        assert logged["vespo/phi_mean"][0] == pytest.approx(builtin._metrics["train"]["vespo/phi_seq_mean"][0], rel=1e-5)
+        assert logged["vespo/phi_mean"][0] == pytest.approx(
+            builtin._metrics["train"]["vespo/phi_seq_mean"][0], rel=1e-5
+        )
 
 
 def test_aggregation_modes_follow_trl_normalisers(tmp_path, tok):
     base = common_args(tmp_path, steps_per_generation=2, gradient_accumulation_steps=2, max_steps=1)
-    trainer = VespoGRPOTrainer(model=make_model(tok, seed=2), reward_funcs=length_reward,
-                               args=VespoGRPOConfig(**base, vespo_loss="reinforce"),
-                               train_dataset=dataset(), processing_class=tok)
+    trainer = VespoGRPOTrainer(
+        model=make_model(tok, seed=2),
+        reward_funcs=length_reward,
+        args=VespoGRPOConfig(**base, vespo_loss="reinforce"),
+        train_dataset=dataset(),
+        processing_class=tok,
+    )
     inputs = _prepared_inputs(trainer, tok, seed=3)
     trainer.current_gradient_accumulation_steps = 2
     mask = inputs["completion_mask"].float()
     with torch.no_grad():
         logps, _, _ = trainer._get_per_token_logps_and_entropies(
-            trainer.model, torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
-            torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1), mask.size(1))
+            trainer.model,
+            torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
+            torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1),
+            mask.size(1),
+        )
     per_token = -inputs["advantages"][:, None] * logps * inputs["importance_sampling_ratio"] * mask
     b = mask.size(0)
     expected = {
@@ -193,8 +246,13 @@ def test_aggregation_modes_follow_trl_normalisers(tmp_path, tok):
 
 def test_fully_masked_micro_batch_gives_zero_loss_and_grad(tmp_path, tok):
     base = common_args(tmp_path, max_steps=1)
-    trainer = VespoGRPOTrainer(model=make_model(tok, seed=4), reward_funcs=length_reward,
-                               args=VespoGRPOConfig(**base), train_dataset=dataset(), processing_class=tok)
+    trainer = VespoGRPOTrainer(
+        model=make_model(tok, seed=4),
+        reward_funcs=length_reward,
+        args=VespoGRPOConfig(**base),
+        train_dataset=dataset(),
+        processing_class=tok,
+    )
     inputs = _prepared_inputs(trainer, tok, seed=5)
     inputs["completion_mask"] = torch.zeros_like(inputs["completion_mask"])
     loss, grads = _loss_and_grads(trainer, inputs)
@@ -208,12 +266,17 @@ def _rows(inputs: dict, sl: slice) -> dict:
 
 def test_vespo_adaptive_statistics_span_the_accumulation_window(tmp_path, tok):
     base = common_args(tmp_path, steps_per_generation=2, gradient_accumulation_steps=2, max_steps=1)
-    trainer = VespoGRPOTrainer(model=make_model(tok, seed=6), reward_funcs=length_reward,
-                               args=VespoGRPOConfig(**base, vespo_loss="vespo_adaptive"),
-                               train_dataset=dataset(), processing_class=tok)
+    trainer = VespoGRPOTrainer(
+        model=make_model(tok, seed=6),
+        reward_funcs=length_reward,
+        args=VespoGRPOConfig(**base, vespo_loss="vespo_adaptive"),
+        train_dataset=dataset(),
+        processing_class=tok,
+    )
     inputs = _prepared_inputs(trainer, tok, seed=7)
     inputs["old_per_token_logps"] = inputs["old_per_token_logps"] + 0.3 * torch.randn(
-        inputs["old_per_token_logps"].shape, generator=torch.Generator().manual_seed(8))  # staler
+        inputs["old_per_token_logps"].shape, generator=torch.Generator().manual_seed(8)
+    )  # staler
     halves = [_rows(inputs, slice(0, 3)), _rows(inputs, slice(3, 6))]
     trainer.current_gradient_accumulation_steps = 2
 

@@ -34,8 +34,11 @@ def run_cli(capsys, *argv: str) -> tuple[int, list[str]]:
 
 
 def _row(question: str, answer: str = "2") -> dict:
-    return {"data_source": "t", "prompt": [{"role": "user", "content": question}],
-            "reward_model": {"ground_truth": answer}}
+    return {
+        "data_source": "t",
+        "prompt": [{"role": "user", "content": question}],
+        "reward_model": {"ground_truth": answer},
+    }
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -85,16 +88,22 @@ BAD_INPUTS = [
     ("wrong type", lambda t: ["algorithm.staleness=zero"], "algorithm.staleness"),
     ("unknown loss", lambda t: ["algorithm.loss=nope"], "unknown policy loss 'nope'"),
     ("loss parameter out of range", lambda t: ["algorithm.loss_params={k_pos: 0.5}"], "variance bound"),
-    ("parameter of another loss", lambda t: ["algorithm.loss=grpo", "algorithm.loss_params={k_pos: 2}"],
-     "has no parameter 'k_pos'"),
+    (
+        "parameter of another loss",
+        lambda t: ["algorithm.loss=grpo", "algorithm.loss_params={k_pos: 2}"],
+        "has no parameter 'k_pos'",
+    ),
     ("negative lr", lambda t: ["optim.lr=-1"], "optim.lr"),
     ("top_p above 1", lambda t: ["sampling.top_p=1.5"], "sampling.top_p"),
     ("zero temperature", lambda t: ["sampling.temperature=0"], "sampling.temperature"),
     ("group of one", lambda t: ["sampling.group_size=1"], "sampling.group_size"),
     ("pretrained without a name", lambda t: ["model.kind=pretrained"], "needs model.name_or_path"),
     ("heads do not divide", lambda t: ["model.hidden_size=30", "model.num_heads=4"], "not divisible"),
-    ("correction with sampler mu", lambda t: ["algorithm.correction=token_tis", "algorithm.old_log_prob=sampler"],
-     "old_log_prob=recompute"),
+    (
+        "correction with sampler mu",
+        lambda t: ["algorithm.correction=token_tis", "algorithm.old_log_prob=sampler"],
+        "old_log_prob=recompute",
+    ),
     ("bad aggregation", lambda t: ["algorithm.loss_agg_mode=mean"], "loss_agg_mode"),
     ("eval every 0", lambda t: ["eval.every=0"], "eval.every"),
     ("unknown mode", lambda t: ["run.mode=bogus"], "run.mode"),
@@ -107,8 +116,11 @@ BAD_INPUTS = [
     ("override without =", lambda t: ["justakey"], "key=value"),
     ("override with an empty key", lambda t: [".x=1"], "empty key"),
     ("dotted key into a scalar", lambda t: ["algorithm.loss=vespo", "algorithm.loss.k=1"], "conflicts"),
-    ("mapping erases an earlier override",
-     lambda t: ["algorithm.loss_params.k_pos=3", "algorithm.loss_params={k_neg: 2}"], "would erase"),
+    (
+        "mapping erases an earlier override",
+        lambda t: ["algorithm.loss_params.k_pos=3", "algorithm.loss_params={k_neg: 2}"],
+        "would erase",
+    ),
     # config files
     ("missing config file", lambda t: [t / "missing.yaml"], "does not exist"),
     ("config file is a directory", lambda t: [t], "is a directory"),
@@ -120,24 +132,39 @@ BAD_INPUTS = [
     ("out_dir is a file", lambda t: [f"run.out_dir={_cfg_file(t, 'x', 'afile')}"], "is an existing file"),
     ("out_dir under a file", lambda t: [f"run.out_dir={_cfg_file(t, 'x', 'afile')}/sub/run"], "which is a file"),
     ("out_dir not writable", lambda t: ["run.out_dir=/sys/vespo-reliability-run"], "cannot write"),
-    ("out_dir broken symlink",
-     lambda t: [f"run.out_dir={(os.symlink(t / 'nowhere', t / 'link'), t / 'link')[1]}"], "broken symbolic link"),
+    (
+        "out_dir broken symlink",
+        lambda t: [f"run.out_dir={(os.symlink(t / 'nowhere', t / 'link'), t / 'link')[1]}"],
+        "broken symbolic link",
+    ),
     ("out_dir holds a run", lambda t: [f"run.out_dir={_fake_run(t / 'other')}"], "already holds a run"),
     # data files
     ("missing data file", lambda t: ["task.kind=verl_file", f"task.train_path={t / 'none.jsonl'}"], "none.jsonl"),
     ("data path is a directory", lambda t: ["task.kind=verl_file", f"task.train_path={t}"], "is a directory"),
-    ("non-UTF-8 data file", lambda t: _verl(t, raw=json.dumps(_row("1+1?")).encode() + b"\n\xff\xfe\n"),
-     "data.jsonl is not UTF-8 text"),
-    ("Latin-1 data file", lambda t: _verl(t, raw=json.dumps(_row("é")).encode("ascii").replace(b"\\u00e9", b"\xe9")
-                                          + b"\n"), "line 1"),
+    (
+        "non-UTF-8 data file",
+        lambda t: _verl(t, raw=json.dumps(_row("1+1?")).encode() + b"\n\xff\xfe\n"),
+        "data.jsonl is not UTF-8 text",
+    ),
+    (
+        "Latin-1 data file",
+        lambda t: _verl(t, raw=json.dumps(_row("é")).encode("ascii").replace(b"\\u00e9", b"\xe9") + b"\n"),
+        "line 1",
+    ),
     ("invalid JSON row", lambda t: _verl(t, raw=b'{"prompt": \n'), "invalid JSON"),
     ("missing column", lambda t: _verl(t, rows=[{"prompt": "1+1?", "data_source": "x"}]), "reward_model"),
     ("empty data file", lambda t: _verl(t, raw=b""), "no rows"),
     ("unknown extension", lambda t: _verl(t, name="data.csv"), "unknown extension"),
-    ("empty eval split", lambda t: [*_verl(t, rows=_rows_without_eval(6, 0.05)), "task.eval_fraction=0.05"],
-     "evaluation split is empty"),
-    ("10 MB prompt", lambda t: _verl(t, rows=[_row("1+" * 5_000_000 + "1=?")] + [_row(f"{i}+1=?") for i in range(30)]),
-     "too long"),
+    (
+        "empty eval split",
+        lambda t: [*_verl(t, rows=_rows_without_eval(6, 0.05)), "task.eval_fraction=0.05"],
+        "evaluation split is empty",
+    ),
+    (
+        "10 MB prompt",
+        lambda t: _verl(t, rows=[_row("1+" * 5_000_000 + "1=?")] + [_row(f"{i}+1=?") for i in range(30)]),
+        "too long",
+    ),
     ("max_new_tokens beyond the context", lambda t: ["sampling.max_new_tokens=5000"], "leaves no room"),
     # weights and reward functions named by the config
     ("init_from missing", lambda t: [f"model.init_from={t / 'nothing.safetensors'}"], "model.init_from"),
@@ -165,11 +192,14 @@ def test_battery_has_at_least_40_cases():
     assert len(BAD_INPUTS) >= 40
 
 
-@pytest.mark.parametrize(("argv", "expected"), [
-    (["--resume", "{t}/nothing"], "no config.yaml"),
-    (["--resume", "{t}/afile"], "no config.yaml"),
-    (["{t}/c.yaml", "--resume", "{t}/nothing"], "not both"),
-])
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--resume", "{t}/nothing"], "no config.yaml"),
+        (["--resume", "{t}/afile"], "no config.yaml"),
+        (["{t}/c.yaml", "--resume", "{t}/nothing"], "not both"),
+    ],
+)
 def test_bad_resume_arguments(tmp_path, capsys, argv, expected):
     (tmp_path / "afile").write_text("x")
     (tmp_path / "c.yaml").write_text("run: {seed: 1}\n")
@@ -182,6 +212,7 @@ def _raiser(make):
     def command(args):
         make()
         return 0
+
     return command
 
 
@@ -203,8 +234,11 @@ OS_ERRORS = [
     ("IsADirectoryError", lambda t: open(t), "is a directory"),
     ("PermissionError", lambda t: os.mkdir("/sys/vespo-x"), "not permitted"),
     ("FileNotFoundError", lambda t: open(t / "nope"), "no such file"),
-    ("ENOSPC", lambda t: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device", str(t / "ck"))),
-     "disk is full"),
+    (
+        "ENOSPC",
+        lambda t: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device", str(t / "ck"))),
+        "disk is full",
+    ),
     ("UnicodeDecodeError", _read_latin1, "latin1.txt is not UTF-8 text"),
 ]
 
@@ -220,19 +254,27 @@ def test_expected_os_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatc
 
 def test_disk_full_during_a_checkpoint_is_one_line_and_keeps_the_run(tmp_path, capsys, monkeypatch):
     """A full disk at a checkpoint (safetensors loses the write silently): one line, exit 2."""
-    import vespo.train.checkpoint as ck
-
     import shutil
     import types
+
+    import vespo.train.checkpoint as ck
 
     real = ck.save_file
     monkeypatch.setattr(ck, "save_file", lambda t, p, *a, **k: real(t, "/dev/full", *a, **k))
     # the disk fills up after the pre-flight: only the checkpoint writer sees 0 bytes free
-    monkeypatch.setattr(ck, "shutil", types.SimpleNamespace(rmtree=shutil.rmtree,
-                                                            disk_usage=lambda p: types.SimpleNamespace(free=0)))
+    monkeypatch.setattr(
+        ck, "shutil", types.SimpleNamespace(rmtree=shutil.rmtree, disk_usage=lambda p: types.SimpleNamespace(free=0))
+    )
     run = tmp_path / "run"
-    code, err = run_cli(capsys, "train", *TINY, f"run.out_dir={run}", "run.total_steps=1", "algorithm.staleness=1",
-                        "eval.at_start=false")
+    code, err = run_cli(
+        capsys,
+        "train",
+        *TINY,
+        f"run.out_dir={run}",
+        "run.total_steps=1",
+        "algorithm.staleness=1",
+        "eval.at_start=false",
+    )
     assert code == 2 and len(err) == 1 and "disk is full" in err[0], err
     assert (run / "config.yaml").exists()  # the run is valid: it can be resumed once there is space
 
@@ -251,8 +293,15 @@ def test_too_little_disk_space_is_found_before_the_run_starts(tmp_path, capsys, 
 def test_a_rejected_resume_leaves_the_run_intact(tmp_path, capsys):
     """Defect 1: the refused override was written into config.yaml first, so the run was stuck."""
     run = tmp_path / "run"
-    code, err = run_cli(capsys, "train", *TINY, f"run.out_dir={run}", "run.total_steps=1", "algorithm.staleness=1",
-                        "eval.at_start=false")
+    code, err = run_cli(
+        capsys,
+        "train",
+        *TINY,
+        f"run.out_dir={run}",
+        "run.total_steps=1",
+        "algorithm.staleness=1",
+        "eval.at_start=false",
+    )
     assert code == 0, err
     before = (run / "config.yaml").read_bytes()
     code, err = run_cli(capsys, "train", "--resume", run, "model.num_layers=1")
@@ -271,8 +320,16 @@ def test_a_rejected_resume_leaves_the_run_intact(tmp_path, capsys):
 # ------------------------------------------------------------------- defect 2: damaged checkpoint
 def test_resume_from_a_damaged_latest_checkpoint_falls_back(tmp_path, capsys):
     run = tmp_path / "run"
-    code, _ = run_cli(capsys, "train", *TINY, f"run.out_dir={run}", "run.total_steps=2", "algorithm.staleness=1",
-                      "checkpoint.every=1", "eval.at_start=false")
+    code, _ = run_cli(
+        capsys,
+        "train",
+        *TINY,
+        f"run.out_dir={run}",
+        "run.total_steps=2",
+        "algorithm.staleness=1",
+        "checkpoint.every=1",
+        "eval.at_start=false",
+    )
     assert code == 0
     latest = run / "checkpoints" / "step_000002" / "model.safetensors"
     latest.write_bytes(latest.read_bytes()[:1000])
@@ -291,8 +348,17 @@ def test_overlong_prompts_are_skipped_and_counted_by_choice(tmp_path, capsys):
 
     rows = [_row("1+" * 800 + "1=?"), _row("2+" * 900 + "2=?")] + [_row(f"{i}+1=?") for i in range(40)]
     data = _write_jsonl(tmp_path / "d.jsonl", rows)
-    cfg = load_config(None, [*TINY, f"run.out_dir={tmp_path / 'run'}", "task.kind=verl_file",
-                             f"task.train_path={data}", "task.overlong=skip", "task.train_size=50"])
+    cfg = load_config(
+        None,
+        [
+            *TINY,
+            f"run.out_dir={tmp_path / 'run'}",
+            "task.kind=verl_file",
+            f"task.train_path={data}",
+            "task.overlong=skip",
+            "task.train_size=50",
+        ],
+    )
     trainer = Trainer(cfg)
     err = capsys.readouterr().err
     assert "skipped" in err and "task.overlong=skip" in err
@@ -305,9 +371,20 @@ def test_overlong_prompts_are_skipped_and_counted_by_choice(tmp_path, capsys):
 def _warm_cfg(run: Path, *extra: str):
     from vespo.train.config import load_config
 
-    return load_config(None, [*TINY, f"run.out_dir={run}", "warmup.steps=10", "warmup.batch_size=4",
-                              "warmup.checkpoint_every=3", "run.total_steps=1", "algorithm.staleness=1",
-                              "eval.at_start=false", *extra])
+    return load_config(
+        None,
+        [
+            *TINY,
+            f"run.out_dir={run}",
+            "warmup.steps=10",
+            "warmup.batch_size=4",
+            "warmup.checkpoint_every=3",
+            "run.total_steps=1",
+            "algorithm.staleness=1",
+            "eval.at_start=false",
+            *extra,
+        ],
+    )
 
 
 def test_resume_after_a_kill_in_the_warm_up_continues_it(tmp_path, capsys, monkeypatch):
@@ -336,7 +413,9 @@ def test_resume_after_a_kill_in_the_warm_up_continues_it(tmp_path, capsys, monke
     assert "continuing the warm-up from step 6" in capsys.readouterr().err
     losses = lambda run: [json.loads(x)["warmup/loss"] for x in (run / "warmup.jsonl").read_text().splitlines()]  # noqa: E731
     assert losses(part) == losses(tmp_path / "full")  # the same ten steps, none twice
-    assert (part / "warmup" / "model.safetensors").read_bytes() == (tmp_path / "full" / "warmup" / "model.safetensors").read_bytes()
+    assert (part / "warmup" / "model.safetensors").read_bytes() == (
+        tmp_path / "full" / "warmup" / "model.safetensors"
+    ).read_bytes()
     assert not (part / "warmup" / "checkpoints").exists()
 
 
@@ -380,9 +459,18 @@ def test_hostile_reward_function_does_not_stop_the_run(tmp_path, monkeypatch):
 
     (tmp_path / "hostile_reward.py").write_text(HOSTILE)
     monkeypatch.syspath_prepend(str(tmp_path))
-    cfg = load_config(None, [*TINY, f"run.out_dir={tmp_path / 'run'}", "task.reward_fn=hostile_reward:reward",
-                             "task.reward_timeout_s=0.5", "run.total_steps=2", "algorithm.staleness=1",
-                             "eval.at_start=false"])
+    cfg = load_config(
+        None,
+        [
+            *TINY,
+            f"run.out_dir={tmp_path / 'run'}",
+            "task.reward_fn=hostile_reward:reward",
+            "task.reward_timeout_s=0.5",
+            "run.total_steps=2",
+            "algorithm.staleness=1",
+            "eval.at_start=false",
+        ],
+    )
     result = train(cfg)
     assert result.steps == 2
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -7,7 +7,6 @@ import json
 import pytest
 from tiny_run import TINY_RUN
 
-from vespo.train.config import ConfigError
 from vespo.experiment.sweep import (
     build_cells,
     group_cells,
@@ -16,6 +15,7 @@ from vespo.experiment.sweep import (
     run_sweep,
     variant_label,
 )
+from vespo.train.config import ConfigError
 
 TINY = [*TINY_RUN, "run.total_steps=4", "warmup.steps=3", "warmup.batch_size=8"]
 
@@ -34,10 +34,14 @@ def test_grid_values_may_be_mappings_with_commas():
     assert grid["algorithm.loss_params"] == [{}, {"length_norm": "sqrt"}, {"k_neg": 2, "lambda_neg": 3}]
     cells = build_cells(grid)
     assert [c.name for c in cells][:3] == [
-        "loss_params-default_s0", "loss_params-default_s1", "loss_params-length_normsqrt_s0"]
+        "loss_params-default_s0",
+        "loss_params-default_s1",
+        "loss_params-length_normsqrt_s0",
+    ]
     assert cells[4].name == "loss_params-k_neg2-lambda_neg3_s0"
     # the override a cell passes to `vespo train` parses back to the same mapping
     from vespo.train.config import load_config
+
     assert load_config(None, cells[4].overrides).algorithm.loss_params == {"k_neg": 2, "lambda_neg": 3}
     for bad in ["algorithm.loss_params={a: 1", "algorithm.loss_params=}a{"]:
         with pytest.raises(ConfigError, match="unbalanced"):
@@ -45,16 +49,27 @@ def test_grid_values_may_be_mappings_with_commas():
 
 
 def test_a_mapping_on_a_section_sets_paired_keys():
-    grid = parse_grid(["algorithm.loss=grpo",
-                       "algorithm={old_log_prob: sampler},{old_log_prob: recompute, correction: token_tis}"])
+    grid = parse_grid(
+        ["algorithm.loss=grpo", "algorithm={old_log_prob: sampler},{old_log_prob: recompute, correction: token_tis}"]
+    )
     cells = build_cells(grid)
-    assert [c.name for c in cells] == ["grpo_algorithm-old_log_probsampler",
-                                       "grpo_algorithm-old_log_probrecompute-correctiontoken_tis"]
-    assert cells[1].overrides == ['algorithm.loss="grpo"', 'algorithm.old_log_prob="recompute"',
-                                  'algorithm.correction="token_tis"']
+    assert [c.name for c in cells] == [
+        "grpo_algorithm-old_log_probsampler",
+        "grpo_algorithm-old_log_probrecompute-correctiontoken_tis",
+    ]
+    assert cells[1].overrides == [
+        'algorithm.loss="grpo"',
+        'algorithm.old_log_prob="recompute"',
+        'algorithm.correction="token_tis"',
+    ]
     from vespo.train.config import load_config
+
     cfg = load_config(None, cells[1].overrides)
-    assert (cfg.algorithm.loss, cfg.algorithm.old_log_prob, cfg.algorithm.correction) == ("grpo", "recompute", "token_tis")
+    assert (cfg.algorithm.loss, cfg.algorithm.old_log_prob, cfg.algorithm.correction) == (
+        "grpo",
+        "recompute",
+        "token_tis",
+    )
     # an invalid pairing is caught by the up-front validation, before any process starts
     bad = parse_grid(["algorithm={old_log_prob: sampler, correction: token_tis}"])
     with pytest.raises(ConfigError, match="old_log_prob=recompute"):
@@ -72,6 +87,7 @@ def test_grid_edge_cases():
         build_cells(parse_grid(["algorithm.staleness=4,4"]))
     # strings that YAML would read as something else survive the round trip to `vespo train`
     from vespo.train.config import parse_overrides
+
     cell = build_cells({"task.name": ["on"], "task.reward_fn": ["m:f #x"]})[0]
     parsed = parse_overrides(cell.overrides)["task"]
     assert parsed == {"name": "on", "reward_fn": "m:f #x"}
@@ -79,7 +95,9 @@ def test_grid_edge_cases():
     cell = build_cells(parse_grid(["async={sync_every: 2, num_workers: 3}"]))[0]
     assert cell.overrides == ["async.sync_every=2", "async.num_workers=3"]
     # very long names are cut and made unique with a hash
-    long = build_cells({"algorithm.loss_params": [{f"k{i}": i for i in range(40)}, {f"k{i}": i + 1 for i in range(40)}]})
+    long = build_cells(
+        {"algorithm.loss_params": [{f"k{i}": i for i in range(40)}, {f"k{i}": i + 1 for i in range(40)}]}
+    )
     assert all(len(c.name) <= 120 for c in long) and long[0].name != long[1].name
 
 
@@ -88,9 +106,27 @@ def test_cells_differing_beyond_n_and_seed_are_separate_methods():
     label = variant_label({"algorithm.loss": "grpo", "algorithm.correction": "token_tis", "run.seed": 0})
     assert label == "grpo correction-token_tis"
     cells = [
-        {"variant": "grpo", "algorithm.staleness": 4, "final_accuracy": 0.2, "best_accuracy": 0.2, "start_accuracy": 0.1},
-        {"variant": "grpo", "algorithm.staleness": 4, "final_accuracy": 0.4, "best_accuracy": 0.4, "start_accuracy": 0.1},
-        {"variant": label, "algorithm.staleness": 4, "final_accuracy": 0.9, "best_accuracy": 0.9, "start_accuracy": 0.1},
+        {
+            "variant": "grpo",
+            "algorithm.staleness": 4,
+            "final_accuracy": 0.2,
+            "best_accuracy": 0.2,
+            "start_accuracy": 0.1,
+        },
+        {
+            "variant": "grpo",
+            "algorithm.staleness": 4,
+            "final_accuracy": 0.4,
+            "best_accuracy": 0.4,
+            "start_accuracy": 0.1,
+        },
+        {
+            "variant": label,
+            "algorithm.staleness": 4,
+            "final_accuracy": 0.9,
+            "best_accuracy": 0.9,
+            "start_accuracy": 0.1,
+        },
     ]
     groups = group_cells({"cells": cells}, "final_accuracy")
     assert groups == {("grpo", 4): [0.2, 0.4], (label, 4): [0.9]}
@@ -122,6 +158,7 @@ def test_smoke_sweep_runs_resumes_and_reports(tmp_path):
     assert results_table(again) == table
     # --report-only writes the same report and trains nothing, also with a cell removed
     import shutil
+
     shutil.rmtree(out / "cells" / "grpo_N2")
     partial = run_sweep(out=out, grid=grid, overrides=TINY, report_only=True)
     assert len(partial["cells"]) == 3 and not (out / "cells" / "grpo_N2").exists()
@@ -129,8 +166,16 @@ def test_smoke_sweep_runs_resumes_and_reports(tmp_path):
 
 
 def test_unfinished_rows_are_marked():
-    cells = [{"variant": "vespo", "algorithm.staleness": 4, "final_accuracy": 0.3, "best_accuracy": 0.3,
-              "start_accuracy": 0.1, "done": False}]
+    cells = [
+        {
+            "variant": "vespo",
+            "algorithm.staleness": 4,
+            "final_accuracy": 0.3,
+            "best_accuracy": 0.3,
+            "start_accuracy": 0.1,
+            "done": False,
+        }
+    ]
     table = results_table({"cells": cells})
     assert "| 4 | vespo* |" in table and "has not finished" in table
 

@@ -33,8 +33,9 @@ def t(x, **kw):
 
 def run(name, **kw):
     lp = t(LOG_PROB, requires_grad=True)
-    out = compute_policy_loss(name, log_prob=lp, old_log_prob=t(OLD), advantages=t(ADV),
-                              response_mask=torch.tensor(MASK), **kw)
+    out = compute_policy_loss(
+        name, log_prob=lp, old_log_prob=t(OLD), advantages=t(ADV), response_mask=torch.tensor(MASK), **kw
+    )
     out.loss.backward()
     return out, lp.grad.numpy()
 
@@ -64,8 +65,13 @@ def test_rollout_correction_weights_and_masks_by_hand(mode, kw, weights, new_mas
     assert np.array_equal(corr.mask.numpy(), new_mask)
 
     # through the loss: REINFORCE's per-token loss is multiplied by the weight, over the new mask
-    out, grad = run("reinforce", correction=mode, rollout_log_prob=t(MU),
-                    correction_high=kw.get("high"), correction_low=kw.get("low"))
+    out, grad = run(
+        "reinforce",
+        correction=mode,
+        rollout_log_prob=t(MU),
+        correction_high=kw.get("high"),
+        correction_low=kw.get("low"),
+    )
     n = new_mask.sum()
     hand_loss = (np.where(new_mask, -weights * ADV[:, None] * LOG_PROB, 0.0)).sum() / n
     assert out.loss.item() == pytest.approx(hand_loss, rel=1e-6)
@@ -135,8 +141,9 @@ def test_vespo_factorised_keeps_phi_on_staleness_and_multiplies_truncated_weight
     assert out.metrics["is/log_w_mismatch_mean"] == pytest.approx(seq_sum(np.log(w_tok)).mean(), rel=1e-10)
     # a different truncation changes the loss: the weight really is applied outside phi
     out3, grad3 = run("vespo", rollout_is_weights=t(w_tok), is_mode="factorised", is_clip=1.2)
-    np.testing.assert_allclose(grad3, np.where(MASK, -p[:, None] * ADV[:, None] * np.minimum(w_tok, 1.2) / N_TOK, 0),
-                               rtol=1e-10)
+    np.testing.assert_allclose(
+        grad3, np.where(MASK, -p[:, None] * ADV[:, None] * np.minimum(w_tok, 1.2) / N_TOK, 0), rtol=1e-10
+    )
 
 
 def test_other_losses_multiply_rollout_weight_and_report_joint_log_w():
@@ -170,8 +177,13 @@ def diag_batch():
 
 def test_diagnostics_by_hand():
     log_w, a, lp, old, adv, mask = diag_batch()
-    out = compute_policy_loss("vespo", log_prob=t(lp, requires_grad=True), old_log_prob=t(old),
-                              advantages=t(adv), response_mask=torch.tensor(mask))
+    out = compute_policy_loss(
+        "vespo",
+        log_prob=t(lp, requires_grad=True),
+        old_log_prob=t(old),
+        advantages=t(adv),
+        response_mask=torch.tensor(mask),
+    )
     m = out.metrics
     w = np.exp(log_w)
     p = np.array([phi(w[i], a[i]) for i in range(6)])
@@ -207,8 +219,13 @@ def test_diagnostics_with_tiny_phi_and_one_sign():
     # W = e^-6 under A > 0: phi = e^-12 e^{3(1 - e^-6)} ~ 1.2e-4 < 0.01
     lp = t([[-1.0, -1.0], [-1.0, -1.0]], requires_grad=True)
     old = t([[5.0, -1.0], [-1.0, -1.0]])
-    out = compute_policy_loss("vespo", log_prob=lp, old_log_prob=old, advantages=t([1.0, 1.0]),
-                              response_mask=torch.ones(2, 2, dtype=torch.bool))
+    out = compute_policy_loss(
+        "vespo",
+        log_prob=lp,
+        old_log_prob=old,
+        advantages=t([1.0, 1.0]),
+        response_mask=torch.ones(2, 2, dtype=torch.bool),
+    )
     assert out.metrics["phi/frac_below_0.01"] == pytest.approx(0.5)
     assert "is/log_w_neg_p50" not in out.metrics  # no negative advantage in the batch
     w = np.array([math.exp(-6), 1.0])
@@ -219,8 +236,13 @@ def test_ess_is_exact_for_weights_that_overflow_in_linear_space():
     # log W = +-15 (W ~ 3e6 and 3e-7); (sum W)^2 / (n sum W^2) ~ 1/2
     lp = t([[0.0], [0.0]], requires_grad=True)
     old = t([[-15.0], [15.0]])
-    out = compute_policy_loss("reinforce", log_prob=lp, old_log_prob=old, advantages=t([1.0, -1.0]),
-                              response_mask=torch.ones(2, 1, dtype=torch.bool))
+    out = compute_policy_loss(
+        "reinforce",
+        log_prob=lp,
+        old_log_prob=old,
+        advantages=t([1.0, -1.0]),
+        response_mask=torch.ones(2, 1, dtype=torch.bool),
+    )
     w = np.exp([15.0, -15.0])
     assert out.metrics["is/ess"] == pytest.approx(w.sum() ** 2 / (2 * (w**2).sum()), rel=1e-9)
 
@@ -230,9 +252,15 @@ def test_an_all_padding_batch_with_a_correction_names_the_real_problem(mode):
     """A batch of padding only is refused for what it is (no valid token), not as a correction that
     'rejected every token' (which used to name correction 'none' when none was asked for)."""
     with pytest.raises(ValueError, match="no valid token") as err:
-        compute_policy_loss("vespo", log_prob=torch.zeros(2, 3), old_log_prob=torch.zeros(2, 3),
-                            advantages=torch.ones(2), response_mask=torch.zeros(2, 3),
-                            rollout_log_prob=torch.zeros(2, 3), correction=mode)
+        compute_policy_loss(
+            "vespo",
+            log_prob=torch.zeros(2, 3),
+            old_log_prob=torch.zeros(2, 3),
+            advantages=torch.ones(2),
+            response_mask=torch.zeros(2, 3),
+            rollout_log_prob=torch.zeros(2, 3),
+            correction=mode,
+        )
     assert "rejected" not in str(err.value)
 
 
@@ -240,5 +268,12 @@ def test_a_correction_that_rejects_every_token_names_itself():
     old = torch.zeros(1, 2)
     far = torch.full((1, 2), -10.0)  # pi_old / mu = e^10 > high: token MIS rejects both tokens
     with pytest.raises(ValueError, match="correction 'token_mis' rejected every token"):
-        compute_policy_loss("vespo", log_prob=torch.zeros(1, 2), old_log_prob=old, advantages=torch.ones(1),
-                            response_mask=torch.ones(1, 2), rollout_log_prob=far, correction="token_mis")
+        compute_policy_loss(
+            "vespo",
+            log_prob=torch.zeros(1, 2),
+            old_log_prob=old,
+            advantages=torch.ones(1),
+            response_mask=torch.ones(1, 2),
+            rollout_log_prob=far,
+            correction="token_mis",
+        )

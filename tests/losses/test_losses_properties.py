@@ -95,8 +95,14 @@ def test_phi_applied_by_the_loss_matches_the_table():
     lp = torch.zeros(2 * n, 1, dtype=torch.float64, requires_grad=True)
     old = -torch.log(torch.tensor(TABLE_W * 2, dtype=torch.float64)).unsqueeze(-1)
     adv = torch.tensor([1.0] * n + [-1.0] * n, dtype=torch.float64)
-    out = compute_policy_loss("vespo", log_prob=lp, old_log_prob=old, advantages=adv,
-                              response_mask=torch.ones(2 * n, 1, dtype=torch.bool), loss_agg_mode="token-sum")
+    out = compute_policy_loss(
+        "vespo",
+        log_prob=lp,
+        old_log_prob=old,
+        advantages=adv,
+        response_mask=torch.ones(2 * n, 1, dtype=torch.bool),
+        loss_agg_mode="token-sum",
+    )
     out.loss.backward()
     phi = (-lp.grad[:, 0] / adv).numpy()
     np.testing.assert_allclose(phi[:n], TABLE_POS, atol=6e-4)
@@ -136,8 +142,9 @@ def pad(x, extra, fill_values, dim=-1):
 
 def loss_and_grad(name, lp, old, adv, mask, agg="token-mean", **kw):
     lp = lp.detach().clone().requires_grad_()
-    out = compute_policy_loss(name, log_prob=lp, old_log_prob=old, advantages=adv, response_mask=mask,
-                              loss_agg_mode=agg, **kw)
+    out = compute_policy_loss(
+        name, log_prob=lp, old_log_prob=old, advantages=adv, response_mask=mask, loss_agg_mode=agg, **kw
+    )
     out.loss.backward()
     return out.loss.detach(), lp.grad
 
@@ -208,8 +215,9 @@ def test_micro_batches_add_up_to_the_full_batch(name, agg):
     n_tok = int(mask.sum())
     n_seq = int(mask.any(-1).sum())
     full_lp = lp.clone().requires_grad_()
-    full = compute_policy_loss(name, log_prob=full_lp, old_log_prob=old, advantages=adv, response_mask=mask,
-                               loss_agg_mode=agg)
+    full = compute_policy_loss(
+        name, log_prob=full_lp, old_log_prob=old, advantages=adv, response_mask=mask, loss_agg_mode=agg
+    )
     full.loss.backward()
 
     micro_lp = lp.clone().requires_grad_()
@@ -219,14 +227,25 @@ def test_micro_batches_add_up_to_the_full_batch(name, agg):
     if "batch_stats" in get_loss_spec(name).params:
         from vespo.losses import merge_adaptive_stats, vespo_adaptive_batch_stats, vespo_adaptive_seq_inputs
 
-        parts = [vespo_adaptive_batch_stats(*vespo_adaptive_seq_inputs(
-            log_prob=lp[lo:hi], old_log_prob=old[lo:hi], advantages=adv[lo:hi], response_mask=mask[lo:hi]))
-            for lo, hi in SPLITS]
+        parts = [
+            vespo_adaptive_batch_stats(
+                *vespo_adaptive_seq_inputs(
+                    log_prob=lp[lo:hi], old_log_prob=old[lo:hi], advantages=adv[lo:hi], response_mask=mask[lo:hi]
+                )
+            )
+            for lo, hi in SPLITS
+        ]
         shared["batch_stats"] = merge_adaptive_stats(parts)
     for lo, hi in SPLITS:
         out = compute_policy_loss(
-            name, log_prob=micro_lp[lo:hi], old_log_prob=old[lo:hi], advantages=adv[lo:hi],
-            response_mask=mask[lo:hi], loss_agg_mode=agg, global_num_tokens=n_tok, global_num_seqs=n_seq,
+            name,
+            log_prob=micro_lp[lo:hi],
+            old_log_prob=old[lo:hi],
+            advantages=adv[lo:hi],
+            response_mask=mask[lo:hi],
+            loss_agg_mode=agg,
+            global_num_tokens=n_tok,
+            global_num_seqs=n_seq,
             **shared,
         )
         out.loss.backward()
@@ -241,8 +260,9 @@ def test_micro_batches_without_global_counts_do_not_add_up():
     lp, old, adv, mask = big_batch()
     full = compute_policy_loss("vespo", log_prob=lp, old_log_prob=old, advantages=adv, response_mask=mask)
     total = sum(
-        compute_policy_loss("vespo", log_prob=lp[lo:hi], old_log_prob=old[lo:hi], advantages=adv[lo:hi],
-                            response_mask=mask[lo:hi]).loss.item()
+        compute_policy_loss(
+            "vespo", log_prob=lp[lo:hi], old_log_prob=old[lo:hi], advantages=adv[lo:hi], response_mask=mask[lo:hi]
+        ).loss.item()
         for lo, hi in SPLITS
     )
     assert total != pytest.approx(full.loss.item(), rel=1e-3)
@@ -265,12 +285,20 @@ def test_loss_terms_path_matches_compute_policy_loss(name, per_token_adv):
     w = torch.rand(lp.shape, generator=torch.Generator().manual_seed(5), dtype=lp.dtype) + 0.5
     for agg in AGGREGATION_MODES:
         lp1 = lp.clone().requires_grad_()
-        out = compute_policy_loss(name, log_prob=lp1, old_log_prob=old, advantages=adv, response_mask=mask,
-                                  loss_agg_mode=agg, rollout_is_weights=w)
+        out = compute_policy_loss(
+            name,
+            log_prob=lp1,
+            old_log_prob=old,
+            advantages=adv,
+            response_mask=mask,
+            loss_agg_mode=agg,
+            rollout_is_weights=w,
+        )
         out.loss.backward()
         lp2 = lp.clone().requires_grad_()
-        batch = build_loss_batch(log_prob=lp2, old_log_prob=old, advantages=adv, response_mask=mask,
-                                 rollout_is_weights=w)
+        batch = build_loss_batch(
+            log_prob=lp2, old_log_prob=old, advantages=adv, response_mask=mask, rollout_is_weights=w
+        )
         terms = compute_loss_terms(name, batch)
         assert torch.all(terms.loss_mat[~mask] == 0)
         loss = aggregate_loss(terms.loss_mat, mask, agg)
@@ -305,8 +333,13 @@ def test_huge_finite_values_are_not_mistaken_for_nan():
     # the exact check (no error) and give the same finite result as the clamped computation
     lp = torch.tensor([[-3e38, -1.0], [-1.0, -1.0]], requires_grad=True)
     old = torch.tensor([[3e38, -1.0], [-1.0, -1.0]])
-    out = compute_policy_loss("vespo", log_prob=lp, old_log_prob=old, advantages=torch.tensor([1.0, 1.0]),
-                              response_mask=torch.ones(2, 2, dtype=torch.bool))
+    out = compute_policy_loss(
+        "vespo",
+        log_prob=lp,
+        old_log_prob=old,
+        advantages=torch.tensor([1.0, 1.0]),
+        response_mask=torch.ones(2, 2, dtype=torch.bool),
+    )
     out.loss.backward()
     assert out.metrics["is/log_w_min"] == -20.0  # row 0: clamped token log-ratio -20
     assert torch.isfinite(lp.grad).all()

@@ -531,16 +531,21 @@ def test_verl_file_with_code_rows(tmp_path) -> None:
             "data_source": "codecontests",
             "ability": "code",
             "prompt": [{"role": "user", "content": "Read two integers and print their sum."}],
-            "reward_model": {"style": "rule", "ground_truth": json.dumps({"inputs": ["1 2\n", "5 7\n"],
-                                                                          "outputs": ["3\n", "12\n"]})},
+            "reward_model": {
+                "style": "rule",
+                "ground_truth": json.dumps({"inputs": ["1 2\n", "5 7\n"], "outputs": ["3\n", "12\n"]}),
+            },
         },
         {  # call-based (LeetCode style), tests given as an object
             "data_source": "leetcode",
             "prompt": [{"role": "user", "content": "Write twice(x)."}],
             "reward_model": {"ground_truth": {"fn_name": "twice", "inputs": [[1], [4]], "outputs": [2, 8]}},
         },
-        {"data_source": "math", "prompt": [{"role": "user", "content": "1/2?"}],
-         "reward_model": {"ground_truth": "\\frac{1}{2}"}},
+        {
+            "data_source": "math",
+            "prompt": [{"role": "user", "content": "1/2?"}],
+            "reward_model": {"ground_truth": "\\frac{1}{2}"},
+        },
     ]
     path = write_verl_jsonl(tmp_path / "mixed.jsonl", rows)
     task = VerlFileTask(path, path, overlap="ignore", sandbox={"case_timeout_s": 1.0}, sandbox_workers=1)
@@ -552,9 +557,11 @@ def test_verl_file_with_code_rows(tmp_path) -> None:
     assert task.score(good_call, stdio) == 0.0 and task.score("\\boxed{3}", math_ex) == 0.0
     with RewardRunner(task, timeout_s=30.0, workers=1) as runner:  # math-verify: in a worker process
         assert runner.isolation == "process"
-        scores, stats = runner.score_batch([good_stdio, "```python\nimport os\nos._exit(1)\n```", good_call],
-                                           [stdio, stdio, call])
+        scores, stats = runner.score_batch(
+            [good_stdio, "```python\nimport os\nos._exit(1)\n```", good_call], [stdio, stdio, call]
+        )
     assert scores == [1.0, 0.0, 1.0] and stats["reward/errors"] == 0
-    exported = example_to_verl_row(build_task({"kind": "code", "params": CODE_PARAMS}).train_examples(1, 0)[0],
-                                   ability="code")
+    exported = example_to_verl_row(
+        build_task({"kind": "code", "params": CODE_PARAMS}).train_examples(1, 0)[0], ability="code"
+    )
     assert json.loads(exported["reward_model"]["ground_truth"])["fn_name"]

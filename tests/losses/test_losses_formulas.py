@@ -81,7 +81,16 @@ def check(out, grad, hand_loss, hand_grad, tol=1e-10):
 
 def test_toy_batch_covers_every_registered_loss():
     assert set(list_losses()) == {
-        "vespo", "vespo_adaptive", "grpo", "gspo", "gmpo", "sapo", "cispo", "reinforce", "seq_clip", "topr"
+        "vespo",
+        "vespo_adaptive",
+        "grpo",
+        "gspo",
+        "gmpo",
+        "sapo",
+        "cispo",
+        "reinforce",
+        "seq_clip",
+        "topr",
     }
 
 
@@ -111,7 +120,10 @@ def test_vespo_zero_advantage_takes_positive_branch():
     lp = torch.tensor([[-1.0, -1.0]], dtype=torch.float64, requires_grad=True)
     old = torch.tensor([[-1.2, -1.5]], dtype=torch.float64)  # log W = 0.7
     out = compute_policy_loss(
-        "vespo", log_prob=lp, old_log_prob=old, advantages=torch.zeros(1, dtype=torch.float64),
+        "vespo",
+        log_prob=lp,
+        old_log_prob=old,
+        advantages=torch.zeros(1, dtype=torch.float64),
         response_mask=torch.ones(1, 2, dtype=torch.bool),
     )
     w = math.exp(0.7)
@@ -146,11 +158,11 @@ def test_grpo_by_hand():
         for t in range(4):
             r = RHO[b, t]
             clipped_r = min(max(r, 1 - eps_low), 1 + eps_high)
-            l = max(-a * r, -a * clipped_r)
+            value = max(-a * r, -a * clipped_r)
             grad_flows = -a * r >= -a * clipped_r  # the unclipped term is the max
-            if a < 0 and l > -a * clip_c:
-                l, grad_flows = -a * clip_c, False
-            loss[b, t] = l
+            if a < 0 and value > -a * clip_c:
+                value, grad_flows = -a * clip_c, False
+            loss[b, t] = value
             coef[b, t] = -a * r if grad_flows else 0.0
     out, grad = run("grpo")
     check(out, grad, token_mean(loss), coef / N_TOK)
@@ -170,7 +182,10 @@ def test_grpo_inside_trust_region_gradient_is_rho_times_advantage():
     for a in (2.0, -2.0):
         lp.grad = None
         out = compute_policy_loss(
-            "grpo", log_prob=lp, old_log_prob=old, advantages=torch.tensor([a], dtype=torch.float64),
+            "grpo",
+            log_prob=lp,
+            old_log_prob=old,
+            advantages=torch.tensor([a], dtype=torch.float64),
             response_mask=torch.ones(1, 3, dtype=torch.bool),
         )
         out.loss.backward()
@@ -192,7 +207,10 @@ def test_sapo_weight_is_one_on_policy():
     # phi_SAPO(1) = 4 * 1 * 0.5 * 0.5 = 1 for either temperature
     lp = torch.full((2, 3), -1.0, dtype=torch.float64, requires_grad=True)
     out = compute_policy_loss(
-        "sapo", log_prob=lp, old_log_prob=lp.detach(), advantages=torch.tensor([1.0, -1.0], dtype=torch.float64),
+        "sapo",
+        log_prob=lp,
+        old_log_prob=lp.detach(),
+        advantages=torch.tensor([1.0, -1.0], dtype=torch.float64),
         response_mask=torch.ones(2, 3, dtype=torch.bool),
     )
     out.loss.backward()
@@ -289,8 +307,14 @@ def test_topr_by_hand():
 
 @pytest.mark.parametrize(
     "agg",
-    ["token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "token-sum-norm",
-     "seq-mean-token-sum-norm"],
+    [
+        "token-mean",
+        "token-sum",
+        "seq-mean-token-mean",
+        "seq-mean-token-sum",
+        "token-sum-norm",
+        "seq-mean-token-sum-norm",
+    ],
 )
 def test_aggregation_modes_by_hand(agg):
     lm = -ADV[:, None] * LOG_PROB * MASK

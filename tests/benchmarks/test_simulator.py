@@ -28,7 +28,7 @@ from benchmarks.lib.simulator import (
     train,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
@@ -45,8 +45,7 @@ def test_exact_reward_matches_sampling(need):
     spec = TaskSpec(length=12, keys=5, need=need, prompts=3, group_size=4, init_success=0.3)
     task = make_task(spec, [0], dtype=torch.float64)
     exact = success_prob(task.init_logits, task)[0]  # [P]
-    assert torch.allclose(expected_reward(task.init_logits, task), torch.tensor([0.3], dtype=torch.float64),
-                          atol=1e-6)
+    assert torch.allclose(expected_reward(task.init_logits, task), torch.tensor([0.3], dtype=torch.float64), atol=1e-6)
     gen = torch.Generator().manual_seed(0)
     pid = torch.arange(spec.prompts).repeat_interleave(20_000)
     batch = sample_batch(task.init_logits, task, gen, prompt_ids=pid)
@@ -58,8 +57,14 @@ def test_exact_reward_matches_sampling(need):
 def test_exact_gradient_matches_large_sample_reinforce(kind):
     """On-policy REINFORCE with leave-one-out advantages is unbiased for the exact grad J."""
     spec = TaskSpec(length=8, keys=4, prompts=2, group_size=8, init_success=0.3)
-    res = gradient_study({"reinforce": ("reinforce", {})}, spec, policy=PolicySpec(kind, embed=8, hidden=8),
-                         n_batches=1500, chunk=500, seed=1)
+    res = gradient_study(
+        {"reinforce": ("reinforce", {})},
+        spec,
+        policy=PolicySpec(kind, embed=8, hidden=8),
+        n_batches=1500,
+        chunk=500,
+        seed=1,
+    )
     st = res.stats["reinforce"]
     assert st.cosine > 0.99
     assert st.rel_bias < 4 * st.noise_floor  # what remains is Monte-Carlo noise
@@ -159,7 +164,7 @@ def test_variable_lengths_mask_and_exact_reward():
     task = make_task(spec, [0], dtype=torch.float64)
     assert int(task.key_pos.max()) < spec.min_length  # the keys come before any EOS
     # the stop hazard at every position >= min_length is stop_rate / (T - min_length), in every context
-    p_eos = torch.softmax(task.init_logits[0, :, spec.min_length:], -1)[..., 0]
+    p_eos = torch.softmax(task.init_logits[0, :, spec.min_length :], -1)[..., 0]
     torch.testing.assert_close(p_eos, torch.full_like(p_eos, 4.0 / 16))
     gen = torch.Generator().manual_seed(0)
     pid = torch.arange(spec.prompts).repeat_interleave(20_000)
@@ -204,8 +209,9 @@ def test_variable_length_loss_is_the_mean_of_per_seed_losses():
     from vespo.losses import compute_policy_loss
 
     per_seed = [
-        compute_policy_loss("vespo", log_prob=lp[i], old_log_prob=old[i], advantages=adv[i].float(),
-                            response_mask=batch.mask[i]).loss
+        compute_policy_loss(
+            "vespo", log_prob=lp[i], old_log_prob=old[i], advantages=adv[i].float(), response_mask=batch.mask[i]
+        ).loss
         for i in range(3)
     ]
     torch.testing.assert_close(out.loss, sum(per_seed) / 3)
@@ -228,8 +234,13 @@ def test_vespo_adaptive_statistics_are_per_seed_in_pooled_calls():
     alphas = []
     losses = []
     for i in range(2):
-        out = compute_policy_loss("vespo_adaptive", log_prob=lp[i], old_log_prob=old[i],
-                                  advantages=adv[i].float(), response_mask=torch.ones_like(lp[i], dtype=torch.bool))
+        out = compute_policy_loss(
+            "vespo_adaptive",
+            log_prob=lp[i],
+            old_log_prob=old[i],
+            advantages=adv[i].float(),
+            response_mask=torch.ones_like(lp[i], dtype=torch.bool),
+        )
         alphas.append(out.metrics["vespo_adaptive/alpha_pos"])
         losses.append(out.loss)
     assert alphas[0] == 1.0 and alphas[1] < 0.5

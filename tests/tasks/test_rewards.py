@@ -217,7 +217,9 @@ def test_runner_contains_crashes_hangs_and_errors() -> None:
         assert scores == [1.0] + [0.0] * 8 + [1.0, 0.0]
         # os._exit, the segfault, the exception and sys.exit are errors; three hangs are timeouts
         assert stats["reward/errors"] == 4 and stats["reward/timeouts"] == 3 and stats["reward/nonfinite"] == 1
-        assert elapsed < 3 * TIMEOUT + 5.0  # two workers: the hangs overlap, replacements start in time
+        # two workers: the hangs overlap; replacing a killed worker starts a Python process (~1 s quiet,
+        # ~5 s on a loaded 2-core machine), so the bound allows for that but not for an unbounded hang
+        assert elapsed < 3 * TIMEOUT + 30.0
         messages = "\n".join(runner.recent_errors)
         assert "exited with code 3" in messages and "SIGSEGV" in messages and "broken reward" in messages
         assert runner.pool is not None and runner.pool.replaced == 5  # exit, segfault, three hangs
@@ -236,8 +238,18 @@ def test_runner_contains_crashes_hangs_and_errors() -> None:
 def _by_response(response: str, example: Example):
     import numpy as np
 
-    return {"nan": float("nan"), "inf": float("inf"), "big": 3.0, "neg": -1.0, "true": True,
-            "str": "high", "none": None, "ok": 0.75, "np": np.float32(0.5), "obj": object()}[response]
+    return {
+        "nan": float("nan"),
+        "inf": float("inf"),
+        "big": 3.0,
+        "neg": -1.0,
+        "true": True,
+        "str": "high",
+        "none": None,
+        "ok": 0.75,
+        "np": np.float32(0.5),
+        "obj": object(),
+    }[response]
 
 
 def test_runner_sanitises_return_values() -> None:
@@ -246,7 +258,8 @@ def test_runner_sanitises_return_values() -> None:
         scores, stats = runner.score_batch(responses, [EX] * len(responses))
     assert scores == [0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.75, 0.5, 0.0]
     assert stats["reward/nonfinite"] == 2 and stats["reward/clipped"] == 2
-    assert stats["reward/errors"] == 3 and stats["reward/timeouts"] == 0
+    # None means "no answer could be read": a 0 counted as unparsed, not as an error
+    assert stats["reward/errors"] == 2 and stats["reward/unparsed"] == 1 and stats["reward/timeouts"] == 0
 
 
 def _main_thread_math(response: str, example: Example) -> float:
@@ -314,10 +327,18 @@ def test_reward_from_py_file_runs_in_workers(tmp_path) -> None:
         "        os._exit(9)\n"
         "    return float(len(response) > 3)\n"
     )
-    data = write_verl_jsonl(tmp_path / "rows.jsonl", [
-        {"data_source": "d", "prompt": "q", "reward_model": {"ground_truth": "1"}}])
-    task = build_task({"kind": "verl_file", "train_path": str(data), "eval_path": str(data),
-                       "overlap": "ignore", "reward_fn": f"{reward_file}:longer"})
+    data = write_verl_jsonl(
+        tmp_path / "rows.jsonl", [{"data_source": "d", "prompt": "q", "reward_model": {"ground_truth": "1"}}]
+    )
+    task = build_task(
+        {
+            "kind": "verl_file",
+            "train_path": str(data),
+            "eval_path": str(data),
+            "overlap": "ignore",
+            "reward_fn": f"{reward_file}:longer",
+        }
+    )
     ex = task.train_examples(1, 0)[0]
     with RewardRunner(task, timeout_s=5.0, workers=1) as runner:
         assert runner.isolation == "process"  # a user reward: never in the trainer process
@@ -330,8 +351,13 @@ def test_reward_from_py_file_runs_in_workers(tmp_path) -> None:
         "ex = task.train_examples(1, 0)[0]\n"
         "print(task.score('abcd', ex), task.score('ab', ex))\n"
     )
-    done = subprocess.run([sys.executable, "-c", child], input=pickle.dumps(task), capture_output=True,
-                          timeout=60, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    done = subprocess.run(
+        [sys.executable, "-c", child],
+        input=pickle.dumps(task),
+        capture_output=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     assert done.stdout.decode().split() == ["1.0", "0.0"]
 
@@ -378,8 +404,12 @@ def test_pool_closes_at_interpreter_exit() -> None:
         "print(*r.pool.pids)\n"
         "assert r.score_batch(['a'], [Example('q', '1', 'd')])[0] == [1.0]\n"
     )  # no close(): atexit must stop the workers
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     pids = [int(p) for p in done.stdout.split()]
     assert len(pids) == 2 and _wait_gone(pids)

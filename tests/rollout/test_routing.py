@@ -29,8 +29,19 @@ PROMPTS = ["3+4=", "12+7+1=", "5+5=", "9+18=", "2+2+2=", "41+3=", "7+0=", "66+6=
 
 
 def moe(arch: str, **kw):
-    args = dict(vocab_size=len(TOK), hidden_size=64, num_layers=2, num_heads=4, init_std=0.2, seed=0,
-                num_experts=4, num_experts_per_tok=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    args = dict(
+        vocab_size=len(TOK),
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        init_std=0.2,
+        seed=0,
+        num_experts=4,
+        num_experts_per_tok=2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     args.update(kw)
     return build_tiny_model(arch, **args)
 
@@ -39,8 +50,13 @@ def sample(model, *, dtype=torch.bfloat16, max_new_tokens=16, seed=0):
     sampler = Sampler(model, dtype=dtype)
     sampler.record_routing = True
     prompts = [TOK.encode(p) for p in PROMPTS]
-    rollout = sampler.generate(prompts, max_new_tokens=max_new_tokens, eos_token_id=None, pad_token_id=0,
-                               generator=torch.Generator().manual_seed(seed))
+    rollout = sampler.generate(
+        prompts,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=None,
+        pad_token_id=0,
+        generator=torch.Generator().manual_seed(seed),
+    )
     return sampler, rollout
 
 
@@ -182,7 +198,11 @@ def test_unsupported_models_and_configs_are_one_clear_error(tmp_path):
     base = [f"run.out_dir={tmp_path}"]
     cases = {
         ("algorithm.routing_replay=r3",): "needs a mixture-of-experts policy",
-        ("algorithm.routing_replay=r2", "model.arch=qwen3_moe", "algorithm.old_log_prob=sampler"): "old_log_prob=recompute",
+        (
+            "algorithm.routing_replay=r2",
+            "model.arch=qwen3_moe",
+            "algorithm.old_log_prob=sampler",
+        ): "old_log_prob=recompute",
         ("algorithm.routing_replay=r3", "model.arch=mixtral", "sampling.engine=vllm"): "only sampling.engine=hf",
         ("algorithm.routing_replay=r4",): "routing_replay",
     }
@@ -197,9 +217,18 @@ def test_unsupported_models_and_configs_are_one_clear_error(tmp_path):
 # End to end
 # --------------------------------------------------------------------------------------------------
 
-RUN = [*TINY_RUN, "logging.progress=false", "warmup.steps=0", "run.threads=1", "model.arch=qwen3_moe",
-       "model.hidden_size=64", "model.num_heads=4", "sampling.sampler_dtype=bfloat16", "sampling.max_new_tokens=12",
-       "eval.at_start=false"]
+RUN = [
+    *TINY_RUN,
+    "logging.progress=false",
+    "warmup.steps=0",
+    "run.threads=1",
+    "model.arch=qwen3_moe",
+    "model.hidden_size=64",
+    "model.num_heads=4",
+    "sampling.sampler_dtype=bfloat16",
+    "sampling.max_new_tokens=12",
+    "eval.at_start=false",
+]
 
 
 def rows_of(run_dir: Path) -> list[dict]:
@@ -209,8 +238,16 @@ def rows_of(run_dir: Path) -> list[dict]:
 
 @pytest.mark.parametrize("mode", ["r2", "r3"])
 def test_sync_runs_replay(tmp_path, mode):
-    cfg = load_config(None, [*RUN, f"run.out_dir={tmp_path / mode}", f"algorithm.routing_replay={mode}",
-                             "algorithm.staleness=2", "run.total_steps=4"])
+    cfg = load_config(
+        None,
+        [
+            *RUN,
+            f"run.out_dir={tmp_path / mode}",
+            f"algorithm.routing_replay={mode}",
+            "algorithm.staleness=2",
+            "run.total_steps=4",
+        ],
+    )
     train(cfg)
     rows = rows_of(tmp_path / mode)
     assert len(rows) == 4
@@ -233,8 +270,18 @@ def test_async_runs_replay(tmp_path):
     session = start_ray(num_cpus=2)
     try:
         for mode in ("r3", "r2"):
-            cfg = load_config(None, [*RUN, f"run.out_dir={tmp_path / mode}", "run.mode=async", "run.total_steps=3",
-                                     "async.sync_every=1", f"algorithm.routing_replay={mode}", "algorithm.staleness=1"])
+            cfg = load_config(
+                None,
+                [
+                    *RUN,
+                    f"run.out_dir={tmp_path / mode}",
+                    "run.mode=async",
+                    "run.total_steps=3",
+                    "async.sync_every=1",
+                    f"algorithm.routing_replay={mode}",
+                    "algorithm.staleness=1",
+                ],
+            )
             trainer = Trainer(cfg)
             trainer.train()
             rows = rows_of(tmp_path / mode)

@@ -60,7 +60,11 @@ def test_rollout_log_probs_match_full_forward(arch, temperature, prompts):
     model = tiny(arch)
     sampler = Sampler(model)
     rollout = sampler.generate(
-        prompts * 3, max_new_tokens=14, temperature=temperature, generator=gen(1), eos_token_id=EOS_SET,
+        prompts * 3,
+        max_new_tokens=14,
+        temperature=temperature,
+        generator=gen(1),
+        eos_token_id=EOS_SET,
         pad_token_id=PAD,
     )
     # EOS at different steps, and rows that ran to the limit.
@@ -126,17 +130,26 @@ def test_top_p_log_prob_is_renormalised_nucleus_by_hand():
 def test_top_p_in_sampler_matches_truncated_full_distribution(model, prompts):
     temperature, top_p = 0.9, 0.8
     rollout = Sampler(model).generate(
-        prompts, max_new_tokens=8, temperature=temperature, top_p=top_p, generator=gen(2),
-        eos_token_id=EOS, pad_token_id=PAD,
+        prompts,
+        max_new_tokens=8,
+        temperature=temperature,
+        top_p=top_p,
+        generator=gen(2),
+        eos_token_id=EOS,
+        pad_token_id=PAD,
     )
     padded = rollout.to_batch(PAD)
     p_len, t_len = padded.prompt_length, padded.response_length
     with torch.no_grad():
-        logits = model(
-            input_ids=padded.input_ids,
-            attention_mask=padded.attention_mask,
-            position_ids=(padded.attention_mask.cumsum(-1) - 1).clamp_min(0),
-        ).logits[:, p_len - 1 : p_len + t_len - 1].double()
+        logits = (
+            model(
+                input_ids=padded.input_ids,
+                attention_mask=padded.attention_mask,
+                position_ids=(padded.attention_mask.cumsum(-1) - 1).clamp_min(0),
+            )
+            .logits[:, p_len - 1 : p_len + t_len - 1]
+            .double()
+        )
     probs = torch.softmax(logits / temperature, dim=-1)
     for i in range(len(rollout)):
         for j, tok in enumerate(rollout.response_ids[i]):
@@ -268,15 +281,26 @@ def test_stop_flag_before_prefill_returns_unfinished_empty(model, prompts):
 
 def test_continuation_counts_towards_max_new_tokens(model):
     r = Sampler(model).generate(
-        [[9, 10, 11]], max_new_tokens=5, generator=gen(0), eos_token_id=-1, pad_token_id=PAD,
+        [[9, 10, 11]],
+        max_new_tokens=5,
+        generator=gen(0),
+        eos_token_id=-1,
+        pad_token_id=PAD,
         resume=Rollout([[9, 10, 11]], [[12, 13]], [[-1.0, -2.0]], [[0, 0]], [False]),
     )
     assert len(r.response_ids[0]) == 5 and r.response_ids[0][:2] == [12, 13] and not r.finished[0]
-    no_eos = Sampler(model).generate([[9]] * 4, max_new_tokens=30, generator=gen(0), eos_token_id=None, pad_token_id=None)
+    no_eos = Sampler(model).generate(
+        [[9]] * 4, max_new_tokens=30, generator=gen(0), eos_token_id=None, pad_token_id=None
+    )
     assert no_eos.response_lengths == [30] * 4 and not any(no_eos.finished)
     with pytest.raises(ValueError):
-        Sampler(model).generate([[9]], max_new_tokens=2, eos_token_id=EOS, pad_token_id=PAD,
-                                resume=Rollout([[9], [9]], [[1], [1]], [[0.0], [0.0]], [[0], [0]], [False, False]))
+        Sampler(model).generate(
+            [[9]],
+            max_new_tokens=2,
+            eos_token_id=EOS,
+            pad_token_id=PAD,
+            resume=Rollout([[9], [9]], [[1], [1]], [[0.0], [0.0]], [[0], [0]], [False, False]),
+        )
 
 
 # --------------------------------------------------------------------------------------------------

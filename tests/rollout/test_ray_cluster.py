@@ -25,10 +25,23 @@ TINY = [*TINY_RUN, "logging.progress=false", "warmup.steps=0", "run.threads=1", 
 
 
 def _async_cfg(run: Path, address: str, *extra: str):
-    return load_config(None, [*TINY, f"run.out_dir={run}", "run.mode=async", f"async.ray_address={address}",
-                              "async.num_workers=1", "async.worker_cpus=1", "async.sync_every=1",
-                              "async.queue_size=4", "checkpoint.every=1", "async.worker_timeout_s=60",
-                              "async.max_worker_restarts=1", *extra])
+    return load_config(
+        None,
+        [
+            *TINY,
+            f"run.out_dir={run}",
+            "run.mode=async",
+            f"async.ray_address={address}",
+            "async.num_workers=1",
+            "async.worker_cpus=1",
+            "async.sync_every=1",
+            "async.queue_size=4",
+            "checkpoint.every=1",
+            "async.worker_timeout_s=60",
+            "async.max_worker_restarts=1",
+            *extra,
+        ],
+    )
 
 
 def _steps(run: Path) -> list[int]:
@@ -49,8 +62,11 @@ def _worker_nodes() -> set[str]:
     import ray
 
     table = ray._private.state.actors()  # noqa: SLF001 - the public state API needs the dashboard
-    return {a["Address"]["NodeID"] for a in table.values()
-            if a.get("State") == "ALIVE" and "RolloutWorker" in a.get("ActorClassName", "")}
+    return {
+        a["Address"]["NodeID"]
+        for a in table.values()
+        if a.get("State") == "ALIVE" and "RolloutWorker" in a.get("ActorClassName", "")
+    }
 
 
 def _disconnect() -> None:
@@ -65,8 +81,7 @@ def two_nodes():
     from ray.cluster_utils import Cluster
 
     # the head advertises no CPUs: an actor that needs one can only run on node_b
-    cluster = Cluster(initialize_head=True, connect=False,
-                      head_node_args={"num_cpus": 0, "include_dashboard": False})
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 0, "include_dashboard": False})
     node_b = cluster.add_node(num_cpus=2, resources={"node_b": 2})
     cluster.wait_for_nodes()
     yield cluster, node_b
@@ -122,8 +137,7 @@ def test_workers_on_the_other_node_killed_mid_run_stop_cleanly_and_resume(tmp_pa
 def head_with_cpus():
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, connect=False,
-                      head_node_args={"num_cpus": 4, "include_dashboard": False})
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 4, "include_dashboard": False})
     node_b = cluster.add_node(num_cpus=2, resources={"node_b": 2})
     cluster.wait_for_nodes()
     yield cluster, node_b
@@ -137,8 +151,16 @@ def test_worker_resources_place_the_workers_on_the_named_node(tmp_path, head_wit
     from vespo.train.trainer import Trainer
 
     cluster, node_b = head_with_cpus
-    trainer = Trainer(_async_cfg(tmp_path / "run", cluster.address, "run.total_steps=2", "async.num_workers=2",
-                                 "async.worker_resources={node_b: 1}", "async.chunk_prompts=1"))
+    trainer = Trainer(
+        _async_cfg(
+            tmp_path / "run",
+            cluster.address,
+            "run.total_steps=2",
+            "async.num_workers=2",
+            "async.worker_resources={node_b: 1}",
+            "async.chunk_prompts=1",
+        )
+    )
     try:
         trainer.train_step()
         nodes = _worker_nodes()

@@ -12,9 +12,9 @@ import pytest
 import torch
 from tiny_run import TINY_RUN
 
+from vespo.losses import list_losses
 from vespo.rollout.advantages import group_advantages
 from vespo.train.config import ConfigError, load_config
-from vespo.losses import list_losses
 from vespo.train.trainer import Trainer, train
 
 TINY = [*TINY_RUN, "logging.progress=false", "warmup.steps=0", "run.threads=1"]
@@ -72,8 +72,13 @@ def test_on_policy_vespo_grpo_gspo_cispo_train_bit_identically(tmp_path):
     """
     finals = {}
     for loss in ("vespo", "grpo", "gspo", "cispo"):
-        cfg = tiny_config(tmp_path / loss, f"algorithm.loss={loss}", "algorithm.staleness=1", "run.total_steps=4",
-                          "task.reward_fn=tiny_run:length_parity_reward")
+        cfg = tiny_config(
+            tmp_path / loss,
+            f"algorithm.loss={loss}",
+            "algorithm.staleness=1",
+            "run.total_steps=4",
+            "task.reward_fn=tiny_run:length_parity_reward",
+        )
         trainer = Trainer(cfg)
         trainer.train()
         finals[loss] = [p.detach().clone() for p in trainer.model.parameters()]
@@ -88,8 +93,14 @@ def test_every_loss_takes_an_informative_step(tmp_path, loss):
     """Every registered loss moves the weights through its gradient: rewards that split every group
     (so A != 0), no weight decay (so only the loss's gradient can move a weight), and staleness 2
     (so the second step sees W != 1)."""
-    cfg = tiny_config(tmp_path, f"algorithm.loss={loss}", "algorithm.staleness=2", "run.total_steps=2",
-                      "optim.weight_decay=0.0", "task.reward_fn=tiny_run:text_hash_reward")
+    cfg = tiny_config(
+        tmp_path,
+        f"algorithm.loss={loss}",
+        "algorithm.staleness=2",
+        "run.total_steps=2",
+        "optim.weight_decay=0.0",
+        "task.reward_fn=tiny_run:text_hash_reward",
+    )
     trainer = Trainer(cfg)
     before = [p.detach().clone() for p in trainer.model.parameters()]
     trainer.train()
@@ -110,9 +121,15 @@ def test_micro_batches_log_the_same_diagnostics_as_one_pass(tmp_path, loss):
     """Quantiles, ESS and phi shares are not additive: with micro-batches they must still be the
     whole mini-batch's (the first rollout batch: the same data in both runs). vespo_adaptive's alpha
     depends on the whole mini-batch: the trainer's pre-pass makes it the same too."""
-    common = ["algorithm.staleness=3", "run.total_steps=3", "algorithm.mini_batch_prompts=4",
-              "task.reward_fn=tiny_run:text_hash_reward", f"algorithm.loss={loss}",
-              "sampling.max_new_tokens=16", "optim.lr=0.05"]
+    common = [
+        "algorithm.staleness=3",
+        "run.total_steps=3",
+        "algorithm.mini_batch_prompts=4",
+        "task.reward_fn=tiny_run:text_hash_reward",
+        f"algorithm.loss={loss}",
+        "sampling.max_new_tokens=16",
+        "optim.lr=0.05",
+    ]
     train(tiny_config(tmp_path / "whole", *common))
     train(tiny_config(tmp_path / "micro", *common, "algorithm.micro_batch_size=3"))
     whole = [r for r in read_rows(tmp_path / "whole" / "run") if "stale/index" in r]
@@ -131,10 +148,7 @@ def test_micro_batches_log_the_same_diagnostics_as_one_pass(tmp_path, loss):
 
 def _train_rows(run_dir: Path) -> list[dict]:
     skip = ("perf/", "optim/lr")
-    return [
-        {k: v for k, v in r.items() if not k.startswith(skip)}
-        for r in read_rows(run_dir)
-    ]
+    return [{k: v for k, v in r.items() if not k.startswith(skip)} for r in read_rows(run_dir)]
 
 
 def test_resume_reproduces_an_uninterrupted_run(tmp_path):
@@ -153,8 +167,9 @@ def test_resume_after_a_kill_loses_at_most_the_steps_since_the_checkpoint(tmp_pa
     """kill -9 in the middle of a run: the newest checkpoint loads and the run continues."""
     run_dir = tmp_path / "killed"
     overrides = [*TINY, f"run.out_dir={run_dir}", "run.total_steps=200", "checkpoint.every=1", "algorithm.staleness=2"]
-    proc = subprocess.Popen([sys.executable, "-m", "vespo.cli", "train", *overrides],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vespo.cli", "train", *overrides], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     import time
 
     deadline = time.time() + 120
@@ -178,7 +193,8 @@ def test_resume_after_a_kill_loses_at_most_the_steps_since_the_checkpoint(tmp_pa
 
 def test_raising_reward_function_is_contained(tmp_path, monkeypatch):
     module = tmp_path / "bad_reward.py"
-    module.write_text(textwrap.dedent("""
+    module.write_text(
+        textwrap.dedent("""
         calls = 0
         def reward(response, example):
             global calls
@@ -186,7 +202,8 @@ def test_raising_reward_function_is_contained(tmp_path, monkeypatch):
             if calls % 2:
                 raise RuntimeError("flaky verifier")
             return 1.0
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     cfg = tiny_config(tmp_path, "task.reward_fn=bad_reward:reward", "algorithm.staleness=1", "run.total_steps=2")
     train(cfg)
@@ -231,8 +248,14 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
 def test_cli_bad_data_file(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": [{"role": "user", "content": "1+1?"}], "data_source": "x"}\n')
-    result = _cli("train", "task.kind=verl_file", f"task.train_path={bad}", f"run.out_dir={tmp_path / 'r'}",
-                  "logging.progress=false", cwd=tmp_path)
+    result = _cli(
+        "train",
+        "task.kind=verl_file",
+        f"task.train_path={bad}",
+        f"run.out_dir={tmp_path / 'r'}",
+        "logging.progress=false",
+        cwd=tmp_path,
+    )
     assert result.returncode == 2
     assert "bad.jsonl" in result.stderr and "reward_model" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -263,9 +286,14 @@ def test_eval_command_scores_the_latest_checkpoint(tmp_path):
 def test_evaluation_is_pure_and_eval_which_best_scores_the_best_weights(tmp_path):
     """evaluate() records the best result but evaluate_run writes nothing; --which best evaluates
     best/model.safetensors at the step it was saved."""
-    reward = Path(__file__).with_name("tiny_run.py")  # by path: the CLI subprocess imports it too
-    cfg = tiny_config(tmp_path, "run.total_steps=4", "algorithm.staleness=2", "eval.every=2",
-                      f"task.reward_fn={reward}:text_hash_reward")
+    reward = Path(__file__).parents[1] / "tiny_run.py"  # by path: the CLI subprocess imports it too
+    cfg = tiny_config(
+        tmp_path,
+        "run.total_steps=4",
+        "algorithm.staleness=2",
+        "eval.every=2",
+        f"task.reward_fn={reward}:text_hash_reward",
+    )
     result = train(cfg)
     run = tmp_path / "run"
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
@@ -285,8 +313,9 @@ def test_evaluation_is_pure_and_eval_which_best_scores_the_best_weights(tmp_path
 def test_reward_outcome_counts_are_logged_once_per_response(tmp_path):
     """A rollout batch feeds N step rows; its reward error count appears on its first row only, so
     summing the column over steps gives the number of failed responses."""
-    cfg = tiny_config(tmp_path, "algorithm.staleness=3", "run.total_steps=6",
-                      "task.reward_fn=tiny_run:failing_half_reward")
+    cfg = tiny_config(
+        tmp_path, "algorithm.staleness=3", "run.total_steps=6", "task.reward_fn=tiny_run:failing_half_reward"
+    )
     train(cfg)
     rows = [r for r in read_rows(tmp_path / "run") if "stale/index" in r]
     errors = [r.get("reward/errors") for r in rows]

@@ -8,7 +8,7 @@ import pytest
 
 from vespo.train.config import ConfigError, load_config, parse_overrides
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_packaged_default_equals_code_defaults():
@@ -136,7 +136,10 @@ def test_dotted_override_keeps_the_files_other_entries(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("algorithm:\n  loss_params: {k_neg: 2, lambda_neg: 3}\n")
     assert load_config(path, ["algorithm.loss_params.k_pos=3"]).algorithm.loss_params == {
-        "k_neg": 2, "lambda_neg": 3, "k_pos": 3}
+        "k_neg": 2,
+        "lambda_neg": 3,
+        "k_pos": 3,
+    }
     # a whole mapping replaces the file's mapping (documented: the mapping is the value)
     assert load_config(path, ["algorithm.loss_params={k_pos: 3}"]).algorithm.loss_params == {"k_pos": 3}
 

@@ -35,8 +35,9 @@ def _save(run, step, net=None, **kw):
     opt = torch.optim.AdamW(net.parameters())
     net(torch.ones(1, 4)).sum().backward()
     opt.step()
-    return save_checkpoint(run, step, model=net, optimizer=opt, tensors={"x": torch.arange(3)},
-                           state={"hello": step}, **kw)
+    return save_checkpoint(
+        run, step, model=net, optimizer=opt, tensors={"x": torch.arange(3)}, state={"hello": step}, **kw
+    )
 
 
 def _value(net):

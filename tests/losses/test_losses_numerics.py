@@ -103,10 +103,12 @@ def test_bf16_inputs_are_computed_in_fp32(name):
     lp, old, adv, mask = small_random_batch(0)
     lp16 = lp.bfloat16().requires_grad_()
     lp32 = lp.bfloat16().float().requires_grad_()
-    o16 = compute_policy_loss(name, log_prob=lp16, old_log_prob=old.bfloat16(), advantages=adv.bfloat16(),
-                              response_mask=mask)
-    o32 = compute_policy_loss(name, log_prob=lp32, old_log_prob=old.bfloat16().float(),
-                              advantages=adv.bfloat16().float(), response_mask=mask)
+    o16 = compute_policy_loss(
+        name, log_prob=lp16, old_log_prob=old.bfloat16(), advantages=adv.bfloat16(), response_mask=mask
+    )
+    o32 = compute_policy_loss(
+        name, log_prob=lp32, old_log_prob=old.bfloat16().float(), advantages=adv.bfloat16().float(), response_mask=mask
+    )
     o16.loss.backward()
     o32.loss.backward()
     assert o16.loss.dtype == torch.float32
@@ -120,8 +122,9 @@ def test_bf16_inputs_are_computed_in_fp32(name):
 def test_bf16_inputs_match_fp32_within_stated_tolerance(name, seed):
     lp, old, adv, mask = small_random_batch(seed)
     ref = compute_policy_loss(name, log_prob=lp, old_log_prob=old, advantages=adv, response_mask=mask).loss
-    got = compute_policy_loss(name, log_prob=lp.bfloat16(), old_log_prob=old.bfloat16(),
-                              advantages=adv.bfloat16(), response_mask=mask).loss
+    got = compute_policy_loss(
+        name, log_prob=lp.bfloat16(), old_log_prob=old.bfloat16(), advantages=adv.bfloat16(), response_mask=mask
+    ).loss
     scale = (adv.abs().unsqueeze(-1) * lp.abs() * mask).sum() / mask.sum()
     assert abs(got.item() - ref.item()) <= BF16_TOL * scale.item()
 
@@ -162,8 +165,9 @@ def batches(draw):
 def test_random_batches_give_finite_loss_and_gradient(batch, name, agg):
     lp, old, adv, mask = batch
     lp = lp.clone().requires_grad_()
-    out = compute_policy_loss(name, log_prob=lp, old_log_prob=old, advantages=adv, response_mask=mask,
-                              loss_agg_mode=agg)
+    out = compute_policy_loss(
+        name, log_prob=lp, old_log_prob=old, advantages=adv, response_mask=mask, loss_agg_mode=agg
+    )
     out.loss.backward()
     assert torch.isfinite(out.loss)
     assert torch.isfinite(lp.grad).all()
@@ -200,9 +204,11 @@ def test_random_batches_float32_matches_float64(batch, name):
     # keep to moderate log-ratios so that clip boundaries are not decided by rounding
     old = lp - (lp - old).clamp(-0.5, 0.5)
     o32 = compute_policy_loss(name, log_prob=lp, old_log_prob=old, advantages=adv, response_mask=mask)
-    o64 = compute_policy_loss(name, log_prob=lp.double(), old_log_prob=old.double(), advantages=adv.double(),
-                              response_mask=mask)
-    scale = ((adv.double().abs().reshape(len(adv), -1) * lp.double().abs().clamp_min(1) * mask).sum()
-             / mask.sum()).item()
+    o64 = compute_policy_loss(
+        name, log_prob=lp.double(), old_log_prob=old.double(), advantages=adv.double(), response_mask=mask
+    )
+    scale = (
+        (adv.double().abs().reshape(len(adv), -1) * lp.double().abs().clamp_min(1) * mask).sum() / mask.sum()
+    ).item()
     assert abs(o32.loss.item() - o64.loss.item()) <= 1e-4 * scale + 1e-6
     assert np.isfinite(o64.loss.item())

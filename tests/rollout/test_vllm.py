@@ -3,7 +3,7 @@ syncs (tied LM head), temperature / top-p log-probs, partial rollouts, reproduci
 dead engine, and sync / async training runs through the Trainer.
 
 Needs vLLM (on CPU: ``bash scripts/install_vllm_cpu.sh``); skipped otherwise. Run with
-``pytest -m vllm tests/test_vllm.py`` (about 3 engine starts: a few minutes on 2 cores).
+``pytest -m vllm tests/rollout/test_vllm.py`` (about 3 engine starts: a few minutes on 2 cores).
 """
 
 from __future__ import annotations

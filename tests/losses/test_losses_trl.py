@@ -66,8 +66,16 @@ def trl_vespo(lp, old, mask, adv, is_ratio=None, **params):
 
 def our_vespo(lp, old, mask, adv, is_ratio=None, **params):
     lp = lp.detach().clone().requires_grad_()
-    out = compute_policy_loss("vespo", log_prob=lp, old_log_prob=old, advantages=adv, response_mask=mask,
-                              rollout_is_weights=is_ratio, loss_agg_mode="token-mean", **params)
+    out = compute_policy_loss(
+        "vespo",
+        log_prob=lp,
+        old_log_prob=old,
+        advantages=adv,
+        response_mask=mask,
+        rollout_is_weights=is_ratio,
+        loss_agg_mode="token-mean",
+        **params,
+    )
     out.loss.backward()
     return out.loss.detach(), lp.grad, out.metrics
 
