@@ -36,6 +36,10 @@ from typing import Any
 
 from vespo.experiment.sweep import mean_std, read_rows
 
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.staleness_lm import copy_small  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 TASK = ["task.params={min_terms: 2, max_terms: 10, min_digits: 1, max_digits: 1}", "sampling.max_new_tokens=128"]
 STAGE1 = [
@@ -384,13 +388,6 @@ def quarters(out: Path, cells: list[dict[str, Any]], n: int = 64) -> str:
                 )
             lines.append(f"| {method} | {q * size}-{(q + 1) * size - 1} | " + " | ".join(vals) + " |")
     return "\n".join(lines)
-
-
-def copy_small(src: Path, dst: Path, colors: int = 64) -> None:
-    from PIL import Image
-
-    with Image.open(src) as image:
-        image.convert("RGB").quantize(colors=colors).save(dst, optimize=True)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
