@@ -39,6 +39,7 @@ from vespo.experiment.sweep import mean_std, read_rows
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.staleness_lm import copy_small  # noqa: E402
+from benchmarks.staleness_lm import sweep as staleness_sweep  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TASK = ["task.params={min_terms: 2, max_terms: 10, min_digits: 1, max_digits: 1}", "sampling.max_new_tokens=128"]
@@ -65,26 +66,8 @@ METHODS = [*MAIN, *EXTRA]
 def sweep(
     out: Path, grid: list[str], seeds: str, extra: list[str] | None = None, report_only: bool = False
 ) -> list[str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "vespo.cli",
-        "sweep",
-        "--out",
-        str(out),
-        *[a for g in grid for a in ("--grid", g)],
-        "--seeds",
-        seeds,
-        "--jobs",
-        "1",
-        "--threads",
-        "1",
-        *COMMON,
-        *(extra or []),
-    ]
-    if report_only:
-        cmd.append("--report-only")
-    return cmd
+    """One grid of this study: one job, one thread, this study's overrides."""
+    return staleness_sweep(out, grid, seeds, 1, extra or [], report_only, common=COMMON)
 
 
 def plan(root: Path, baselines: bool) -> list[tuple[str, list[str]]]:

@@ -28,6 +28,7 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,16 @@ MOE = ["model.arch=qwen3_moe", "model.num_experts=4", "model.num_experts_per_tok
 IDENTICAL_AT_N1 = ("grpo", "gspo", "cispo")  # same update as vespo when W = 1
 
 
-def sweep(out: Path, grid: list[str], seeds: str, jobs: int, extra: list[str], report_only: bool = False) -> list[str]:
+def sweep(
+    out: Path,
+    grid: list[str],
+    seeds: str,
+    jobs: int,
+    extra: list[str],
+    report_only: bool = False,
+    common: Sequence[str] = COMMON,
+) -> list[str]:
+    """The ``vespo sweep`` command of one grid: ``common`` overrides, then ``extra`` (which win)."""
     cmd = [
         sys.executable,
         "-m",
@@ -61,9 +71,9 @@ def sweep(out: Path, grid: list[str], seeds: str, jobs: int, extra: list[str], r
         str(jobs),
         "--threads",
         "1",
-        *COMMON,
+        *common,
         *extra,
-    ]  # extra overrides COMMON
+    ]
     if report_only:
         cmd.append("--report-only")
     return cmd
