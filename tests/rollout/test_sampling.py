@@ -218,6 +218,26 @@ def test_bf16_sampler_has_small_real_mismatch(model, prompts):
     assert torch.isfinite(padded.rollout_log_prob).all()
 
 
+@pytest.mark.parametrize("temperature", [0.7, 1.0, 1.5])
+def test_reference_scores_the_tempered_distribution_the_engine_sampled(model, prompts, temperature):
+    """The async workers' reference pass measures engine mismatch only: an fp32 engine and an fp32
+    reference at the sampling temperature agree, whatever the temperature (it once scored at 1)."""
+    from vespo.rollout.reference import ReferencePolicy
+
+    sampler = Sampler(model, dtype=torch.float32)
+    rollout = sampler.generate(
+        prompts, max_new_tokens=10, generator=gen(5), eos_token_id=EOS, pad_token_id=PAD, temperature=temperature
+    )
+    reference = ReferencePolicy(model, dtype=torch.float32, pad_id=PAD, temperature=temperature)
+    out: list[list[float]] = [[] for _ in range(len(rollout))]
+    reference.score_segment(rollout, [0] * len(rollout), out)
+    for ref, mu in zip(out, rollout.rollout_log_probs):
+        assert len(ref) == len(mu)
+        assert max(abs(a - b) for a, b in zip(ref, mu)) < 1e-4
+    with pytest.raises(ValueError, match="temperature"):
+        ReferencePolicy(model, dtype=torch.float32, pad_id=PAD, temperature=0.0)
+
+
 # --------------------------------------------------------------------------------------------------
 # partial rollouts
 # --------------------------------------------------------------------------------------------------

@@ -168,6 +168,7 @@ class RolloutWorker:
                 dtype=DTYPES[settings.trainer_dtype],
                 pad_id=pad,
                 engine_model=getattr(self.engine, "model", None),
+                temperature=settings.temperature,
             )
             if spec.measure_mismatch
             else None

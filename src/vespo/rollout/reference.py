@@ -38,12 +38,24 @@ class ReferencePolicy:
     """A frozen trainer-precision copy of the sampling weights (see the module docstring).
 
     ``engine_model``: the engine's own transformers module, when it has one (the ``hf`` engine);
-    routing flips are measured only then.
+    routing flips are measured only then. ``temperature``: the sampling temperature, so that the
+    reference scores the same tempered distribution the engine sampled from (and the trainer optimises).
     """
 
-    def __init__(self, model: nn.Module, *, dtype: torch.dtype, pad_id: int, engine_model: nn.Module | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        dtype: torch.dtype,
+        pad_id: int,
+        engine_model: nn.Module | None = None,
+        temperature: float = 1.0,
+    ):
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0 for reference log-probs, got {temperature}")
         self.model = copy.deepcopy(model).to(dtype=dtype).eval().requires_grad_(False)
         self.pad_id = pad_id
+        self.temperature = float(temperature)
         self.engine_model = engine_model if is_moe(self.model) else None
         self.top_k = int(getattr(self.model.config, "num_experts_per_tok", 1) or 1) if self.engine_model else 1
 
@@ -60,7 +72,9 @@ class ReferencePolicy:
             return []
         batch = rollout.select(rows).to_batch(self.pad_id)
         with replay_routing(self.model, batch.routed_experts) if batch.routed_experts is not None else nullcontext():
-            logp = sequence_log_probs(self.model, batch.input_ids, batch.attention_mask, batch.response_length)
+            logp = sequence_log_probs(
+                self.model, batch.input_ids, batch.attention_mask, batch.response_length, temperature=self.temperature
+            )
         for j, i in enumerate(rows):
             out[i].extend(logp[j, before[i] : len(rollout.response_ids[i])].tolist())
         if self.engine_model is None:
