@@ -65,6 +65,33 @@ def test_on_policy_weight_is_exactly_one(tmp_path):
     assert rows[-1]["step"] == 3
 
 
+@pytest.mark.parametrize("measure", [True, False])
+def test_measure_mismatch_splits_log_w_when_pi_old_is_mu(tmp_path, measure):
+    """old_log_prob=sampler with a bf16 sampler: algorithm.measure_mismatch adds the trainer-precision
+    reference (metrics only), so log W splits into staleness + engine mismatch; the loss still uses mu."""
+    cfg = tiny_config(
+        tmp_path,
+        "algorithm.staleness=2",
+        "run.total_steps=4",
+        "algorithm.old_log_prob=sampler",
+        "sampling.sampler_dtype=bfloat16",
+        f"algorithm.measure_mismatch={str(measure).lower()}",
+    )
+    train(cfg)
+    rows = [r for r in read_rows(tmp_path / "run") if "stale/index" in r]
+    assert len(rows) == 4
+    if not measure:
+        assert not any("stale/log_w_mean" in r or "mismatch/engine_k3_kl" in r for r in rows)
+        return
+    for r in rows:
+        assert r["mismatch/engine_log_prob_diff_abs_mean"] > 0  # bf16 sampler against the fp32 trainer
+        # the two parts add up to log W = log pi_theta - log mu (means over the same sequences)
+        assert r["stale/log_w_mean"] + r["mismatch/log_w_mean"] == pytest.approx(r["is/log_w_pi_mu_mean"], abs=1e-4)
+        assert "perf/reference_time_s" in r
+    on_policy = [r for r in rows if r["stale/index"] == 0]
+    assert all(abs(r["stale/log_w_mean"]) < 1e-5 for r in on_policy)  # same weights: only the mismatch is left
+
+
 def test_on_policy_vespo_grpo_gspo_cispo_train_bit_identically(tmp_path):
     """At N = 1 with recompute W = 1 exactly, and these four losses reduce to -A grad log pi.
 

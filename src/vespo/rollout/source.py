@@ -96,7 +96,10 @@ class SyncRolloutSource:
         minibatch_prompts: int,
         seed: int,
         old_log_prob_fn: OldLogProbFn | None = None,
+        reference_fn: OldLogProbFn | None = None,
     ):
+        """``reference_fn``: with ``old_log_prob_fn`` None (pi_old is mu), the trainer-precision log-probs
+        under the sampling weights, for the mismatch metrics and the log W split only."""
         self.settings = settings
         self.engine = engine
         self.stream = stream
@@ -106,6 +109,7 @@ class SyncRolloutSource:
         self.num_minibatches = num_minibatches
         self.minibatch_prompts = minibatch_prompts
         self.old_log_prob_fn = old_log_prob_fn
+        self.reference_fn = reference_fn if old_log_prob_fn is None else None
         self.pending: list[RolloutBatch] = []
         self.rollout_index = 0
 
@@ -143,14 +147,21 @@ class SyncRolloutSource:
             info["perf/engine_start_s"] = float(self.engine.start_time_s)
             self._start_logged = True
         old_s = sum(set_old_log_prob(mb, self.old_log_prob_fn) for mb in minibatches)
-        for k, mb in enumerate(minibatches):
+        t0 = time.perf_counter()
+        for mb in minibatches:
+            # the trainer's precision under the sampling weights: the reference that splits log W into
+            # staleness and engine mismatch (pi_old itself when recomputed)
             if self.old_log_prob_fn is not None:
-                # pi_old is the trainer's precision under the sampling weights: the reference that
-                # splits log W into staleness and engine mismatch
                 mb.reference_log_prob = mb.old_log_prob
+            elif self.reference_fn is not None:
+                mb.reference_log_prob = self.reference_fn(mb)
+        reference_s = time.perf_counter() - t0
+        for k, mb in enumerate(minibatches):
             mb.metrics = {**info, **engine_mismatch_metrics(mb)}
             if self.old_log_prob_fn is not None:
                 mb.metrics["perf/old_log_prob_time_s"] = old_s
+            elif self.reference_fn is not None:
+                mb.metrics["perf/reference_time_s"] = reference_s
             if k:  # counts of the whole rollout batch appear once, on its first mini-batch's row
                 for key in REWARD_COUNTS:
                     mb.metrics.pop(key, None)

@@ -140,6 +140,11 @@ class AlgorithmConfig(_Section):
     micro_batch_size: int | None = Field(None, ge=1, description="sequences per forward pass")
     normalize_adv_std: bool = True
     old_log_prob: Literal["recompute", "sampler"] = "recompute"
+    measure_mismatch: bool = Field(
+        False,
+        description="sync mode with old_log_prob=sampler: also run the trainer-precision pi_old forward, "
+        "for the engine-mismatch metrics and the log W split only (the loss still uses mu)",
+    )
     correction: Literal["none", "token_tis", "seq_tis", "token_mis", "seq_mis", "icepop"] = "none"
     correction_high: float | None = Field(None, gt=0)
     correction_low: float | None = Field(None, ge=0)

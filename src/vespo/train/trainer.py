@@ -259,6 +259,7 @@ class Trainer:
             minibatch_prompts=cfg.algorithm.mini_batch_prompts,
             seed=cfg.run.seed,
             old_log_prob_fn=old_fn,
+            reference_fn=self.recompute_old_log_prob if cfg.algorithm.measure_mismatch else None,
         )
 
     # ------------------------------------------------------------------------------ the loop
