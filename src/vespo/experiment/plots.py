@@ -107,6 +107,10 @@ RUN_PANELS: tuple[tuple[str, str], ...] = (
     ("policy/entropy", "token entropy"),
     ("response/length_mean", "response length (tokens)"),
     ("loss/clip_frac", "clip fraction"),
+    # vespo_adaptive only (a panel is drawn when some run logged its key)
+    ("vespo_adaptive/alpha_pos", "vespo_adaptive: tempering alpha, A > 0"),
+    ("vespo_adaptive/alpha_neg", "vespo_adaptive: tempering alpha, A < 0"),
+    ("phi/frac_below_0.01_before", "share with phi < 0.01 before adapting (paper kernel)"),
 )
 
 
@@ -132,6 +136,11 @@ def _smooth(ys: list[float], window: int) -> list[float]:
     return out
 
 
+def run_panels(runs: Sequence[list[dict[str, Any]]]) -> list[tuple[str, str]]:
+    """The panels of :data:`RUN_PANELS` that at least one run (its metric rows) has data for."""
+    return [(k, t) for k, t in RUN_PANELS if any(_series(rows, k)[0] for rows in runs)]
+
+
 def plot_runs(
     run_dirs: Sequence[str | Path],
     path: str | Path,
@@ -142,7 +151,7 @@ def plot_runs(
     plt = _pyplot()
     runs = [(Path(d), read_metrics(d)) for d in run_dirs]
     names = list(labels) if labels else [d.name for d, _ in runs]
-    panels = [(k, t) for k, t in RUN_PANELS if any(_series(rows, k)[0] for _, rows in runs)]
+    panels = run_panels([rows for _, rows in runs])
     if not panels:
         raise ValueError("none of the runs has any metric to plot yet")
     cols = 2 if len(panels) > 1 else 1
