@@ -1655,13 +1655,9 @@ ADAPTIVE_ABLATIONS: dict[str, dict[str, Any]] = {
     "alpha_min=0.2": {"alpha_min": 0.2},
 }
 ADAPTIVE_STUDY: dict[str, tuple[str, dict[str, Any]]] = {
-    "reinforce": ("reinforce", {}),
-    "tok_is": ("cispo", {"eps_high": 1e8}),
-    "vespo": ("vespo", {}),
+    **{k: STUDY_LOSSES[k] for k in ("reinforce", "tok_is", "vespo")},
     "vespo_adaptive": ("vespo_adaptive", {}),
-    "cispo": ("cispo", {}),
-    "topr": ("topr", {}),
-    "grpo": ("grpo", {}),
+    **{k: STUDY_LOSSES[k] for k in ("cispo", "topr", "grpo")},
 }
 
 

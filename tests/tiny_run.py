@@ -16,6 +16,21 @@ TINY_RUN = [
     "logging.tensorboard=false",
 ]
 
+#: the quiet end of the engine tests' runs (async and vLLM): on-policy, a large lr so weights move,
+#: no eval or checkpoint until the end, no progress bar, one thread
+QUIET_ON_POLICY = [
+    "algorithm.staleness=1",
+    "optim.lr=0.01",
+    "eval.num_prompts=2",
+    "eval.avg_k=1",
+    "eval.every=1000",
+    "eval.at_start=false",
+    "checkpoint.every=1000",
+    "logging.progress=false",
+    "logging.tensorboard=false",
+    "run.threads=1",
+]
+
 
 def length_parity_reward(response: str, example: object) -> float:
     """A reward that splits every group even for an untrained model: 1 for an even-length response."""

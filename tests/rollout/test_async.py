@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_run import QUIET_ON_POLICY
 
 pytest.importorskip("ray")
 
@@ -53,16 +54,7 @@ TINY = [
     "sampling.group_size=4",
     "sampling.max_new_tokens=12",
     "algorithm.mini_batch_prompts=4",
-    "algorithm.staleness=1",
-    "optim.lr=0.01",
-    "eval.num_prompts=2",
-    "eval.avg_k=1",
-    "eval.every=1000",
-    "eval.at_start=false",
-    "checkpoint.every=1000",
-    "logging.progress=false",
-    "logging.tensorboard=false",
-    "run.threads=1",
+    *QUIET_ON_POLICY,
 ]
 
 

@@ -25,6 +25,8 @@ pytestmark = [
     pytest.mark.skipif(_REASON is not None, reason=f"vLLM is not usable here: {_REASON}"),
 ]
 
+from tiny_run import QUIET_ON_POLICY  # noqa: E402
+
 from vespo.rollout.batch import Rollout  # noqa: E402
 from vespo.rollout.engine import EngineError, build_engine  # noqa: E402
 from vespo.rollout.log_probs import sequence_log_probs  # noqa: E402
@@ -272,16 +274,7 @@ TINY = [
     "sampling.group_size=4",
     "sampling.max_new_tokens=12",
     "algorithm.mini_batch_prompts=2",
-    "algorithm.staleness=1",
-    "optim.lr=0.01",
-    "eval.num_prompts=2",
-    "eval.avg_k=1",
-    "eval.every=1000",
-    "eval.at_start=false",
-    "checkpoint.every=1000",
-    "logging.progress=false",
-    "logging.tensorboard=false",
-    "run.threads=1",
+    *QUIET_ON_POLICY,
     "sampling.engine=vllm",
 ]
 
