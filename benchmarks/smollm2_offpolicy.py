@@ -129,6 +129,7 @@ def collect(root: Path) -> list[dict[str, Any]]:
                 "sweep": name,
                 "name": run.name,
                 "steps": max((int(r["step"]) for r in train), default=0),
+                "done": (run / "summary.json").exists(),
                 "final_accuracy": evals[-1]["eval/accuracy"] if evals else None,
                 "wall_s": max((r.get("perf/elapsed_s", 0.0) for r in rows), default=0.0),
                 "tis": "token_tis" in config,
@@ -173,7 +174,7 @@ def table(cells: list[dict[str, Any]]) -> str:
 
 def cmd_report(args: argparse.Namespace) -> int:
     root = Path(args.root)
-    cells = collect(root)
+    cells = [c for c in collect(root) if c["done"] or args.partial]
     if not cells:
         print(f"no finished cells under {root}", file=sys.stderr)
         return 1
@@ -192,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--root", default=str(REPO / "runs" / "smollm2_offpolicy"))
         p.add_argument("--seeds", default="0", help="run: comma-separated seeds")
         p.add_argument("--only", nargs="*", help=f"run: only these sweeps ({', '.join(n for n, _ in PLAN)})")
+        p.add_argument("--partial", action="store_true", help="report: also cells still running or stopped")
     args = parser.parse_args(argv)
     return {"run": cmd_run, "report": cmd_report}[args.command](args)
 

@@ -39,7 +39,7 @@ def test_report_averages_the_training_rows_of_each_cell(tmp_path):
     ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (cell,) = study.collect(tmp_path)
-    assert cell["loss"] == "vespo" and cell["n"] == 1 and cell["steps"] == 2 and not cell["tis"]
+    assert cell["loss"] == "vespo" and cell["n"] == 1 and cell["steps"] == 2 and not cell["tis"] and not cell["done"]
     assert cell["reward"] == 0.25 and abs(cell["abs_log_w"] - 0.5) < 1e-12 and abs(cell["phi_mass"] - 0.8) < 1e-12
     assert cell["final_accuracy"] == 0.25 and cell["wall_s"] == 90.0
     line = study.table([cell]).splitlines()[-1]
