@@ -16,7 +16,7 @@ with both threads, in priority order:
 1. the mismatch arm (N = 1, so log W is engine mismatch only): grpo, vespo, vespo_adaptive on
    W = pi / mu, then grpo and vespo with pi_old recomputed and token TIS (AReaL-style decoupled
    weight for grpo, folded into log W for vespo);
-2. staleness on top of the mismatch (N = 16): vespo, grpo, vespo_adaptive, then gspo and sapo;
+2. staleness on top of the mismatch (N = 16): vespo_adaptive, vespo, grpo, then gspo and sapo;
 3. gspo and sapo at N = 1.
 
 A cell takes ~13 min on the quiet 2-core machine at N = 1 (~40 s per step: sampling 8 responses,
@@ -60,7 +60,7 @@ TIS = "algorithm={old_log_prob: recompute, correction: token_tis, measure_mismat
 PLAN: list[tuple[str, list[str]]] = [
     ("mismatch", ["algorithm.loss=grpo,vespo,vespo_adaptive", "algorithm.staleness=1"]),
     ("mismatch_tis", ["algorithm.loss=grpo,vespo", "algorithm.staleness=1", TIS]),
-    ("stale16", ["algorithm.loss=vespo,grpo,vespo_adaptive", "algorithm.staleness=16"]),
+    ("stale16", ["algorithm.loss=vespo_adaptive,vespo,grpo", "algorithm.staleness=16"]),
     ("stale16_more", ["algorithm.loss=gspo,sapo", "algorithm.staleness=16"]),
     ("n1_more", ["algorithm.loss=gspo,sapo", "algorithm.staleness=1"]),
 ]
