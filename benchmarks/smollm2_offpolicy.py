@@ -5,6 +5,9 @@
     python benchmarks/smollm2_offpolicy.py run    [--root runs/smollm2_offpolicy] [--seeds 0]   # resumable
     python benchmarks/smollm2_offpolicy.py report [--root runs/smollm2_offpolicy]              # JSON + markdown
 
+``report`` merges into benchmarks/results/smollm2_offpolicy.json: a finished cell already there and
+not under ``--root`` stays (``--replace`` starts the file afresh).
+
 SmolLM2-135M-Instruct (LoRA r16, **fp32** trainer: no autocast) sampled by a **vLLM bf16** engine,
 on basic_arithmetic with 3-4 terms of 1-2 digits, whose step-by-step answers are ~100-120 tokens
 (up to 256), so the engine's ~0.03 nats per token add up to |log W| of order one. W = pi_theta / mu
@@ -39,6 +42,7 @@ from typing import Any
 from vespo.experiment.sweep import read_rows
 
 REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results" / "smollm2_offpolicy.json"
 STEPS = 16
 COMMON = [
     "sampling.engine=vllm",
@@ -174,13 +178,32 @@ def table(cells: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def merge(previous: list[dict[str, Any]], fresh: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``fresh`` cells plus the ``previous`` ones (same sweep and name) that ``fresh`` does not hold.
+
+    Keeps a finished cell measured earlier, perhaps on another machine whose run folders are gone,
+    when the report is rerun over a root that holds only the cells run since.
+    """
+    seen = {(c["sweep"], c["name"]) for c in fresh}
+    return [c for c in previous if (c["sweep"], c["name"]) not in seen] + fresh
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     root = Path(args.root)
-    cells = [c for c in collect(root) if c["done"] or args.partial]
+    out = Path(args.results)
+    fresh = [c for c in collect(root) if c["done"] or args.partial]
+    previous: list[dict[str, Any]] = []
+    if out.exists() and not args.replace:
+        data = json.loads(out.read_text())
+        if data.get("common") == COMMON:
+            previous = [c for c in data.get("cells", []) if c.get("done") or args.partial]
+        else:
+            print(f"{out} was measured with other common settings: not merged", file=sys.stderr)
+    cells = merge(previous, fresh)
     if not cells:
-        print(f"no finished cells under {root}", file=sys.stderr)
+        print(f"no finished cells under {root} or in {out}", file=sys.stderr)
         return 1
-    out = REPO / "benchmarks" / "results" / "smollm2_offpolicy.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"common": COMMON, "cells": cells}, indent=1) + "\n")
     print(table(cells))
     print(f"\nwrote {out}")
@@ -196,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--seeds", default="0", help="run: comma-separated seeds")
         p.add_argument("--only", nargs="*", help=f"run: only these sweeps ({', '.join(n for n, _ in PLAN)})")
         p.add_argument("--partial", action="store_true", help="report: also cells still running or stopped")
+        p.add_argument("--results", default=str(RESULTS), help="report: the JSON file to merge into and write")
+        p.add_argument("--replace", action="store_true", help="report: drop the cells already in --results")
     args = parser.parse_args(argv)
     return {"run": cmd_run, "report": cmd_report}[args.command](args)
 

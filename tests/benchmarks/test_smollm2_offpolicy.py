@@ -44,3 +44,24 @@ def test_report_averages_the_training_rows_of_each_cell(tmp_path):
     assert cell["final_accuracy"] == 0.25 and cell["wall_s"] == 90.0
     line = study.table([cell]).splitlines()[-1]
     assert line.startswith("| 1 | vespo | 2 | 0.250 | 0.250 | 0.50 |")
+
+
+def test_report_keeps_finished_cells_of_the_results_file_that_the_root_lacks(tmp_path):
+    run = tmp_path / "runs" / "stale16" / "cells" / "grpo_N16_s0"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"algorithm": {"loss": "grpo", "staleness": 16}}))
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward/mean": 0.5}) + "\n")
+    (run / "summary.json").write_text("{}")
+    results = tmp_path / "results.json"
+    blank = {**dict.fromkeys(study.KEYS), "steps": 16, "final_accuracy": 0.0, "wall_s": 60.0, "tis": False}
+    earlier = {**blank, "sweep": "mismatch", "name": "vespo_N1_s0", "done": True, "loss": "vespo", "n": 1}
+    stopped = {**blank, "sweep": "stale16", "name": "vespo_N16_s0", "done": False, "loss": "vespo", "n": 16}
+    replaced = {**blank, "sweep": "stale16", "name": "grpo_N16_s0", "done": True, "loss": "grpo", "n": 16}
+    results.write_text(json.dumps({"common": study.COMMON, "cells": [earlier, stopped, replaced]}))
+    argv = ["report", "--root", str(tmp_path / "runs"), "--results", str(results)]
+    assert study.main(argv) == 0
+    cells = {c["name"]: c for c in json.loads(results.read_text())["cells"]}
+    assert set(cells) == {"vespo_N1_s0", "grpo_N16_s0"}  # the stopped cell is not reported
+    assert cells["grpo_N16_s0"]["reward"] == 0.5  # the fresh measurement wins
+    assert study.main([*argv, "--replace"]) == 0
+    assert [c["name"] for c in json.loads(results.read_text())["cells"]] == ["grpo_N16_s0"]
