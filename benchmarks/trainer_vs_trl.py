@@ -2,6 +2,8 @@
 
     python benchmarks/trainer_vs_trl.py            # 16 timed steps, 5 rounds; sampler 5 rounds
     python benchmarks/trainer_vs_trl.py --quick    # 8 timed steps, 1 round; sampler 3 rounds
+    python benchmarks/trainer_vs_trl.py --part trainer --model smollm2 -N 1 --prompts 2 --max-new-tokens 64 \
+        --steps 4 --repeats 2 --threads 2              # SmolLM2-135M (issue 14 item 3)
 
 Part 1, optimizer steps per second (ratio = ours / TRL, measured in the same run). Both sides get
 the same randomly initialised tiny Llama (``build_tiny_model`` + ``build_char_tokenizer``, hidden
@@ -24,6 +26,12 @@ With N = 1 TRL skips the old-log-prob forward (pi_old = detached pi_theta), so o
 pi_old from the sampler (``algorithm.old_log_prob=sampler``, same fp32 weights): no extra forward
 on either side. A third side (on by default, off with ``--quick``) is TRL with GRPOConfig's own
 CPU defaults (bf16 autocast, gradient checkpointing), for reference only.
+
+``--model smollm2``: both sides get SmolLM2-135M-Instruct as ``configs/smollm2.yaml`` builds it (LoRA
+r16 on every attention/MLP linear, fp32 master weights, bf16 autocast for the forward/backward), its
+basic_arithmetic chat prompts (TRL applies the chat template to the same messages) and reward; ours
+samples with its bf16 sampler copy, TRL with ``model.generate`` on the training model under its
+autocast. ``--prompts`` sets the prompts per step (x 8 responses, one forward/backward either side).
 
 Each side runs in a fresh subprocess; set-up is excluded. The first rollout cycle (N steps,
 including the first generation) is warm-up; the timed window is the next ``--steps`` optimizer
@@ -58,6 +66,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "src" / "vespo" / "configs" / "default.yaml"
+SMOLLM2_CONFIG = ROOT / "configs" / "smollm2.yaml"
 TRAIN_SIZE = 2000
 
 
@@ -81,9 +90,15 @@ def _env(threads: int) -> dict[str, str]:
 def _config(spec: dict, out_dir: str):
     from vespo.train.config import load_config
 
+    prompts = spec.get("prompts", 8)
+    smollm2 = spec.get("model", "tiny") == "smollm2"
+    # SmolLM2: configs/smollm2.yaml as it is (LoRA r16, bf16 autocast over fp32 master weights, bf16
+    # sampler), every prompt x G response of a step in one forward/backward, like TRL's side
+    extra = [f"algorithm.micro_batch_size={prompts * 8}"] if smollm2 else []
     return load_config(
-        DEFAULT_CONFIG,
+        SMOLLM2_CONFIG if smollm2 else DEFAULT_CONFIG,
         [
+            *extra,
             f"run.out_dir={out_dir}",
             "run.seed=0",
             f"run.threads={spec['threads']}",
@@ -101,7 +116,7 @@ def _config(spec: dict, out_dir: str):
             "algorithm.loss=vespo",
             "algorithm.loss_agg_mode=token-mean",
             f"algorithm.staleness={spec['staleness']}",
-            "algorithm.mini_batch_prompts=8",
+            f"algorithm.mini_batch_prompts={prompts}",
             # N > 1: both recompute pi_old with a no-grad forward; N = 1: TRL skips it (pi_old = detached
             # pi_theta), ours takes the sampler's log-probs (same fp32 weights): no extra forward either side
             f"algorithm.old_log_prob={'recompute' if spec['staleness'] > 1 else 'sampler'}",
@@ -173,7 +188,9 @@ def worker_trl(spec: dict) -> dict:
         dataset = Dataset.from_list([{"prompt": ex.prompt, "idx": i} for i, ex in enumerate(examples)])
 
         def reward(completions, idx, **_):
-            return [task.score(c, examples[i]) for c, i in zip(completions, idx)]
+            # chat prompts (SmolLM2) come back as [{"role": "assistant", "content": ...}]
+            texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+            return [task.score(t, examples[i]) for t, i in zip(texts, idx)]
 
         n, steps = spec["staleness"], spec["steps"]
         args = GRPOConfig(
@@ -182,7 +199,7 @@ def worker_trl(spec: dict) -> dict:
             report_to=[],
             seed=0,
             max_steps=n + steps,
-            per_device_train_batch_size=64,
+            per_device_train_batch_size=spec.get("prompts", 8) * 8,
             gradient_accumulation_steps=1,
             steps_per_generation=n,
             num_generations=8,
@@ -204,9 +221,14 @@ def worker_trl(spec: dict) -> dict:
             disable_tqdm=True,
             dataloader_num_workers=0,
             log_completions=False,
-            # fp32 and no gradient checkpointing, like ours; "trl_defaults" keeps GRPOConfig's CPU
-            # defaults instead (bf16 autocast, gradient checkpointing) as a point of reference
-            **({} if spec.get("trl_defaults") else {"bf16": False, "gradient_checkpointing": False}),
+            # fp32 and no gradient checkpointing, like ours (SmolLM2: bf16 autocast like ours, and
+            # the same LoRA adapters, since build_policy returns the PeftModel); "trl_defaults" keeps
+            # GRPOConfig's CPU defaults instead (bf16 autocast, gradient checkpointing) for reference
+            **(
+                {}
+                if spec.get("trl_defaults")
+                else {"bf16": cfg.model.autocast == "bfloat16", "gradient_checkpointing": False}
+            ),
         )
         stamps: list[float] = []
         cpu_stamps: list[float] = []
@@ -364,6 +386,14 @@ def main(argv: list[str] | None = None) -> int:
         help="torch threads on both sides (1: see the docs on shared, oversubscribed cores)",
     )
     p.add_argument("--max-new-tokens", type=int, default=32, help="trainer response length")
+    p.add_argument(
+        "--model",
+        choices=("tiny", "smollm2"),
+        default="tiny",
+        help="trainer part: the tiny random Llama (fp32) or SmolLM2-135M-Instruct as configs/smollm2.yaml has it "
+        "(LoRA r16, bf16 autocast; basic_arithmetic chat prompts)",
+    )
+    p.add_argument("--prompts", type=int, default=8, help="prompts per optimizer step (x G = 8 responses)")
     p.add_argument("--part", choices=("all", "trainer", "sampler"), default="all")
     p.add_argument(
         "--trl-defaults",
@@ -384,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.steps, args.repeats, args.sampler_rounds = 2 * args.staleness, 1, 3
     if args.trl_defaults is None:
-        args.trl_defaults = not args.quick
+        args.trl_defaults = not args.quick and args.model == "tiny"
     if args.steps % args.staleness:
         p.error(f"--steps ({args.steps}) must be a multiple of N ({args.staleness})")
 
@@ -401,7 +431,14 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     if args.part in ("all", "trainer"):
-        spec = {"threads": args.threads, "staleness": n, "steps": args.steps, "max_new_tokens": args.max_new_tokens}
+        spec = {
+            "threads": args.threads,
+            "staleness": n,
+            "steps": args.steps,
+            "max_new_tokens": args.max_new_tokens,
+            "model": args.model,
+            "prompts": args.prompts,
+        }
         sides = ["ours", "trl"] + (["trl_defaults"] if args.trl_defaults else [])
         runs: dict[str, list[dict]] = {kind: [] for kind in sides}
         round_ratios = []
@@ -441,11 +478,13 @@ def main(argv: list[str] | None = None) -> int:
         ratio = ours["steps_per_s"] / summ["trl"]["steps_per_s"]
         names = {
             "ours": "vespo `Trainer`",
-            "trl": f"TRL {_trl_version()} `GRPOTrainer` (fp32, no grad. ckpt)",
+            "trl": f"TRL {_trl_version()} `GRPOTrainer` ("
+            + ("LoRA r16, bf16 autocast" if args.model == "smollm2" else "fp32")
+            + ", no grad. ckpt)",
             "trl_defaults": "TRL `GRPOTrainer`, GRPOConfig CPU defaults (bf16, grad. ckpt)",
         }
         print(
-            f"\n## Optimizer steps/s: 8 prompts x G=8 per step, {args.max_new_tokens} new tokens, "
+            f"\n## Optimizer steps/s, {args.model}: {args.prompts} prompts x G=8 per step, {args.max_new_tokens} new tokens, "
             f"generation every N={n} steps, {args.steps} timed steps x {args.repeats} round(s)\n"
         )
         print(
@@ -463,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{speedup} | {cpu_speedup} |"
             )
         print(
-            f"\nratio vespo / TRL (fp32), wall clock: {ratio:.2f}x (target >= 3x); per round: "
+            f"\nratio vespo / TRL, wall clock: {ratio:.2f}x (target {'>= 2x' if args.model == 'smollm2' else '>= 3x'}); per round: "
             f"{', '.join(f'{x:.2f}x' for x in round_ratios)}; by CPU time: "
             f"{summ['trl']['cpu_s_per_step'] / ours['cpu_s_per_step']:.2f}x\n",
             flush=True,

@@ -1,0 +1,22 @@
+"""benchmarks/trainer_vs_trl.py: both models' configs are what the benchmark says it times."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import trainer_vs_trl as bench
+
+
+@pytest.mark.parametrize("model", ["tiny", "smollm2"])
+def test_config_puts_every_response_of_a_step_in_one_pass(tmp_path, model):
+    spec = {"threads": 1, "staleness": 1, "steps": 4, "max_new_tokens": 64, "model": model, "prompts": 2}
+    cfg = bench._config(spec, str(tmp_path))
+    alg = cfg.algorithm
+    assert cfg.model.kind == model and alg.mini_batch_prompts == 2 and alg.staleness == 1
+    assert alg.old_log_prob == "sampler"  # N = 1: no pi_old forward, as TRL skips it
+    assert cfg.run.total_steps == 5 and cfg.sampling.max_new_tokens == 64 and cfg.sampling.group_size == 8
+    if model == "smollm2":  # the real-LM config as it is: LoRA, bf16 autocast, one forward/backward per step
+        assert cfg.model.lora is not None and cfg.model.autocast == "bfloat16"
+        assert alg.micro_batch_size == 16
+    else:
+        assert cfg.model.lora is None and cfg.model.autocast == "none"
