@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from vespo.experiment.plots import plot_runs, run_panels
+from vespo.experiment.plots import plot_runs, run_panels, runs_figure
 
 
 def _run(tmp_path: Path, name: str, rows: list[dict]) -> Path:
@@ -34,3 +34,16 @@ def test_vespo_adaptive_runs_get_their_alpha_panels(tmp_path):
 def test_runs_without_metrics_are_refused(tmp_path):
     with pytest.raises(ValueError, match="none of the runs has any metric"):
         plot_runs([_run(tmp_path, "empty", [{"step": 1}])], tmp_path / "c.png")
+
+
+def test_a_run_keeps_its_colour_in_panels_where_the_first_run_has_no_data():
+    vespo = [{"step": s, "reward/mean": 0.1, "phi/mean": 0.5} for s in range(1, 4)]
+    grpo = [{"step": s, "reward/mean": 0.2, "loss/clip_frac": 0.01} for s in range(1, 4)]
+    fig = runs_figure([vespo, grpo], ["vespo", "grpo"])
+    colours = {}
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            colours.setdefault(line.get_label(), set()).add(line.get_color())
+    assert colours == {"vespo": {"C0"}, "grpo": {"C1"}}  # clip_frac (grpo only) is not drawn in vespo's colour
+    clip = next(ax for ax in fig.axes if ax.get_title() == "clip fraction")
+    assert [line.get_label() for line in clip.get_lines()] == ["grpo"]

@@ -148,26 +148,32 @@ def plot_runs(
     smooth: int = 5,
 ) -> Path:
     """Overlay the training curves of ``run_dirs`` (one panel per metric) into ``path`` (PNG)."""
-    plt = _pyplot()
     runs = [(Path(d), read_metrics(d)) for d in run_dirs]
     names = list(labels) if labels else [d.name for d, _ in runs]
-    panels = run_panels([rows for _, rows in runs])
+    return save_figure(runs_figure([rows for _, rows in runs], names, smooth), path)
+
+
+def runs_figure(runs: Sequence[list[dict[str, Any]]], names: Sequence[str], smooth: int = 5) -> Any:
+    """The figure of :func:`plot_runs`; each run keeps one colour in every panel, even where it has no data."""
+    plt = _pyplot()
+    panels = run_panels(runs)
     if not panels:
         raise ValueError("none of the runs has any metric to plot yet")
     cols = 2 if len(panels) > 1 else 1
     rows_n = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(6.2 * cols, 3.2 * rows_n), squeeze=False)
     for ax, (key, title) in zip(axes.flat, panels):
-        for name, (_, rows) in zip(names, runs):
+        for i, (name, rows) in enumerate(zip(names, runs)):
             xs, ys = _series(rows, key)
             if not xs:
                 continue
             marker = "o" if key.startswith("eval/") else None
-            ax.plot(xs, ys if key.startswith("eval/") else _smooth(ys, smooth), label=name, marker=marker, markersize=3)
+            ys = ys if key.startswith("eval/") else _smooth(ys, smooth)
+            ax.plot(xs, ys, label=name, color=f"C{i % 10}", marker=marker, markersize=3)
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
-    return save_figure(fig, path)
+    return fig
