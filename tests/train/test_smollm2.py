@@ -203,6 +203,28 @@ def test_autocast_context_runs_matmuls_in_bf16():
         assert (a @ a.T).dtype == torch.float32
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_that_emulates_it_is_named_at_start(tmp_path, monkeypatch, capsys, native):
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    cfg = tiny_config(tmp_path, "model.autocast=bfloat16", "sampling.sampler_dtype=bfloat16")
+    message = precision.bf16_speed_warning(cfg, "cpu")
+    if native:
+        assert message is None
+    else:
+        assert "model.autocast=bfloat16 and sampling.sampler_dtype=bfloat16" in message
+        assert "model.autocast=none" in message and "sampling.sampler_dtype=float32" in message
+    assert precision.bf16_speed_warning(tiny_config(tmp_path), "cpu") is None  # float32 asks for nothing
+    assert precision.bf16_speed_warning(cfg, "meta") is None  # not a CPU
+    Trainer(cfg)
+    assert ("bf16 is emulated" in capsys.readouterr().err) is not native
+
+
+def test_native_bf16_check_agrees_with_the_vector_isa():
+    # oneDNN's bf16 path needs at least AVX-512; an AVX2-only CPU (as some of this project's machines) emulates it
+    if torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "NO AVX", "AVX2"):
+        assert not precision.cpu_has_native_bf16()
+
+
 def test_out_of_memory_names_the_setting_and_keeps_the_checkpoint(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path, "algorithm.staleness=1", "run.total_steps=4", "algorithm.micro_batch_size=4")
     trainer = Trainer(cfg)

@@ -21,6 +21,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,7 @@ from vespo.train.models import (
 from vespo.train.precision import (
     TrainingOutOfMemory,
     autocast,
+    bf16_speed_warning,
     enable_gradient_checkpointing,
     is_out_of_memory,
     out_of_memory_message,
@@ -175,6 +177,8 @@ class Trainer:
         self.reward_runner = self.rollout_settings().reward_runner(self.task)
 
         self.device = resolve_device(cfg.run.device)
+        if (slow := bf16_speed_warning(cfg, self.device)) is not None:
+            print(f"vespo: warning: {slow}", file=sys.stderr)
         self.model, self.tokenizer = build_policy(cfg)
         self.train_examples, self.eval_examples = preflight.check_examples(
             cfg, self.tokenizer, self.model, self.train_examples, self.eval_examples
