@@ -2,8 +2,8 @@
 
     python benchmarks/trainer_vs_trl.py            # 16 timed steps, 5 rounds; sampler 5 rounds
     python benchmarks/trainer_vs_trl.py --quick    # 8 timed steps, 1 round; sampler 3 rounds
-    python benchmarks/trainer_vs_trl.py --part trainer --model smollm2 -N 1 --prompts 2 --max-new-tokens 64 \
-        --steps 4 --repeats 2 --threads 2              # SmolLM2-135M (issue 14 item 3)
+    python benchmarks/trainer_vs_trl.py --part trainer --model smollm2 -N 1 --prompts 1 --max-new-tokens 64 \
+        --steps 3 --repeats 1 --threads 2              # SmolLM2-135M (issue 14 item 3)
 
 Part 1, optimizer steps per second (ratio = ours / TRL, measured in the same run). Both sides get
 the same randomly initialised tiny Llama (``build_tiny_model`` + ``build_char_tokenizer``, hidden
@@ -28,10 +28,11 @@ on either side. A third side (on by default, off with ``--quick``) is TRL with G
 CPU defaults (bf16 autocast, gradient checkpointing), for reference only.
 
 ``--model smollm2``: both sides get SmolLM2-135M-Instruct as ``configs/smollm2.yaml`` builds it (LoRA
-r16 on every attention/MLP linear, fp32 master weights, bf16 autocast for the forward/backward), its
-basic_arithmetic chat prompts (TRL applies the chat template to the same messages) and reward; ours
-samples with its bf16 sampler copy, TRL with ``model.generate`` on the training model under its
-autocast. ``--prompts`` sets the prompts per step (x 8 responses, one forward/backward either side).
+r16 on every attention/MLP linear, fp32 master weights), its basic_arithmetic chat prompts (TRL
+applies the chat template to the same messages) and reward; ``--precision fp32`` (default) computes
+in float32 on both sides (ours samples with an fp32 sampler copy, TRL with ``model.generate`` on the
+training model), ``--precision bf16`` keeps the config's bf16 autocast and bf16 sampler (TRL:
+``bf16=True``), which pays only on a CPU with native bf16 matmuls. ``--prompts`` sets the prompts per step (x 8 responses, one forward/backward either side).
 
 Each side runs in a fresh subprocess; set-up is excluded. The first rollout cycle (N steps,
 including the first generation) is warm-up; the timed window is the next ``--steps`` optimizer
@@ -95,6 +96,8 @@ def _config(spec: dict, out_dir: str):
     # SmolLM2: configs/smollm2.yaml as it is (LoRA r16, bf16 autocast over fp32 master weights, bf16
     # sampler), every prompt x G response of a step in one forward/backward, like TRL's side
     extra = [f"algorithm.micro_batch_size={prompts * 8}"] if smollm2 else []
+    if smollm2 and spec.get("precision", "fp32") == "fp32":  # bf16 is emulated, ~20x slower, on AVX2-only CPUs
+        extra += ["model.autocast=none", "sampling.sampler_dtype=float32"]
     return load_config(
         SMOLLM2_CONFIG if smollm2 else DEFAULT_CONFIG,
         [
@@ -394,6 +397,13 @@ def main(argv: list[str] | None = None) -> int:
         "(LoRA r16, bf16 autocast; basic_arithmetic chat prompts)",
     )
     p.add_argument("--prompts", type=int, default=8, help="prompts per optimizer step (x G = 8 responses)")
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="--model smollm2: fp32 everywhere, or the config's bf16 autocast + bf16 sampler (TRL: bf16=True); "
+        "bf16 pays only on CPUs with native bf16 matmuls",
+    )
     p.add_argument("--part", choices=("all", "trainer", "sampler"), default="all")
     p.add_argument(
         "--trl-defaults",
@@ -438,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
             "max_new_tokens": args.max_new_tokens,
             "model": args.model,
             "prompts": args.prompts,
+            "precision": args.precision,
         }
         sides = ["ours", "trl"] + (["trl_defaults"] if args.trl_defaults else [])
         runs: dict[str, list[dict]] = {kind: [] for kind in sides}
@@ -479,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         names = {
             "ours": "vespo `Trainer`",
             "trl": f"TRL {_trl_version()} `GRPOTrainer` ("
-            + ("LoRA r16, bf16 autocast" if args.model == "smollm2" else "fp32")
+            + (f"LoRA r16, {args.precision}" if args.model == "smollm2" else "fp32")
             + ", no grad. ckpt)",
             "trl_defaults": "TRL `GRPOTrainer`, GRPOConfig CPU defaults (bf16, grad. ckpt)",
         }

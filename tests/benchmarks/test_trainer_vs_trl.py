@@ -15,8 +15,10 @@ def test_config_puts_every_response_of_a_step_in_one_pass(tmp_path, model):
     assert cfg.model.kind == model and alg.mini_batch_prompts == 2 and alg.staleness == 1
     assert alg.old_log_prob == "sampler"  # N = 1: no pi_old forward, as TRL skips it
     assert cfg.run.total_steps == 5 and cfg.sampling.max_new_tokens == 64 and cfg.sampling.group_size == 8
-    if model == "smollm2":  # the real-LM config as it is: LoRA, bf16 autocast, one forward/backward per step
-        assert cfg.model.lora is not None and cfg.model.autocast == "bfloat16"
-        assert alg.micro_batch_size == 16
+    if model == "smollm2":  # the real-LM config: LoRA, one forward/backward per step, fp32 unless asked
+        assert cfg.model.lora is not None and alg.micro_batch_size == 16
+        assert cfg.model.autocast == "none" and cfg.sampling.sampler_dtype == "float32"
+        bf16 = bench._config({**spec, "precision": "bf16"}, str(tmp_path))
+        assert bf16.model.autocast == "bfloat16" and bf16.sampling.sampler_dtype == "bfloat16"
     else:
         assert cfg.model.lora is None and cfg.model.autocast == "none"
