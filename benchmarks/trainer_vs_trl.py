@@ -3,7 +3,7 @@
     python benchmarks/trainer_vs_trl.py            # 16 timed steps, 5 rounds; sampler 5 rounds
     python benchmarks/trainer_vs_trl.py --quick    # 8 timed steps, 1 round; sampler 3 rounds
     python benchmarks/trainer_vs_trl.py --part trainer --model smollm2 -N 1 --prompts 1 --max-new-tokens 64 \
-        --steps 3 --repeats 1 --threads 2              # SmolLM2-135M (issue 14 item 3)
+        --steps 3 --repeats 2 --threads 2              # SmolLM2-135M (issue 14 item 3)
 
 Part 1, optimizer steps per second (ratio = ours / TRL, measured in the same run). Both sides get
 the same randomly initialised tiny Llama (``build_tiny_model`` + ``build_char_tokenizer``, hidden
