@@ -394,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=("tiny", "smollm2"),
         default="tiny",
         help="trainer part: the tiny random Llama (fp32) or SmolLM2-135M-Instruct as configs/smollm2.yaml has it "
-        "(LoRA r16, bf16 autocast; basic_arithmetic chat prompts)",
+        "(LoRA r16, basic_arithmetic chat prompts; precision from --precision)",
     )
     p.add_argument("--prompts", type=int, default=8, help="prompts per optimizer step (x G = 8 responses)")
     p.add_argument(
