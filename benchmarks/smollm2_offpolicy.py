@@ -194,7 +194,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     fresh = [c for c in collect(root) if c["done"] or args.partial]
     previous: list[dict[str, Any]] = []
     if out.exists() and not args.replace:
-        data = json.loads(out.read_text())
+        try:
+            data = json.loads(out.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            print(f"{out} is not a results file ({exc}); fix it or pass --replace", file=sys.stderr)
+            return 2
         if data.get("common") == COMMON:
             previous = [c for c in data.get("cells", []) if c.get("done") or args.partial]
         else:

@@ -65,3 +65,12 @@ def test_report_keeps_finished_cells_of_the_results_file_that_the_root_lacks(tmp
     assert cells["grpo_N16_s0"]["reward"] == 0.5  # the fresh measurement wins
     assert study.main([*argv, "--replace"]) == 0
     assert [c["name"] for c in json.loads(results.read_text())["cells"]] == ["grpo_N16_s0"]
+
+
+def test_report_refuses_a_damaged_results_file_in_one_line(tmp_path, capsys):
+    results = tmp_path / "results.json"
+    results.write_text('{"common": [')  # cut off mid-write
+    assert study.main(["report", "--root", str(tmp_path), "--results", str(results)]) == 2
+    err = capsys.readouterr().err
+    assert "is not a results file" in err and "--replace" in err and len(err.strip().splitlines()) == 1
+    assert results.read_text() == '{"common": ['  # left as it was
