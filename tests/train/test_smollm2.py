@@ -219,6 +219,32 @@ def test_bf16_on_a_cpu_that_emulates_it_is_named_at_start(tmp_path, monkeypatch,
     assert ("bf16 is emulated" in capsys.readouterr().err) is not native
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_where_bf16_is_native(tmp_path, monkeypatch, capsys, native):
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    cfg = tiny_config(tmp_path, "model.autocast=auto", "sampling.sampler_dtype=auto")
+    notes = precision.resolve_auto_precision(cfg, "cpu")
+    assert cfg.model.autocast == ("bfloat16" if native else "none")
+    assert cfg.sampling.sampler_dtype == ("bfloat16" if native else "float32")
+    assert len(notes) == 2 and all("auto ->" in n for n in notes)
+    assert precision.resolve_auto_precision(cfg, "cpu") == []  # nothing left to resolve
+    # a bf16 policy has no fp32 master weights: auto gives no autocast there (explicit bfloat16 is an error)
+    bf16 = tiny_config(tmp_path, "model.dtype=bfloat16", "model.autocast=auto")
+    precision.resolve_auto_precision(bf16, "cpu")
+    assert bf16.model.autocast == "none"
+    with pytest.raises(ConfigError, match="model.autocast=bfloat16 needs model.dtype=float32"):
+        tiny_config(tmp_path, "model.dtype=bfloat16", "model.autocast=bfloat16")
+    # the trainer resolves at start, says what it chose, runs with it and keeps "auto" in config.yaml
+    trainer = Trainer(tiny_config(tmp_path, "model.autocast=auto", "sampling.sampler_dtype=auto"))
+    assert trainer.cfg.model.autocast == ("bfloat16" if native else "none")
+    assert next(trainer.source.engine.model.parameters()).dtype == (torch.bfloat16 if native else torch.float32)
+    err = capsys.readouterr().err
+    assert "model.autocast=auto -> " in err and "sampling.sampler_dtype=auto -> " in err
+    assert "bf16 is emulated" not in err  # auto never asks for emulated bf16
+    saved = load_config(tmp_path / "run" / "config.yaml")
+    assert saved.model.autocast == "auto" and saved.sampling.sampler_dtype == "auto"
+
+
 def test_native_bf16_check_agrees_with_the_vector_isa():
     # oneDNN's bf16 path needs at least AVX-512; an AVX2-only CPU (as some of this project's machines) emulates it
     if torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "NO AVX", "AVX2"):

@@ -27,6 +27,12 @@ class RunConfig(_Section):
     out_dir: str = Field("runs/default", min_length=1)
     seed: int = 0
     total_steps: int = Field(160, ge=1, description="optimizer steps, the same for every N")
+    time_limit_minutes: float | None = Field(
+        None,
+        gt=0,
+        description="stop after the optimizer step at which the run's wall clock (evals included, summed over "
+        "resumes) reaches this; the final eval and checkpoint follow as after the last step",
+    )
     threads: int | None = Field(None, ge=1, description="torch threads (default: torch's choice)")
     device: str = Field("auto", description="auto (cuda when available), cpu, cuda, cuda:1, ...")
     mode: Literal["sync", "async"] = "sync"
@@ -58,15 +64,17 @@ class ModelConfig(_Section):
     num_experts_per_tok: int = Field(2, ge=1)
     dtype: Literal["float32", "bfloat16"] = "float32"
     init_from: str | None = Field(None, description="start from these weights: a .safetensors file or a run directory")
-    autocast: Literal["none", "bfloat16"] = Field(
-        "none", description="trainer forward/backward under bf16 autocast; fp32 master weights and AdamW state"
+    autocast: Literal["none", "bfloat16", "auto"] = Field(
+        "none",
+        description="trainer forward/backward under bf16 autocast; fp32 master weights and AdamW state "
+        "(auto: bfloat16 where the device has native bf16 matmuls, else none)",
     )
     gradient_checkpointing: bool = Field(False, description="recompute layer activations in the backward pass")
     lora: LoraSettings | None = Field(None, description="train LoRA adapters instead of all weights (needs peft)")
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
-        if self.autocast != "none" and self.dtype != "float32":
+        if self.autocast == "bfloat16" and self.dtype != "float32":
             raise ValueError(f"model.autocast={self.autocast} needs model.dtype=float32 (the fp32 master weights)")
         if self.kind == "pretrained" and not self.name_or_path:
             raise ValueError("model.kind=pretrained needs model.name_or_path (a hub id or local path)")
@@ -126,7 +134,9 @@ class SamplingConfig(_Section):
     max_new_tokens: int = Field(32, ge=1)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    sampler_dtype: Literal["float32", "bfloat16"] = "float32"
+    sampler_dtype: Literal["float32", "bfloat16", "auto"] = Field(
+        "float32", description="sampler precision (auto: bfloat16 where the device has native bf16 matmuls)"
+    )
     engine: Literal["hf", "vllm"] = Field("hf", description="sampler engine: the project's own HF sampler or vLLM")
     engine_options: dict[str, Any] = Field(default_factory=dict, description="options passed to the engine")
 
@@ -139,6 +149,11 @@ class AlgorithmConfig(_Section):
     mini_batch_prompts: int = Field(16, ge=1, description="prompts per optimizer step")
     micro_batch_size: int | None = Field(None, ge=1, description="sequences per forward pass")
     normalize_adv_std: bool = True
+    packing: bool = Field(
+        False,
+        description="padding-free training forward: each micro-batch's sequences packed into rows, "
+        "first-fit decreasing (docs/real_lm.md)",
+    )
     old_log_prob: Literal["recompute", "sampler"] = "recompute"
     measure_mismatch: bool = Field(
         False,
@@ -167,6 +182,8 @@ class AlgorithmConfig(_Section):
                 "algorithm.correction needs algorithm.old_log_prob=recompute "
                 "(with old_log_prob=sampler, pi_old is mu and there is no mismatch to correct)"
             )
+        if self.packing and self.routing_replay != "none":
+            raise ValueError("algorithm.packing does not combine with algorithm.routing_replay (padded layout only)")
         return self
 
 

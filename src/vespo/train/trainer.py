@@ -59,6 +59,12 @@ from vespo.train.models import (
     load_pretrained,
     smollm2_checkpoint,
 )
+from vespo.train.packing import (
+    PackingError,
+    check_packing_support,
+    packed_log_probs_and_entropy,
+    packed_pad_fraction,
+)
 from vespo.train.precision import (
     TrainingOutOfMemory,
     autocast,
@@ -67,6 +73,7 @@ from vespo.train.precision import (
     is_out_of_memory,
     out_of_memory_message,
     peak_rss_gb,
+    resolve_auto_precision,
 )
 
 #: the eval and train splits of procedural tasks come from fixed data seeds, so that runs with
@@ -108,6 +115,11 @@ def build_policy(cfg: TrainConfig) -> tuple[torch.nn.Module, Any]:
         model = apply_lora(model, **m.lora.model_dump())
     if m.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    if cfg.algorithm.packing:
+        try:
+            check_packing_support(model)
+        except PackingError as exc:
+            raise ConfigError(str(exc)) from None
     return model.to(DTYPES[m.dtype]), tokenizer
 
 
@@ -177,6 +189,9 @@ class Trainer:
         self.reward_runner = self.rollout_settings().reward_runner(self.task)
 
         self.device = resolve_device(cfg.run.device)
+        requested_cfg = cfg.model_copy(deep=True)  # what config.yaml keeps: "auto" is resolved again on resume
+        for note in resolve_auto_precision(cfg, self.device):
+            print(f"vespo: {note}", file=sys.stderr)
         if (slow := bf16_speed_warning(cfg, self.device)) is not None:
             print(f"vespo: warning: {slow}", file=sys.stderr)
         self.model, self.tokenizer = build_policy(cfg)
@@ -206,7 +221,7 @@ class Trainer:
                 raise
             self.resumed = True
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.run_dir / "config.yaml")  # only once the run is valid (and restored)
+        save_config(requested_cfg, self.run_dir / "config.yaml")  # only once the run is valid (and restored)
 
     def rollout_settings(self) -> RolloutSettings:
         """The rollout layer's view of the config."""
@@ -297,15 +312,18 @@ class Trainer:
                         start = time.perf_counter()
                         path = self.save()
                         raise TrainingOutOfMemory(out_of_memory_message(cfg, self._last_shape, str(path))) from None
-                    if self.step % cfg.eval.every == 0 or self.step == cfg.run.total_steps:
+                    last = self.step == cfg.run.total_steps or self._time_is_up(start)
+                    if self.step % cfg.eval.every == 0 or last:
                         row.update(self.evaluate())
                     row["perf/elapsed_s"] = self.elapsed_before + time.perf_counter() - start
                     writer.write(row)
-                    if self.step % cfg.checkpoint.every == 0 or self.step == cfg.run.total_steps:
+                    if self.step % cfg.checkpoint.every == 0 or last:
                         self.elapsed_before += time.perf_counter() - start
                         start = time.perf_counter()
                         self.save()
                     progress(self.step, row, self.last_eval)
+                    if last:
+                        break
             if stop.requested:
                 self.elapsed_before += time.perf_counter() - start
                 start = time.perf_counter()
@@ -319,6 +337,19 @@ class Trainer:
         result = TrainResult(self.run_dir, self.step, self.last_eval, self.best_eval, wall)
         self._write_summary(result)
         return result
+
+    def _time_is_up(self, start: float) -> bool:
+        """True once ``run.time_limit_minutes`` of the run's wall clock have passed (said once, on stderr)."""
+        limit = self.cfg.run.time_limit_minutes
+        elapsed = self.elapsed_before + time.perf_counter() - start
+        if limit is None or elapsed < 60.0 * limit or self.step >= self.cfg.run.total_steps:
+            return False
+        print(
+            f"vespo: run.time_limit_minutes={limit:g} reached after step {self.step} of {self.cfg.run.total_steps} "
+            f"({elapsed / 60:.1f} min): final eval and checkpoint",
+            file=sys.stderr,
+        )
+        return True
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step on the next mini-batch; returns its metrics row."""
@@ -346,6 +377,11 @@ class Trainer:
             "perf/train_time_s": t_train,
             "perf/tokens_per_s": tokens / max(t_train, 1e-9),
             "perf/pad_frac": 1.0 - tokens / max(float(mb.attention_mask.numel()), 1.0),
+            **(
+                {"perf/packed_pad_frac": packed_pad_fraction(mb.attention_mask, self._micro_slices(mb.num_sequences))}
+                if cfg.algorithm.packing
+                else {}
+            ),
             "perf/peak_rss_gb": peak_rss_gb(),
             "optim/lr": self.optimizer.param_groups[0]["lr"],
         }
@@ -356,8 +392,9 @@ class Trainer:
 
     def _log_probs(self, mb: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
         mb = mb.to(self.device)
+        forward = packed_log_probs_and_entropy if self.cfg.algorithm.packing else sequence_log_probs_and_entropy
         with self.routing.forward(mb), autocast(self.cfg.model.autocast, self.device):
-            return sequence_log_probs_and_entropy(
+            return forward(
                 self.model,
                 mb.input_ids,
                 mb.attention_mask,
