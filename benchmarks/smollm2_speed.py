@@ -11,7 +11,8 @@ drawn from the seed-0 run's distribution (mean ~70, max 128, so ~30 % padding), 
 (timing does not depend on them). One untimed step, then ``--steps`` timed steps. Also timed: the
 no-grad pi_old forward (what ``algorithm.old_log_prob=sampler`` skips) and, for the padding
 question, the same number of real tokens with no padding at all (every response of the mean
-length: the upper bound of what packed, padding-free batches could save).
+length: the upper bound of what packed, padding-free batches could save) and the trainer's packed
+forward (``algorithm.packing``: :func:`vespo.train.packing.packed_log_probs_and_entropy`).
 
 Figures: wall tokens/s and process-CPU tokens/s (CPU seconds of the 2 threads; robust to other
 jobs on a shared machine), peak RSS (``getrusage``) and RSS after loading the model.
@@ -40,6 +41,8 @@ VARIANTS: dict[str, dict] = {
     "grad_ckpt+micro_4": {"gc": True, "micro": 4},
     "lora_r16+autocast+grad_ckpt": {"lora": 16, "autocast": "bfloat16", "gc": True},
     "fp32_no_padding": {"nopad": True},
+    "packed": {"packed": True},
+    "lora_r16+packed": {"lora": 16, "packed": True},
 }
 
 PROMPT = 67
@@ -63,6 +66,7 @@ def child(spec: dict, seqs: int, steps: int, threads: int) -> dict:
     from vespo.rollout.log_probs import sequence_log_probs_and_entropy
     from vespo.train import lora, precision
     from vespo.train.models import load_pretrained, smollm2_checkpoint
+    from vespo.train.packing import packed_log_probs_and_entropy
 
     model, _ = load_pretrained(str(smollm2_checkpoint()))
     if spec.get("lora"):
@@ -92,12 +96,13 @@ def child(spec: dict, seqs: int, steps: int, threads: int) -> dict:
     micro = spec.get("micro") or seqs
     mode = spec.get("autocast", "none")
     n_tok, n_seq = float(resp_mask.sum()), float(seqs)
+    forward = packed_log_probs_and_entropy if spec.get("packed") else sequence_log_probs_and_entropy
 
     def step() -> None:
         for a in range(0, seqs, micro):
             b = min(a + micro, seqs)
             with precision.autocast(mode):
-                logp, _ = sequence_log_probs_and_entropy(model, ids[a:b], attn[a:b], t)
+                logp, _ = forward(model, ids[a:b], attn[a:b], t)
                 out = compute_policy_loss(
                     "vespo",
                     log_prob=logp,
@@ -125,7 +130,7 @@ def child(spec: dict, seqs: int, steps: int, threads: int) -> dict:
         w0, c0 = time.perf_counter(), time.process_time()
         for a in range(0, seqs, micro):
             with precision.autocast(mode):
-                sequence_log_probs_and_entropy(model, ids[a : a + micro], attn[a : a + micro], t, grad=False)
+                forward(model, ids[a : a + micro], attn[a : a + micro], t, grad=False)
         old_wall, old_cpu = time.perf_counter() - w0, time.process_time() - c0
     tokens = float(attn.sum())
     return {

