@@ -42,6 +42,7 @@ VARIANTS: dict[str, dict] = {
     "lora_r16+autocast+grad_ckpt": {"lora": 16, "autocast": "bfloat16", "gc": True},
     "fp32_no_padding": {"nopad": True},
     "packed": {"packed": True},
+    "packed_width_1x": {"packed": True, "factors": [1]},
     "lora_r16+packed": {"lora": 16, "packed": True},
 }
 
@@ -96,7 +97,12 @@ def child(spec: dict, seqs: int, steps: int, threads: int) -> dict:
     micro = spec.get("micro") or seqs
     mode = spec.get("autocast", "none")
     n_tok, n_seq = float(resp_mask.sum()), float(seqs)
-    forward = packed_log_probs_and_entropy if spec.get("packed") else sequence_log_probs_and_entropy
+    forward = sequence_log_probs_and_entropy
+    if spec.get("packed"):
+        factors = tuple(spec.get("factors", ())) or None
+
+        def forward(*a, **k):  # noqa: F811 - the packed forward, rows as the trainer lays them out
+            return packed_log_probs_and_entropy(*a, **k, **({"width_factors": factors} if factors else {}))
 
     def step() -> None:
         for a in range(0, seqs, micro):

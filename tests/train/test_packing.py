@@ -12,7 +12,13 @@ from hypothesis import strategies as st
 
 from vespo.rollout.log_probs import sequence_log_probs_and_entropy
 from vespo.train.models import build_tiny_model
-from vespo.train.packing import PackingError, check_packing_support, pack_rows, packed_log_probs_and_entropy
+from vespo.train.packing import (
+    PackingError,
+    check_packing_support,
+    pack_rows,
+    packed_log_probs_and_entropy,
+    plan_rows,
+)
 
 VOCAB = 40
 
@@ -51,6 +57,11 @@ def test_packing_uses_fewer_rows_and_no_token_sees_another_sequence():
     ids, mask, t = padded_batch([4, 4, 4, 4], [12, 1, 2, 1])
     rows = pack_rows(mask.sum(1).tolist(), int(mask.sum(1).max()))
     assert len(rows) == 2  # 16 | 6 + 5 + 5 in rows of 16
+    assert plan_rows(mask.sum(1).tolist()) == ([[0], [2, 1, 3]], 16)  # rows of 2 x 16 hold as much: the narrower
+    # prompts as long as the responses: no two sequences fit a row of the longest; rows twice as wide hold them
+    rows, width = plan_rows([20, 11, 11, 11, 11])
+    assert (len(rows), width) == (2, 40)  # 2 x 40 = 80 tokens against 5 x 20 = 100
+    assert plan_rows([10, 10, 10])[1] == 10  # equal lengths: one per row, no wider rows to fill
     base, _ = packed_log_probs_and_entropy(model, ids, mask, t, grad=False)
     # changing one sequence's tokens leaves every other sequence's log-probs unchanged
     other = ids.clone()
@@ -109,8 +120,9 @@ def test_random_layouts_match_the_padded_forward():
         responses[0] = max(responses[0], 1)
         ids, mask, t = padded_batch(prompts, responses, seed=trial)
         ref, _ = sequence_log_probs_and_entropy(model, ids, mask, t, grad=False)
-        got, _ = packed_log_probs_and_entropy(model, ids, mask, t, grad=False)
-        assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5), (prompts, responses)
+        for factors in ((1,), (2,), (3.5,), (1, 2)):
+            got, _ = packed_log_probs_and_entropy(model, ids, mask, t, grad=False, width_factors=factors)
+            assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5), (prompts, responses, factors)
 
 
 def test_a_packed_run_trains_like_a_padded_run(tmp_path):
@@ -140,6 +152,6 @@ def test_a_packed_run_trains_like_a_padded_run(tmp_path):
 def test_packed_pad_fraction_counts_the_packed_rows():
     from vespo.train.packing import packed_pad_fraction
 
-    _, mask, _ = padded_batch([4, 4, 4, 4], [12, 1, 2, 1])  # lengths 16, 5, 6, 5: two rows of 16
-    assert packed_pad_fraction(mask, [(0, 4)]) == pytest.approx(1 - 32 / 32)
-    assert packed_pad_fraction(mask, [(0, 2), (2, 4)]) == pytest.approx(1 - 32 / (2 * 16 + 2 * 6))
+    _, mask, _ = padded_batch([4, 4, 4, 4], [12, 1, 2, 1])  # lengths 16, 5, 6, 5
+    assert packed_pad_fraction(mask, [(0, 4)]) == pytest.approx(0.0)  # one row of 2 x 16
+    assert packed_pad_fraction(mask, [(0, 3), (3, 4)]) == pytest.approx(1 - 32 / (32 + 5))  # 27 of 32, 5 of 5

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -72,7 +73,9 @@ def apply_lora(model: nn.Module, *, r: int, alpha: float, dropout: float, target
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none", task_type="CAUSAL_LM"
     )
     try:
-        return get_peft_model(model, config)
+        with warnings.catch_warnings():  # peft reads transformers' deprecated name of the checkpointing flag
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+            return get_peft_model(model, config)
     except (ValueError, TypeError, NotImplementedError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ValueError(f"model.lora: peft cannot wrap {type(model).__name__}: {first}") from None

@@ -3,11 +3,19 @@
 A mini-batch's padded layout (left-padded prompts, right-padded responses) spends compute on pads:
 23-37 % of the token grid in the SmolLM2 runs (``perf/pad_frac``). With ``algorithm.packing: true``
 the trainer's forward instead places each sequence's real tokens (prompt + response, contiguous in
-the padded row) into rows of width ``C`` = the longest sequence of the micro-batch, first-fit
-decreasing, with position ids restarting at 0 for each sequence and no attention mask. transformers
-(>= 4.54, ``masking_utils.find_packed_sequence_indices``) reads the restarts as sequence boundaries
-and builds a block-diagonal causal mask, so no token attends across sequences; a row's attention
-costs what a padded row of the same width costs, and there are fewer rows.
+the padded row) into rows of width ``C``, first-fit decreasing, with position ids restarting at 0 for
+each sequence and no attention mask. transformers (>= 4.54,
+``masking_utils.find_packed_sequence_indices``) reads the restarts as sequence boundaries and builds
+a block-diagonal causal mask, so no token attends across sequences.
+
+The row width trades padding against attention: CPU attention kernels compute the whole ``C x C``
+score matrix of a row, masked entries included, so attention per token grows with ``C``, while the
+linear layers (most of the cost of a 135M model at a few hundred tokens) only see fewer pads. With
+``C`` = the longest sequence, two sequences share a row only when together they are no longer than
+the longest one, which prompts of half the length rule out; ``C`` = twice the longest packs pairs
+and triples. :func:`plan_rows` takes whichever of the two widths (:data:`ROW_WIDTH_FACTORS`) gives
+the smaller token grid (rows x width; the narrower on a tie), so sequences of equal length stay one
+per row (measured in docs/real_lm.md).
 
 Only the positions that predict response tokens go through the LM head (gathered from the
 decoder's last hidden states), then the float32 ``log_softmax`` of
@@ -21,7 +29,31 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["PackingError", "check_packing_support", "pack_rows", "packed_log_probs_and_entropy", "packed_pad_fraction"]
+__all__ = [
+    "ROW_WIDTH_FACTORS",
+    "PackingError",
+    "check_packing_support",
+    "pack_rows",
+    "packed_log_probs_and_entropy",
+    "packed_pad_fraction",
+    "plan_rows",
+]
+
+
+#: candidate row widths, in multiples of the micro-batch's longest sequence
+ROW_WIDTH_FACTORS = (1, 2)
+
+
+def plan_rows(lengths: list[int], factors: tuple[float, ...] = ROW_WIDTH_FACTORS) -> tuple[list[list[int]], int]:
+    """``(rows, width)``: the first-fit-decreasing rows of the candidate width with the smallest grid."""
+    best: tuple[int, int, list[list[int]]] | None = None
+    for factor in factors:
+        width = max(1, int(factor * max(lengths)))
+        rows = pack_rows(lengths, width)
+        if best is None or len(rows) * width < best[0]:
+            best = (len(rows) * width, width, rows)
+    assert best is not None
+    return best[2], best[1]
 
 
 class PackingError(ValueError):
@@ -77,7 +109,8 @@ def packed_pad_fraction(attention_mask: Tensor, slices: list[tuple[int, int]]) -
         lengths = [n for n in attention_mask[a:b].sum(1).tolist() if n > 0]
         if lengths:
             real += sum(lengths)
-            grid += len(pack_rows(lengths, max(lengths))) * max(lengths)
+            rows, width = plan_rows(lengths)
+            grid += len(rows) * width
     return 1.0 - real / grid if grid else 0.0
 
 
@@ -90,11 +123,13 @@ def packed_log_probs_and_entropy(
     temperature: float = 1.0,
     grad: bool | None = None,
     with_entropy: bool = True,
+    width_factors: tuple[float, ...] = ROW_WIDTH_FACTORS,
 ) -> tuple[Tensor, Tensor | None]:
     """What :func:`~vespo.rollout.log_probs.sequence_log_probs_and_entropy` returns, by a packed forward.
 
     ``input_ids``/``attention_mask`` ``[B, P+T]`` in the padded layout (each row's real tokens
     contiguous); returns log-probs and entropies ``[B, T]`` of the response tokens, 0 on padding.
+    Rows as :func:`plan_rows` lays them out over ``width_factors``.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}")
@@ -114,8 +149,7 @@ def packed_log_probs_and_entropy(
     if any(r > 0 and n - r < 1 for n, r in zip(lengths, resp_lengths)):
         raise ValueError("every sequence with a response needs at least one prompt token")
     seqs = [i for i in range(b) if lengths[i] > 0]
-    capacity = max(lengths[i] for i in seqs)
-    rows = pack_rows([lengths[i] for i in seqs], capacity)
+    rows, capacity = plan_rows([lengths[i] for i in seqs], width_factors)
 
     packed = torch.zeros((len(rows), capacity), dtype=input_ids.dtype, device=device)
     positions = torch.empty((len(rows), capacity), dtype=torch.long, device=device)
