@@ -104,8 +104,8 @@ def _config(spec: dict, out_dir: str):
         extra += ["run.time_limit_minutes=null"]
     if spec.get("engine", "hf") != "hf":  # ours only: TRL's side always samples with model.generate
         extra += [f"sampling.engine={spec['engine']}"]
-    if spec.get("packing"):
-        extra += ["algorithm.packing=true"]
+    if smollm2:  # the config packs; the benchmark says which
+        extra += [f"algorithm.packing={'true' if spec.get('packing') else 'false'}"]
     return load_config(
         SMOLLM2_CONFIG if smollm2 else DEFAULT_CONFIG,
         [
