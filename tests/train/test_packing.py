@@ -155,3 +155,14 @@ def test_packed_pad_fraction_counts_the_packed_rows():
     _, mask, _ = padded_batch([4, 4, 4, 4], [12, 1, 2, 1])  # lengths 16, 5, 6, 5
     assert packed_pad_fraction(mask, [(0, 4)]) == pytest.approx(0.0)  # one row of 2 x 16
     assert packed_pad_fraction(mask, [(0, 3), (3, 4)]) == pytest.approx(1 - 32 / (32 + 5))  # 27 of 32, 5 of 5
+
+
+def test_a_model_whose_attention_ignores_packing_is_refused(monkeypatch):
+    from transformers import masking_utils
+
+    model = build_tiny_model("llama", vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, seed=5)
+    check_packing_support(model)
+    # a model that cannot see sequence boundaries: packed sequences would attend to each other
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+    with pytest.raises(PackingError, match="differs from the padded one"):
+        check_packing_support(model)
