@@ -370,10 +370,15 @@ def test_smollm2_autocast_bf16_step(smol_cfg):
 
 @needs_smollm2
 @needs_peft
-def test_smollm2_lora_step_syncs_merged_weights(smol_cfg):
-    cfg = smol_cfg("lora", "run.total_steps=2", "model.lora={r: 8, alpha: 16}", "optim.lr=1e-3")
+def test_smollm2_lora_packed_step_syncs_merged_weights(smol_cfg):
+    # the config's combination: LoRA adapters and the packed forward (its self-check ran on SmolLM2 at start)
+    cfg = smol_cfg(
+        "lora", "run.total_steps=2", "model.lora={r: 8, alpha: 16}", "optim.lr=1e-3", "algorithm.packing=true"
+    )
     trainer, before, metric_rows, grads = _run_steps(cfg, 2)
     assert all(g > 0 for g in grads) and _changed(trainer, before) > 0
+    steps = [r for r in metric_rows if "grad/norm" in r]
+    assert all(0.0 <= r["perf/packed_pad_frac"] <= r["perf/pad_frac"] + 1e-9 for r in steps)
     # the engine got the merged weights at the second rollout batch's sync
     merged = lora.merged_state_dict(trainer.model)
     trainer.source.engine.load_state_dict(merged, version=99)

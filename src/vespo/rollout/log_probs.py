@@ -15,11 +15,13 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "check_log_prob_args",
     "forward_logits",
     "left_pad",
     "position_ids_from_mask",
     "sequence_log_probs",
     "sequence_log_probs_and_entropy",
+    "target_log_probs",
 ]
 
 
@@ -109,12 +111,8 @@ def sequence_log_probs_and_entropy(
     training mode and grad mode is on, so ``model.eval()`` gives the no-grad ``pi_old`` pass. The
     entropy is detached unless ``entropy_grad=True`` (for an entropy bonus).
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}")
     b, length = input_ids.shape
-    t = int(response_length)
-    if not 0 <= t < length:
-        raise ValueError(f"response_length={t} must be in [0, {length - 1}] for input width {length}")
+    t = check_log_prob_args(length, response_length, temperature)
     if t == 0:
         empty = torch.zeros((b, 0), dtype=torch.float32, device=input_ids.device)
         return empty, (empty.clone() if with_entropy else None)
@@ -128,19 +126,48 @@ def sequence_log_probs_and_entropy(
             position_ids=position_ids_from_mask(attention_mask),
             use_cache=False,
         )
-        logits = logits[:, :-1].float()  # position j predicts token j + 1 -> [B, T, V]
-        if temperature != 1.0:
-            logits = logits / temperature
-        logp_all = torch.log_softmax(logits, dim=-1)
-        targets = input_ids[:, -t:]
+        # position j predicts token j + 1 -> [B, T, V]
+        logp, entropy = target_log_probs(
+            logits[:, :-1],
+            input_ids[:, -t:],
+            temperature,
+            with_entropy=with_entropy,
+            entropy_grad=use_grad and entropy_grad,
+        )
         valid = attention_mask[:, -t:].bool()
-        logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         logp = torch.where(valid, logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
-        entropy = None
-        if with_entropy:  # a metric: computed without a graph, so it costs no activation memory
-            with torch.set_grad_enabled(use_grad and entropy_grad):
-                entropy = -(logp_all.exp() * logp_all).sum(-1)
-                entropy = torch.where(valid, entropy, torch.zeros((), dtype=entropy.dtype, device=entropy.device))
+        if entropy is not None:
+            entropy = torch.where(valid, entropy, torch.zeros((), dtype=entropy.dtype, device=entropy.device))
+    return logp, entropy
+
+
+def check_log_prob_args(width: int, response_length: int, temperature: float) -> int:
+    """Validate a log-prob call's shape and temperature; returns ``T`` as an int."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}")
+    t = int(response_length)
+    if not 0 <= t < width:
+        raise ValueError(f"response_length={t} must be in [0, {width - 1}] for input width {width}")
+    return t
+
+
+def target_log_probs(
+    logits: Tensor, targets: Tensor, temperature: float, *, with_entropy: bool = True, entropy_grad: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """log softmax(logits / temperature) at ``targets`` (float32), and the entropy of each row.
+
+    ``logits [..., V]``, ``targets [...]``. The entropy is a metric, computed without a graph
+    (so it costs no activation memory) unless ``entropy_grad``.
+    """
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    entropy = None
+    if with_entropy:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logp, entropy
 
 

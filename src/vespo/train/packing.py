@@ -29,6 +29,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from vespo.rollout.log_probs import check_log_prob_args, target_log_probs
+
 __all__ = [
     "ROW_WIDTH_FACTORS",
     "PackingError",
@@ -172,12 +174,8 @@ def packed_log_probs_and_entropy(
     contiguous); returns log-probs and entropies ``[B, T]`` of the response tokens, 0 on padding.
     Rows as :func:`plan_rows` lays them out over ``width_factors``.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}")
     b, width = input_ids.shape
-    t = int(response_length)
-    if not 0 <= t < width:
-        raise ValueError(f"response_length={t} must be in [0, {width - 1}] for input width {width}")
+    t = check_log_prob_args(width, response_length, temperature)
     device = input_ids.device
     logp_out = torch.zeros((b, t), dtype=torch.float32, device=device)
     ent_out = torch.zeros((b, t), dtype=torch.float32, device=device) if with_entropy else None
@@ -219,14 +217,10 @@ def packed_log_probs_and_entropy(
     with torch.set_grad_enabled(use_grad):
         hidden = target_model.get_decoder()(input_ids=packed, position_ids=positions, use_cache=False)
         hidden = hidden.last_hidden_state if hasattr(hidden, "last_hidden_state") else hidden[0]
-        logits = target_model.get_output_embeddings()(hidden[pred_row_t, pred_col_t]).float()  # [N, V]
-        if temperature != 1.0:
-            logits = logits / temperature
-        logp_all = torch.log_softmax(logits, dim=-1)
-        logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        logits = target_model.get_output_embeddings()(hidden[pred_row_t, pred_col_t])  # [N, V]
+        logp, entropy = target_log_probs(logits, targets, temperature, with_entropy=with_entropy)
         index = (torch.tensor(out_seq, device=device), torch.tensor(out_k, device=device))
         logp_out = logp_out.index_put(index, logp)
         if ent_out is not None:
-            with torch.no_grad():
-                ent_out = ent_out.index_put(index, -(logp_all.exp() * logp_all).sum(-1))
+            ent_out = ent_out.index_put(index, entropy)
     return logp_out, ent_out
