@@ -359,11 +359,11 @@ def test_time_limit_ends_the_run_with_a_final_eval_and_checkpoint(tmp_path, caps
 
     cfg = tiny_config(tmp_path, "run.total_steps=50", "run.time_limit_minutes=1e-6", "eval.every=1000")
     result = train(cfg)
-    assert result.steps == 1  # the limit is checked after each optimizer step
+    assert result.steps == 1  # checked after each optimizer step: no step starts that would end past the limit
     rows = read_rows(tmp_path / "run")
     assert rows[-1]["step"] == 1 and "eval/accuracy" in rows[-1]  # the final eval ran
     assert latest_checkpoint(tmp_path / "run").name == "step_000001"
-    assert "run.time_limit_minutes=1e-06 reached after step 1 of 50" in capsys.readouterr().err
+    assert "run.time_limit_minutes=1e-06: stopping after step 1 of 50" in capsys.readouterr().err
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 1
     # a resume with a limit the run has not used up goes on to total_steps
     resumed = load_config(tmp_path / "run" / "config.yaml", ["run.total_steps=3", "run.time_limit_minutes=600"])

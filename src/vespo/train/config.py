@@ -30,8 +30,8 @@ class RunConfig(_Section):
     time_limit_minutes: float | None = Field(
         None,
         gt=0,
-        description="stop after the optimizer step at which the run's wall clock (evals included, summed over "
-        "resumes) reaches this; the final eval and checkpoint follow as after the last step",
+        description="stop before a step that would end past this much wall clock (evals included, summed over "
+        "resumes; a step is predicted to take as long as the longest so far); the final eval and checkpoint follow",
     )
     threads: int | None = Field(None, ge=1, description="torch threads (default: torch's choice)")
     device: str = Field("auto", description="auto (cuda when available), cpu, cuda, cuda:1, ...")

@@ -296,7 +296,9 @@ class Trainer:
                     writer.write({"step": 0, **self.evaluate()})
                 self.save()
             with _progress(cfg, self.step) as progress:
+                longest_step = 0.0
                 while self.step < cfg.run.total_steps and not stop.requested:
+                    t_step = time.perf_counter()
                     try:
                         row = self.train_step()
                     except RolloutSourceError:  # raised between steps: checkpoint what we have
@@ -312,7 +314,8 @@ class Trainer:
                         start = time.perf_counter()
                         path = self.save()
                         raise TrainingOutOfMemory(out_of_memory_message(cfg, self._last_shape, str(path))) from None
-                    last = self.step == cfg.run.total_steps or self._time_is_up(start)
+                    longest_step = max(longest_step, time.perf_counter() - t_step)
+                    last = self.step == cfg.run.total_steps or self._time_is_up(start, longest_step)
                     if self.step % cfg.eval.every == 0 or last:
                         row.update(self.evaluate())
                     row["perf/elapsed_s"] = self.elapsed_before + time.perf_counter() - start
@@ -338,15 +341,15 @@ class Trainer:
         self._write_summary(result)
         return result
 
-    def _time_is_up(self, start: float) -> bool:
-        """True once ``run.time_limit_minutes`` of the run's wall clock have passed (said once, on stderr)."""
+    def _time_is_up(self, start: float, longest_step: float) -> bool:
+        """True when another step (as long as the longest so far) would end past ``run.time_limit_minutes``."""
         limit = self.cfg.run.time_limit_minutes
         elapsed = self.elapsed_before + time.perf_counter() - start
-        if limit is None or elapsed < 60.0 * limit or self.step >= self.cfg.run.total_steps:
+        if limit is None or elapsed + longest_step < 60.0 * limit or self.step >= self.cfg.run.total_steps:
             return False
         print(
-            f"vespo: run.time_limit_minutes={limit:g} reached after step {self.step} of {self.cfg.run.total_steps} "
-            f"({elapsed / 60:.1f} min): final eval and checkpoint",
+            f"vespo: run.time_limit_minutes={limit:g}: stopping after step {self.step} of {self.cfg.run.total_steps} "
+            f"({elapsed / 60:.1f} min; a step takes up to {longest_step / 60:.1f} min): final eval and checkpoint",
             file=sys.stderr,
         )
         return True
