@@ -50,9 +50,6 @@ COMMON = [
     "model.autocast=none",  # the fp32 trainer (master weights were fp32 already)
     "task.params={min_terms: 3, max_terms: 4, min_digits: 1, max_digits: 2}",
     "sampling.max_new_tokens=256",
-    "sampling.group_size=8",  # the grid's settings, pinned against later changes to configs/smollm2.yaml
-    "algorithm.packing=false",
-    "run.time_limit_minutes=null",
     "algorithm.mini_batch_prompts=1",
     "algorithm.micro_batch_size=8",
     "algorithm.old_log_prob=sampler",
@@ -65,6 +62,9 @@ COMMON = [
     f"checkpoint.every={STEPS}",
     "logging.progress=false",
 ]
+#: what configs/smollm2.yaml said when the grid was measured, pinned against later changes to the
+#: config; not part of the results file's ``common`` key (they restate the settings it was measured with)
+PINS = ["sampling.group_size=8", "algorithm.packing=false", "run.time_limit_minutes=null"]
 TIS = "algorithm={old_log_prob: recompute, correction: token_tis, measure_mismatch: false}"
 PLAN: list[tuple[str, list[str]]] = [
     ("mismatch", ["algorithm.loss=grpo,vespo,vespo_adaptive", "algorithm.staleness=1"]),
@@ -77,7 +77,7 @@ PLAN: list[tuple[str, list[str]]] = [
 
 def sweep_command(out: Path, grid: list[str], seeds: str, report_only: bool = False) -> list[str]:
     cmd = [sys.executable, "-m", "vespo.cli", "sweep", "--out", str(out), *[a for g in grid for a in ("--grid", g)]]
-    cmd += ["--seeds", seeds, "--jobs", "1", "--threads", "2", str(REPO / "configs" / "smollm2.yaml"), *COMMON]
+    cmd += ["--seeds", seeds, "--jobs", "1", "--threads", "2", str(REPO / "configs" / "smollm2.yaml"), *COMMON, *PINS]
     return cmd + (["--report-only"] if report_only else [])
 
 

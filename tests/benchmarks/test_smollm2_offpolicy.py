@@ -15,8 +15,12 @@ def test_every_cell_of_the_plan_is_a_valid_config():
     seen = set()
     for _, grid in study.PLAN:
         for cell in build_cells(parse_grid(grid)):
-            cfg = load_config(str(study.REPO / "configs" / "smollm2.yaml"), [*study.COMMON, *cell.overrides])
+            cfg = load_config(
+                str(study.REPO / "configs" / "smollm2.yaml"), [*study.COMMON, *study.PINS, *cell.overrides]
+            )
             assert cfg.sampling.engine == "vllm" and cfg.model.autocast == "none"
+            # the grid's settings, whatever configs/smollm2.yaml says today
+            assert cfg.sampling.group_size == 8 and not cfg.algorithm.packing and cfg.run.time_limit_minutes is None
             alg = cfg.algorithm
             key = (alg.loss, alg.staleness, alg.correction)
             assert key not in seen  # no cell is run twice
