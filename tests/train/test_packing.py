@@ -91,8 +91,10 @@ def test_pack_rows_places_every_sequence_once_within_capacity(lengths, slack):
     assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
     assert all(sum(lengths[i] for i in r) <= capacity for r in rows)
     assert len(rows) <= len(lengths)
-    # first-fit decreasing never needs more than 11/9 OPT + 1 rows; OPT >= total / capacity
-    assert len(rows) <= 11 / 9 * -(-sum(lengths) // capacity) + 1
+    # first fit never leaves two rows that would fit in one, so at most one row is half full or less
+    loads = [sum(lengths[i] for i in r) for r in rows]
+    assert all(a + b > capacity for j, a in enumerate(loads) for b in loads[j + 1 :])
+    assert len(rows) <= 2 * sum(lengths) / capacity + 1
 
 
 def test_packing_rejects_what_it_cannot_do():
