@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from vespo.rollout.log_probs import check_log_prob_args, target_log_probs
+from vespo.rollout.log_probs import check_log_prob_args, sequence_log_probs_and_entropy, target_log_probs
 
 __all__ = [
     "ROW_WIDTH_FACTORS",
@@ -89,8 +89,6 @@ def _self_check(model: nn.Module) -> None:
     Catches a model whose attention ignores the packed position ids (custom modelling code), which
     would otherwise let sequences attend to each other silently. Costs one forward of ~30 tokens.
     """
-    from vespo.rollout.log_probs import sequence_log_probs_and_entropy
-
     vocab = int(getattr(getattr(_base(model), "config", None), "vocab_size", 0) or 0)
     if vocab < 8:
         return

@@ -345,7 +345,7 @@ class Trainer:
         """True when another step (as long as the longest so far) would end past ``run.time_limit_minutes``."""
         limit = self.cfg.run.time_limit_minutes
         elapsed = self.elapsed_before + time.perf_counter() - start
-        if limit is None or elapsed + longest_step < 60.0 * limit or self.step >= self.cfg.run.total_steps:
+        if limit is None or elapsed + longest_step < 60.0 * limit:
             return False
         print(
             f"vespo: run.time_limit_minutes={limit:g}: stopping after step {self.step} of {self.cfg.run.total_steps} "
