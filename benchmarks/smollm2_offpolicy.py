@@ -64,7 +64,12 @@ COMMON = [
 ]
 #: what configs/smollm2.yaml said when the grid was measured, pinned against later changes to the
 #: config; not part of the results file's ``common`` key (they restate the settings it was measured with)
-PINS = ["sampling.group_size=8", "algorithm.packing=false", "run.time_limit_minutes=null"]
+PINS = [
+    "sampling.group_size=8",
+    "algorithm.packing=false",
+    "algorithm.skip_zero_advantage=false",  # the diagnostics cover every sequence of a step
+    "run.time_limit_minutes=null",
+]
 TIS = "algorithm={old_log_prob: recompute, correction: token_tis, measure_mismatch: false}"
 PLAN: list[tuple[str, list[str]]] = [
     ("mismatch", ["algorithm.loss=grpo,vespo,vespo_adaptive", "algorithm.staleness=1"]),

@@ -3,7 +3,8 @@
 For each candidate (reasoning-gym dataset + params, instruct prompt) it samples greedy responses to
 ``--prompts`` held-out prompts (the trainer's eval split) with the project's own sampler and prints:
 accuracy under the task's reward (the text after the last ``Answer:``, scored by reasoning-gym),
-the share of responses the reward cannot parse (no ``Answer:`` line), the accuracy of a naive
+the share of responses the reward cannot parse (no ``Answer:`` line; with ``--reward-fn``, the
+responses it returns None for), the accuracy of a naive
 "last number in the response" reading (how much a better format alone could give), the mean
 response length and the share cut at ``--max-new-tokens``.
 
@@ -28,6 +29,8 @@ CANDIDATES = {
     "chain_sum_3x2": ("chain_sum", {"min_terms": 3, "max_terms": 3, "min_digits": 1, "max_digits": 2}),
     "products_2x1": ("products", {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}),
     "basic_arithmetic_2": ("basic_arithmetic", {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 1}),
+    "basic_arithmetic_2t": ("basic_arithmetic", {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}),
+    "basic_arithmetic_2t2d": ("basic_arithmetic", {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}),
 }
 
 _NUM = re.compile(r"-?\d+(?:\.\d+)?")
@@ -41,6 +44,11 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--show", type=int, default=2, help="responses printed per candidate")
+    ap.add_argument(
+        "--reward-fn",
+        default="",
+        help="a task.reward_fn such as vespo.tasks.final_answer:score (default: the task's Answer: scorer)",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -57,7 +65,8 @@ def main() -> None:
     results = {}
     for name in args.candidates.split(","):
         ds, params = CANDIDATES[name]
-        task = build_task({"kind": "reasoning_gym", "name": ds, "params": params, "prompt_style": "instruct"})
+        spec = {"kind": "reasoning_gym", "name": ds, "params": params, "prompt_style": "instruct"}
+        task = build_task({**spec, "reward_fn": args.reward_fn})
         examples = task.eval_examples(args.prompts, seed=EVAL_DATA_SEED)
         prompts = encode_prompts(tok, examples)
         t0 = time.perf_counter()
@@ -70,8 +79,12 @@ def main() -> None:
         )
         secs = time.perf_counter() - t0
         texts = [tok.decode(r, skip_special_tokens=True) for r in out.response_ids]
-        scores = [task.score(t, ex) for t, ex in zip(texts, examples)]
-        unparsed = [extract_answer(t) is None for t in texts]
+        raw_scores = [task.score(t, ex) for t, ex in zip(texts, examples)]
+        scores = [float(r or 0.0) for r in raw_scores]
+        if args.reward_fn:  # a reward function says "unparsed" by returning None
+            unparsed = [r is None for r in raw_scores]
+        else:
+            unparsed = [extract_answer(t) is None for t in texts]
         naive = []
         for t, ex in zip(texts, examples):
             nums = _NUM.findall(t)
@@ -95,7 +108,15 @@ def main() -> None:
             print("   >>>", t.replace("\n", " | ")[:400], flush=True)
     if args.out:
         Path(args.out).write_text(
-            json.dumps({"max_new_tokens": args.max_new_tokens, "dtype": args.dtype, "results": results}, indent=2)
+            json.dumps(
+                {
+                    "max_new_tokens": args.max_new_tokens,
+                    "dtype": args.dtype,
+                    "reward_fn": args.reward_fn or None,
+                    "results": results,
+                },
+                indent=2,
+            )
         )
 
 

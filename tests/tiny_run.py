@@ -45,6 +45,14 @@ def text_hash_reward(response: str, example: object) -> float:
     return float(zlib.crc32(response.encode()) & 1)
 
 
+def rare_hash_reward(response: str, example: object) -> float:
+    """1 for a quarter of all distinct texts (two CRC bits): a group of 4 responses is all 0 about a
+    third of the time, so a step has both informative and all-equal groups."""
+    import zlib
+
+    return float(zlib.crc32(response.encode()) & 3 == 0)
+
+
 def failing_half_reward(response: str, example: object) -> float:
     """Raises for half of all distinct texts (the other half scores 1): counted as reward errors."""
     import zlib

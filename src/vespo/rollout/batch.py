@@ -217,6 +217,10 @@ class RolloutBatch:
         """Sequences ``start:stop`` (tensors only; metrics are not carried over)."""
         return self._map(lambda t: t[start:stop], {})
 
+    def rows(self, indices: Tensor) -> RolloutBatch:
+        """The sequences at ``indices`` ([k] long), in that order (tensors only; metrics are not carried over)."""
+        return self._map(lambda t: t[indices.to(t.device)], {})
+
     def to(self, device: torch.device | str) -> RolloutBatch:
         """Copy with every tensor on ``device`` (metrics shared)."""
         return self._map(lambda t: t.to(device), self.metrics)

@@ -154,6 +154,11 @@ class AlgorithmConfig(_Section):
         description="padding-free training forward: each micro-batch's sequences packed into rows, "
         "first-fit decreasing (docs/real_lm.md)",
     )
+    skip_zero_advantage: bool = Field(
+        False,
+        description="no forward/backward for sequences with zero advantage (all-equal groups): the same "
+        "gradient, the diagnostics then cover the sequences that carry gradient (vespo/train/zero_advantage.py)",
+    )
     old_log_prob: Literal["recompute", "sampler"] = "recompute"
     measure_mismatch: bool = Field(
         False,
@@ -184,6 +189,10 @@ class AlgorithmConfig(_Section):
             )
         if self.packing and self.routing_replay != "none":
             raise ValueError("algorithm.packing does not combine with algorithm.routing_replay (padded layout only)")
+        if self.skip_zero_advantage:
+            from vespo.train.zero_advantage import check_zero_advantage_skip
+
+            check_zero_advantage_skip(self.loss, self.loss_params, self.loss_agg_mode)
         return self
 
 

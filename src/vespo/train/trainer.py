@@ -75,6 +75,7 @@ from vespo.train.precision import (
     peak_rss_gb,
     resolve_auto_precision,
 )
+from vespo.train.zero_advantage import rows_with_gradient
 
 #: the eval and train splits of procedural tasks come from fixed data seeds, so that runs with
 #: different ``run.seed`` (sampling, order, init) are scored on the same eval prompts.
@@ -443,12 +444,13 @@ class Trainer:
         )
 
     @torch.no_grad()
-    def _batch_params(self, mb: RolloutBatch, slices: list[tuple[int, int]]) -> dict[str, Any]:
+    def _batch_params(self, mb: RolloutBatch, slices: list[tuple[int, int]], *, whole: bool) -> dict[str, Any]:
         """Whole-mini-batch statistics of a loss whose weights depend on the batch (vespo_adaptive's
         alpha), from a no-grad pre-pass over the micro-batches, so that every micro-batch's loss and
-        gradient equal the whole mini-batch's. Nothing to do for one pass or for other losses."""
+        gradient equal the whole mini-batch's. Nothing to do for other losses, or for one pass over
+        the whole mini-batch (``whole``: the loss call sees every sequence)."""
         alg = self.cfg.algorithm
-        if alg.loss != "vespo_adaptive" or len(slices) == 1:
+        if alg.loss != "vespo_adaptive" or (len(slices) == 1 and whole):
             return {}
         from vespo.losses import merge_adaptive_stats, vespo_adaptive_batch_stats, vespo_adaptive_seq_inputs
         from vespo.losses.corrections import rollout_correction
@@ -483,31 +485,46 @@ class Trainer:
 
         Each micro-batch's loss is normalised by the mini-batch's token/sequence counts, so the
         gradients add up to the mini-batch's. The diagnostics (quantiles, ESS, phi shares, ...) are
-        not additive: they are computed once on the whole mini-batch's detached log-probs.
+        not additive: they are computed once on the whole mini-batch's detached log-probs. With
+        ``algorithm.skip_zero_advantage`` only the sequences with a nonzero advantage get a forward
+        (same gradient, see :mod:`vespo.train.zero_advantage`), and the diagnostics describe them.
         """
         cfg = self.cfg
         mask = mb.response_mask
         n_tokens = float(mask.sum())
         n_seqs = float(mask.any(-1).sum())
-        slices = self._micro_slices(mb.num_sequences)
-        batch_params = self._batch_params(mb, slices)
-        log_prob_all = torch.zeros_like(mb.rollout_log_prob)
-        entropy_sum = 0.0
+        work = mb
         metrics: dict[str, float] = {}
+        if cfg.algorithm.skip_zero_advantage:
+            rows = rows_with_gradient(mb.advantages, mask)
+            metrics["perf/skipped_seq_frac"] = 1.0 - rows.numel() / max(mb.num_sequences, 1)
+            if rows.numel() < mb.num_sequences:
+                work = mb.rows(rows)
+        slices = self._micro_slices(work.num_sequences)
+        batch_params = self._batch_params(mb, self._micro_slices(mb.num_sequences), whole=work is mb)
+        log_prob_all = torch.zeros_like(work.rollout_log_prob)
+        entropy_sum = 0.0
+        loss_metrics: dict[str, float] = {}
+        backward_ran = False
         for a, b in slices:
-            micro = mb.slice(a, b).to(self.device)
+            micro = work.slice(a, b).to(self.device)
             if not micro.response_mask.any():
                 continue
             log_prob, entropy = self._log_probs(micro)
             out = self._loss(micro, log_prob, n_tokens, n_seqs, batch_params)
             out.loss.backward()
+            backward_ran = True
             log_prob_all[a:b] = log_prob.detach().float().cpu()
             entropy_sum += float((entropy.detach().float() * micro.response_mask).sum().cpu())
             if len(slices) == 1:
-                metrics = dict(out.metrics)
+                loss_metrics = dict(out.metrics)
         if len(slices) > 1:  # diagnostics of the whole mini-batch, not averages over micro-batches
             with torch.no_grad():
-                metrics = dict(self._loss(mb, log_prob_all, n_tokens, n_seqs, batch_params).metrics)
+                loss_metrics = dict(self._loss(work, log_prob_all, n_tokens, n_seqs, batch_params).metrics)
+        metrics.update(loss_metrics)
+        if not backward_ran and work is not mb:  # every sequence skipped: the zero gradient they would give
+            for p in trainable_parameters(self.model):
+                p.grad = torch.zeros_like(p)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
         skipped = not math.isfinite(float(grad_norm))
         if not skipped:  # never let a NaN/Inf reach the weights
@@ -515,9 +532,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         metrics["grad/norm"] = float(grad_norm) if not skipped else float("nan")
         metrics["grad/skipped"] = float(skipped)
-        metrics["policy/entropy"] = entropy_sum / max(n_tokens, 1.0)
-        metrics.update(log_w_split_metrics(mb, log_prob_all))
-        metrics.update(self.routing.metrics(mb))
+        work_tokens = float(work.response_mask.sum())
+        if work is mb or work_tokens > 0:  # (all skipped: no forward, so no entropy or log W to report)
+            metrics["policy/entropy"] = entropy_sum / max(work_tokens, 1.0)
+            metrics.update(log_w_split_metrics(work, log_prob_all))
+        metrics.update(self.routing.metrics(work))
         return metrics
 
     # --------------------------------------------------------------------------- warm-up
