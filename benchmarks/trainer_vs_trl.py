@@ -104,8 +104,9 @@ def _config(spec: dict, out_dir: str):
         extra += ["run.time_limit_minutes=null"]
     if spec.get("engine", "hf") != "hf":  # ours only: TRL's side always samples with model.generate
         extra += [f"sampling.engine={spec['engine']}"]
-    if smollm2:  # the config packs; the benchmark says which
+    if smollm2:  # the config packs and skips A = 0 sequences; the benchmark says which
         extra += [f"algorithm.packing={'true' if spec.get('packing') else 'false'}"]
+        extra += [f"algorithm.skip_zero_advantage={'true' if spec.get('skip_zero_advantage') else 'false'}"]
     return load_config(
         SMOLLM2_CONFIG if smollm2 else DEFAULT_CONFIG,
         [
@@ -189,6 +190,10 @@ def worker_ours(spec: dict) -> dict:
             "sample_time_s": sum(r.get("perf/sample_time_s", 0.0) for r in timed if r["stale/index"] == 0),
             "old_log_prob_time_s": sum(r.get("perf/old_log_prob_time_s", 0.0) for r in timed if r["stale/index"] == 0),
             "train_time_s": sum(r["perf/train_time_s"] for r in timed),
+            # share of sequences with A = 0 (groups of equal rewards): skipped, or left in the forward
+            "zero_advantage_frac": statistics.fmean(
+                r.get("perf/skipped_seq_frac", 1.0 - r.get("reward/informative_group_frac", 1.0)) for r in timed
+            ),
             "loss_finite": all(r["loss/value"] == r["loss/value"] for r in rows),
         }
     finally:
@@ -437,6 +442,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--packing", action="store_true", help="ours: algorithm.packing=true (padding-free updates)")
     p.add_argument(
+        "--skip-zero-advantage",
+        action="store_true",
+        help="ours: algorithm.skip_zero_advantage=true (no forward for all-equal groups; the same gradient)",
+    )
+    p.add_argument(
         "--ours-python",
         default=None,
         help="interpreter for our side (e.g. the venv of scripts/install_vllm_cpu.sh); TRL's side uses this one",
@@ -488,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
             "precision": args.precision,
             "engine": args.engine,
             "packing": args.packing,
+            "skip_zero_advantage": args.skip_zero_advantage,
             "ours_python": args.ours_python,
         }
         sides = ["ours", "trl"] + (["trl_defaults"] if args.trl_defaults else [])
@@ -529,7 +540,12 @@ def main(argv: list[str] | None = None) -> int:
         ratio = ours["steps_per_s"] / summ["trl"]["steps_per_s"]
         names = {
             "ours": "vespo `Trainer`"
-            + (f" ({args.engine} sampler{', packed' if args.packing else ''})" if args.model == "smollm2" else ""),
+            + (
+                f" ({args.engine} sampler{', packed' if args.packing else ''}"
+                f"{', A = 0 skipped' if args.skip_zero_advantage else ''})"
+                if args.model == "smollm2"
+                else ""
+            ),
             "trl": f"TRL {_trl_version()} `GRPOTrainer` ("
             + (f"LoRA r16, {args.precision}" if args.model == "smollm2" else "fp32")
             + ", no grad. ckpt)",
@@ -561,12 +577,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         ours_split = {
             k: statistics.median(res[k] for res in runs["ours"])
-            for k in ("sample_time_s", "old_log_prob_time_s", "train_time_s")
+            for k in ("sample_time_s", "old_log_prob_time_s", "train_time_s", "zero_advantage_frac")
         }
         print(
             f"vespo, timed window of {args.steps} steps (medians, s): sampling {ours_split['sample_time_s']:.2f}, "
             f"pi_old recompute {ours_split['old_log_prob_time_s']:.2f}, "
-            f"optimizer steps (fwd+bwd+AdamW) {ours_split['train_time_s']:.2f}\n"
+            f"optimizer steps (fwd+bwd+AdamW) {ours_split['train_time_s']:.2f}; "
+            f"share of sequences with A = 0 {'skipped' if args.skip_zero_advantage else 'left in'}: "
+            f"{ours_split['zero_advantage_frac']:.2f}\n"
         )
         report["trainer"] = {
             **summ,

@@ -45,6 +45,11 @@ def text_hash_reward(response: str, example: object) -> float:
     return float(zlib.crc32(response.encode()) & 1)
 
 
+def zero_reward(response: str, example: object) -> float:
+    """0 for every response: every group is all-equal, every advantage 0."""
+    return 0.0
+
+
 def rare_hash_reward(response: str, example: object) -> float:
     """1 for a quarter of all distinct texts (two CRC bits): a group of 4 responses is all 0 about a
     third of the time, so a step has both informative and all-equal groups."""

@@ -26,9 +26,10 @@ def test_config_puts_every_response_of_a_step_in_one_pass(tmp_path, model):
 
 def test_engine_and_packing_options_reach_only_our_config(tmp_path):
     spec = {"threads": 1, "staleness": 1, "steps": 2, "max_new_tokens": 16, "model": "smollm2", "prompts": 1}
-    cfg = bench._config({**spec, "engine": "vllm", "packing": True}, str(tmp_path))
-    assert cfg.sampling.engine == "vllm" and cfg.algorithm.packing
+    cfg = bench._config({**spec, "engine": "vllm", "packing": True, "skip_zero_advantage": True}, str(tmp_path))
+    assert cfg.sampling.engine == "vllm" and cfg.algorithm.packing and cfg.algorithm.skip_zero_advantage
     assert cfg.run.time_limit_minutes is None  # the config's time limit never cuts a timed window short
     plain = bench._config(spec, str(tmp_path))
     assert plain.sampling.engine == "hf" and not plain.algorithm.packing
+    assert not plain.algorithm.skip_zero_advantage  # off unless asked for, although the config turns it on
     assert bench._children_cpu_s() >= 0.0

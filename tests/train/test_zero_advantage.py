@@ -82,3 +82,27 @@ def test_a_run_that_skips_zero_advantage_rows_trains_like_one_that_does_not(tmp_
         assert skipping["reward/mean"] == plain["reward/mean"]  # the same rollouts: the same weights sampled
     for key, value in weights["false"].items():  # the same updates, so the same weights after 4 steps
         torch.testing.assert_close(weights["true"][key], value, rtol=1e-4, atol=1e-6)
+
+
+def test_a_step_with_every_sequence_skipped_logs_a_zero_loss_and_leaves_the_weights(tmp_path):
+    from tiny_run import TINY_RUN
+
+    from vespo.train.checkpoint import load_checkpoint
+    from vespo.train.config import load_config
+    from vespo.train.trainer import build_policy, train
+
+    base = [*TINY_RUN, "logging.progress=false", "warmup.steps=0", "run.threads=1", "run.total_steps=2"]
+    base += ["task.reward_fn=tiny_run:zero_reward", "algorithm.skip_zero_advantage=true", "eval.every=1000"]
+    base += ["checkpoint.every=2", "eval.at_start=false", "optim.weight_decay=0", f"run.out_dir={tmp_path}"]
+    cfg = load_config(None, base)
+    train(cfg)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "grad/norm" in r]
+    assert len(rows) == 2
+    for r in rows:
+        assert r["perf/skipped_seq_frac"] == 1.0 and r["loss/value"] == 0.0 and r["grad/norm"] == 0.0
+    initial, _ = build_policy(cfg)  # the same seed builds the same initial weights
+    trained, _ = build_policy(cfg)
+    load_checkpoint(tmp_path, model=trained)
+    for (name, a), b in zip(initial.state_dict().items(), trained.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)  # AdamW, zero gradients, no decay: no move

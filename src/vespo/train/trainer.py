@@ -391,7 +391,7 @@ class Trainer:
         }
 
     def _micro_slices(self, n: int) -> list[tuple[int, int]]:
-        size = self.cfg.algorithm.micro_batch_size or n
+        size = self.cfg.algorithm.micro_batch_size or max(n, 1)
         return [(i, min(i + size, n)) for i in range(0, n, size)]
 
     def _log_probs(self, mb: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -525,6 +525,7 @@ class Trainer:
         if not backward_ran and work is not mb:  # every sequence skipped: the zero gradient they would give
             for p in trainable_parameters(self.model):
                 p.grad = torch.zeros_like(p)
+            metrics["loss/value"] = 0.0  # every loss term is proportional to A, which is 0 for all of them
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
         skipped = not math.isfinite(float(grad_norm))
         if not skipped:  # never let a NaN/Inf reach the weights
