@@ -444,19 +444,18 @@ class Trainer:
         )
 
     @torch.no_grad()
-    def _batch_params(self, mb: RolloutBatch, slices: list[tuple[int, int]], *, whole: bool) -> dict[str, Any]:
+    def _batch_params(self, mb: RolloutBatch) -> dict[str, Any]:
         """Whole-mini-batch statistics of a loss whose weights depend on the batch (vespo_adaptive's
         alpha), from a no-grad pre-pass over the micro-batches, so that every micro-batch's loss and
-        gradient equal the whole mini-batch's. Nothing to do for other losses, or for one pass over
-        the whole mini-batch (``whole``: the loss call sees every sequence)."""
+        gradient equal the whole mini-batch's. Nothing to do for other losses."""
         alg = self.cfg.algorithm
-        if alg.loss != "vespo_adaptive" or (len(slices) == 1 and whole):
+        if alg.loss != "vespo_adaptive":
             return {}
         from vespo.losses import merge_adaptive_stats, vespo_adaptive_batch_stats, vespo_adaptive_seq_inputs
         from vespo.losses.corrections import rollout_correction
 
         parts = []
-        for a, b in slices:
+        for a, b in self._micro_slices(mb.num_sequences):
             micro = mb.slice(a, b).to(self.device)
             mask, weights = micro.response_mask, None
             if alg.correction != "none":  # the same weights and mask as compute_policy_loss derives
@@ -500,12 +499,13 @@ class Trainer:
             metrics["perf/skipped_seq_frac"] = 1.0 - rows.numel() / max(mb.num_sequences, 1)
             if rows.numel() < mb.num_sequences:
                 work = mb.rows(rows)
+        nothing_forwarded = work is not mb and work.num_sequences == 0  # (skipped rows all have tokens)
         slices = self._micro_slices(work.num_sequences)
-        batch_params = self._batch_params(mb, self._micro_slices(mb.num_sequences), whole=work is mb)
+        # one loss call that sees every sequence computes the batch statistics itself
+        batch_params = {} if work is mb and len(slices) == 1 else self._batch_params(mb)
         log_prob_all = torch.zeros_like(work.rollout_log_prob)
         entropy_sum = 0.0
         loss_metrics: dict[str, float] = {}
-        backward_ran = False
         for a, b in slices:
             micro = work.slice(a, b).to(self.device)
             if not micro.response_mask.any():
@@ -513,7 +513,6 @@ class Trainer:
             log_prob, entropy = self._log_probs(micro)
             out = self._loss(micro, log_prob, n_tokens, n_seqs, batch_params)
             out.loss.backward()
-            backward_ran = True
             log_prob_all[a:b] = log_prob.detach().float().cpu()
             entropy_sum += float((entropy.detach().float() * micro.response_mask).sum().cpu())
             if len(slices) == 1:
@@ -522,7 +521,7 @@ class Trainer:
             with torch.no_grad():
                 loss_metrics = dict(self._loss(work, log_prob_all, n_tokens, n_seqs, batch_params).metrics)
         metrics.update(loss_metrics)
-        if not backward_ran and work is not mb:  # every sequence skipped: the zero gradient they would give
+        if nothing_forwarded:  # every sequence skipped: the zero gradient they would give
             for p in trainable_parameters(self.model):
                 p.grad = torch.zeros_like(p)
             metrics["loss/value"] = 0.0  # every loss term is proportional to A, which is 0 for all of them
@@ -533,9 +532,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         metrics["grad/norm"] = float(grad_norm) if not skipped else float("nan")
         metrics["grad/skipped"] = float(skipped)
-        work_tokens = float(work.response_mask.sum())
-        if work is mb or work_tokens > 0:  # (all skipped: no forward, so no entropy or log W to report)
-            metrics["policy/entropy"] = entropy_sum / max(work_tokens, 1.0)
+        if not nothing_forwarded:  # (all skipped: no forward, so no entropy or log W to report)
+            metrics["policy/entropy"] = entropy_sum / max(float(work.response_mask.sum()), 1.0)
             metrics.update(log_w_split_metrics(work, log_prob_all))
         metrics.update(self.routing.metrics(work))
         return metrics
