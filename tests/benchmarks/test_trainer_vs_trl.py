@@ -33,3 +33,10 @@ def test_engine_and_packing_options_reach_only_our_config(tmp_path):
     assert plain.sampling.engine == "hf" and not plain.algorithm.packing
     assert not plain.algorithm.skip_zero_advantage  # off unless asked for, although the config turns it on
     assert bench._children_cpu_s() >= 0.0
+
+
+def test_init_from_reaches_both_sides_config(tmp_path):
+    spec = {"threads": 1, "staleness": 1, "steps": 2, "max_new_tokens": 16, "model": "smollm2", "prompts": 1}
+    weights = tmp_path / "best" / "model.safetensors"
+    assert bench._config({**spec, "init_from": str(weights)}, str(tmp_path)).model.init_from == str(weights)
+    assert bench._config(spec, str(tmp_path)).model.init_from is None

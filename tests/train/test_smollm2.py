@@ -133,6 +133,44 @@ def test_lora_merged_state_dict_is_the_plain_model(tmp_path):
 
 
 @needs_peft
+def test_init_from_a_lora_runs_weights_loads_its_adapters_or_says_why_not(tmp_path):
+    """model.init_from naming a LoRA run's weights (best/model.safetensors holds peft's names) loads
+    them after the adapters go on; without model.lora, or into another model, it is an error, never
+    a silent no-op."""
+    from safetensors.torch import save_model
+
+    from vespo.train.trainer import build_policy
+
+    cfg = tiny_config(tmp_path, "model.lora={r: 4, alpha: 8}")
+    trained, _ = build_policy(cfg)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # base weights and adapters both differ from a fresh build
+    save_model(trained, str(tmp_path / "lora.safetensors"))
+    loaded, _ = build_policy(
+        tiny_config(tmp_path, "model.lora={r: 4, alpha: 8}", f"model.init_from={tmp_path}/lora.safetensors")
+    )
+    want, got = trained.state_dict(), loaded.state_dict()
+    assert set(want) == set(got) and any(".lora_B." in k for k in got)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key])
+    with pytest.raises(ConfigError, match="holds LoRA adapters; set model.lora"):
+        build_policy(tiny_config(tmp_path, f"model.init_from={tmp_path}/lora.safetensors"))
+    save_model(torch.nn.Linear(3, 2), str(tmp_path / "other.safetensors"))
+    with pytest.raises(ConfigError, match="do not fit this model"):
+        build_policy(tiny_config(tmp_path, f"model.init_from={tmp_path}/other.safetensors"))
+    # plain weights (no adapters) under a LoRA config load into the base model, adapters start fresh
+    plain, _ = build_policy(tiny_config(tmp_path))
+    save_model(plain, str(tmp_path / "plain.safetensors"))
+    on_lora, _ = build_policy(
+        tiny_config(tmp_path, "model.lora={r: 4}", f"model.init_from={tmp_path}/plain.safetensors")
+    )
+    merged = lora.merged_state_dict(on_lora)
+    for key, value in plain.state_dict().items():
+        torch.testing.assert_close(merged[key], value)
+
+
+@needs_peft
 def test_lora_run_trains_only_adapters_syncs_merged_weights_and_resumes(tmp_path):
     cfg = tiny_config(
         tmp_path,

@@ -110,10 +110,18 @@ def build_policy(cfg: TrainConfig) -> tuple[torch.nn.Module, Any]:
         model, tokenizer = load_pretrained(m.name_or_path, dtype=DTYPES[m.dtype], gguf_file=m.gguf_file)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if m.init_from:
-        load_init_weights(model, m.init_from)
+    init = init_weights_file(m.init_from) if m.init_from else None
+    adapters = init is not None and holds_lora_adapters(init)  # e.g. a LoRA run's best/model.safetensors
+    if adapters and m.lora is None:
+        raise ConfigError(
+            f"model.init_from: {init} holds LoRA adapters; set model.lora to the settings it was trained with"
+        )
+    if init is not None and not adapters:
+        load_init_weights(model, str(init))
     if m.lora is not None:  # speed options (docs/real_lm.md): adapters; engines get merged weights
         model = apply_lora(model, **m.lora.model_dump())
+    if adapters:
+        load_init_weights(model, str(init))
     if m.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if cfg.algorithm.packing:
@@ -124,10 +132,9 @@ def build_policy(cfg: TrainConfig) -> tuple[torch.nn.Module, Any]:
     return model.to(DTYPES[m.dtype]), tokenizer
 
 
-def load_init_weights(model: torch.nn.Module, source: str) -> None:
-    """Load weights from a .safetensors file, or from a run directory (warm-up or latest checkpoint)."""
-    from safetensors.torch import load_model
-
+def init_weights_file(source: str) -> Path:
+    """The .safetensors file ``model.init_from`` names: the file itself, or a run directory's latest
+    checkpoint (else its warm-up weights)."""
     path = Path(source)
     if path.is_dir():
         candidates = [path / "warmup" / "model.safetensors"]
@@ -137,10 +144,33 @@ def load_init_weights(model: torch.nn.Module, source: str) -> None:
         path = next((c for c in candidates if c.exists()), candidates[-1])
     if not path.exists():
         raise ConfigError(f"model.init_from: {source} has no model weights (.safetensors)")
+    return path
+
+
+def holds_lora_adapters(path: Path) -> bool:
+    """Whether a weights file was saved from a LoRA (peft) model: it must be loaded after the adapters go on."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return any(".lora_A." in key for key in f.keys())
+
+
+def load_init_weights(model: torch.nn.Module, source: str) -> None:
+    """Load weights from a .safetensors file, or from a run directory (warm-up or latest checkpoint).
+
+    Every tensor of the file must belong to the model (a file saved from another architecture, or
+    from a LoRA model into a model without adapters, is an error, never a silent no-op); tensors the
+    file lacks (tied heads) keep their values."""
+    from safetensors.torch import load_model
+
+    path = init_weights_file(source)
     try:
-        load_model(model, str(path), strict=False)
+        missing, unexpected = load_model(model, str(path), strict=False)
     except RuntimeError as exc:
         raise ConfigError(f"model.init_from: weights in {path} do not fit this model: {str(exc)[:200]}") from None
+    if unexpected or len(missing) >= len(model.state_dict()):
+        names = ", ".join(sorted(unexpected)[:3]) or "none of the model's"
+        raise ConfigError(f"model.init_from: weights in {path} do not fit this model (tensors: {names} ...)")
 
 
 def resolve_device(name: str) -> torch.device:
