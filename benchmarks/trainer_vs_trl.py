@@ -32,7 +32,10 @@ r16 on every attention/MLP linear, fp32 master weights), its basic_arithmetic ch
 applies the chat template to the same messages) and reward; ``--precision fp32`` (default) computes
 in float32 on both sides (ours samples with an fp32 sampler copy, TRL with ``model.generate`` on the
 training model), ``--precision bf16`` keeps the config's bf16 autocast and bf16 sampler (TRL:
-``bf16=True``), which pays only on a CPU with native bf16 matmuls. ``--prompts`` sets the prompts per step (x 8 responses, one forward/backward either side).
+``bf16=True``), which pays only on a CPU with native bf16 matmuls. ``--prompts`` sets the prompts per step (x 8 responses, one forward/backward either side). ``--init-from W`` starts both sides from the same trained weights (for
+example a learning run's ``best/model.safetensors``) and ``--temperature`` sets the sampling
+temperature of both: with the learning run's end weights and its temperature 0.7 the timed window
+holds the mixed-reward groups of a run in progress, instead of the untrained model's all-zero ones.
 
 Each side runs in a fresh subprocess; set-up is excluded. The first rollout cycle (N steps,
 including the first generation) is warm-up; the timed window is the next ``--steps`` optimizer
@@ -136,7 +139,7 @@ def _config(spec: dict, out_dir: str):
             f"algorithm.old_log_prob={'recompute' if spec['staleness'] > 1 else 'sampler'}",
             "sampling.group_size=8",
             f"sampling.max_new_tokens={spec['max_new_tokens']}",
-            "sampling.temperature=1.0",
+            f"sampling.temperature={spec.get('temperature', 1.0)}",
             "sampling.top_p=1.0",
         ],
     )
@@ -239,7 +242,7 @@ def worker_trl(spec: dict) -> dict:
             num_generations=8,
             num_iterations=1,
             max_completion_length=spec["max_new_tokens"],
-            temperature=1.0,
+            temperature=spec.get("temperature", 1.0),
             top_p=1.0,
             top_k=0,
             loss_type="vespo",
@@ -448,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="ours: algorithm.skip_zero_advantage=true (no forward for all-equal groups; the same gradient)",
     )
+    p.add_argument("--temperature", type=float, default=1.0, help="trainer part: sampling temperature on both sides")
     p.add_argument(
         "--init-from",
         default=None,
@@ -508,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
             "packing": args.packing,
             "skip_zero_advantage": args.skip_zero_advantage,
             "init_from": args.init_from,
+            "temperature": args.temperature,
             "ours_python": args.ours_python,
         }
         sides = ["ours", "trl"] + (["trl_defaults"] if args.trl_defaults else [])

@@ -38,5 +38,7 @@ def test_engine_and_packing_options_reach_only_our_config(tmp_path):
 def test_init_from_reaches_both_sides_config(tmp_path):
     spec = {"threads": 1, "staleness": 1, "steps": 2, "max_new_tokens": 16, "model": "smollm2", "prompts": 1}
     weights = tmp_path / "best" / "model.safetensors"
-    assert bench._config({**spec, "init_from": str(weights)}, str(tmp_path)).model.init_from == str(weights)
-    assert bench._config(spec, str(tmp_path)).model.init_from is None
+    cfg = bench._config({**spec, "init_from": str(weights), "temperature": 0.7}, str(tmp_path))
+    assert cfg.model.init_from == str(weights) and cfg.sampling.temperature == 0.7
+    default = bench._config(spec, str(tmp_path))
+    assert default.model.init_from is None and default.sampling.temperature == 1.0
