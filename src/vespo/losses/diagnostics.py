@@ -139,8 +139,15 @@ def length_bucket_quantiles(
     ``is/len{j}_mean`` for j = 1..``buckets`` (equal-count buckets of the valid sequences sorted by
     length; bucket 1 is the shortest). Every key is always present: a bucket with no sequence (fewer
     valid sequences than buckets) repeats the nearest shorter one; an empty batch gives 0."""
-    lens_and_log_w = torch.stack([lengths.detach().double(), seq_log_w.detach().double()])[:, valid]
-    lens, log_w = lens_and_log_w.cpu().numpy()  # a few hundred numbers: cheaper on the host
+    lens, log_w = torch.stack([lengths.detach().double(), seq_log_w.detach().double()])[:, valid].cpu().numpy()
+    return length_bucket_quantiles_host(log_w, lens, buckets)
+
+
+def length_bucket_quantiles_host(
+    log_w: np.ndarray, lens: np.ndarray, buckets: int = _LENGTH_BUCKETS
+) -> dict[str, float]:
+    """:func:`length_bucket_quantiles` of the valid sequences' log W and lengths, already on the host
+    (a few hundred numbers cost less in numpy than as small device kernels)."""
     n = lens.size
     out: dict[str, float] = {}
     if n == 0:

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vespo.losses.diagnostics import length_bucket_quantiles
+from vespo.losses.diagnostics import length_bucket_quantiles_host
 from vespo.losses.numerics import LOG_RATIO_CLAMP, LOG_W_FLOOR
 from vespo.losses.registry import Param, get_loss_spec, register_policy_loss
 from vespo.losses.types import KernelOutput, LossBatch
@@ -349,7 +349,7 @@ def vespo_adaptive_loss(
     if stats.groups is None:  # one alpha per sign: fill from the host values, no device gather
         (a_pos, a_neg), (s_pos, s_neg) = alpha_g[0].tolist(), sat_g[0].tolist()
         alpha = torch.full_like(seq_log_w, a_neg).masked_fill_(positive, a_pos)
-        saturated = torch.full_like(positive, s_neg).masked_fill_(positive, s_pos)
+        saturated = torch.where(positive, s_pos, s_neg) if saturate_scale else None
     else:
         sign = (~positive).long()
         if stats.groups.numel() != seq_log_w.numel():
@@ -370,15 +370,20 @@ def vespo_adaptive_loss(
     phi = torch.exp(log_phi).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).detach()
     if phi_before is None:  # statistics came from outside: vespo's weight of this batch
         phi_before = torch.exp(vespo_log_phi(seq_log_w, c1, c2)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
-    # per-sign sums for the diagnostics in one reduction: rows [8, B] times selectors [B, 2]
-    dt = phi.dtype
-    sel = torch.stack([positive & valid, valid & ~positive], 1).to(dt)  # [B, 2]
-    pb = phi_before.to(dt)
-    rows = torch.stack([torch.ones_like(pb), pb, pb * pb, phi, phi * phi, alpha, (pb < 0.01).to(dt), saturated.to(dt)])
-    sums = rows @ sel  # [8, 2]: column 0 A >= 0, 1 A < 0 (diagnostics: the compute dtype is enough)
+    # diagnostics on the host: one transfer of [6, B], then per-sign sums of a few hundred numbers
+    host = torch.stack([x.detach().double() for x in (seq_log_w, batch.lengths, phi_before, phi, positive, valid)])
+    log_w_h, lens_h, pb, pa, pos_h, ok_h = host.cpu().numpy()
+    ok_h, pos_h = ok_h > 0, pos_h > 0
+    if stats.groups is None:
+        alpha_h, sat_h = np.where(pos_h, a_pos, a_neg), np.where(pos_h, s_pos, s_neg)
+    else:
+        alpha_h, sat_h = (x.detach().double().cpu().numpy() for x in (alpha, saturated))
+    sel = np.stack([ok_h & pos_h, ok_h & ~pos_h], 1).astype(np.float64)  # [B, 2]: A >= 0, A < 0
+    rows = np.stack([np.ones_like(pb), pb, pb * pb, pa, pa * pa, alpha_h, pb < 0.01, sat_h])
+    sums = rows @ sel  # [8, 2]
     if saturate_scale:
-        ess_sign = sums[3] ** 2 / (sums[0] * sums[4]).clamp_min(1e-300)
-        ess_seq = torch.where(positive, ess_sign[0], ess_sign[1]).to(phi.dtype)
+        ess_sign = sums[3] ** 2 / np.maximum(sums[0] * sums[4], 1e-300)
+        ess_seq = torch.where(positive, float(ess_sign[0]), float(ess_sign[1])).to(phi.dtype)
         phi = torch.where(saturated, phi * (ess_seq / tau).clamp(max=1.0).sqrt(), phi)
 
     # Eq. 20 with phi(W^alpha): loss = -phi * A * log pi per sequence (or per token for [B, T] A)
@@ -387,7 +392,6 @@ def vespo_adaptive_loss(
     else:
         coeff = -(phi * seq_adv)
 
-    # diagnostics: one host transfer
     n, s1b, s2b, s1a, s2a, s_alpha, s_drop, s_sat = (row + [row[0] + row[1]] for row in sums.tolist())
     metrics: dict[str, float] = {}
     for j, name in enumerate(("pos", "neg")):
@@ -399,7 +403,7 @@ def vespo_adaptive_loss(
         metrics[f"phi/mass_{name}"] = s1a[j] / n[j] if has else 0.0
     metrics["phi/frac_below_0.01_before"] = s_drop[2] / n[2] if n[2] > 0 else 0.0
     metrics["vespo_adaptive/saturated"] = s_sat[2] / n[2] if n[2] > 0 else 0.0
-    metrics.update(length_bucket_quantiles(seq_log_w, batch.lengths, valid))
+    metrics.update(length_bucket_quantiles_host(log_w_h[ok_h], lens_h[ok_h]))
     return KernelOutput(
         loss_mat=None,
         logp_coeff=coeff,
