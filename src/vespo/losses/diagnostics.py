@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from vespo.losses.numerics import masked_mean
@@ -139,42 +138,45 @@ def length_bucket_quantiles(
     ``is/len{j}_mean`` for j = 1..``buckets`` (equal-count buckets of the valid sequences sorted by
     length; bucket 1 is the shortest). Every key is always present: a bucket with no sequence (fewer
     valid sequences than buckets) repeats the nearest shorter one; an empty batch gives 0."""
-    lens, log_w = torch.stack([lengths.detach().double(), seq_log_w.detach().double()])[:, valid].cpu().numpy()
-    return length_bucket_quantiles_host(log_w, lens, buckets)
-
-
-def length_bucket_quantiles_host(
-    log_w: np.ndarray, lens: np.ndarray, buckets: int = _LENGTH_BUCKETS
-) -> dict[str, float]:
-    """:func:`length_bucket_quantiles` of the valid sequences' log W and lengths, already on the host
-    (a few hundred numbers cost less in numpy than as small device kernels)."""
-    n = lens.size
+    log_w = seq_log_w.detach().double()[valid]
+    lens = lengths.detach().double()[valid]
     out: dict[str, float] = {}
+    n = log_w.numel()
     if n == 0:
         for j in range(1, buckets + 1):
             out.update({f"is/log_w_len{j}_p{int(q * 100)}": 0.0 for q in _QUANTILES})
             out[f"is/len{j}_mean"] = 0.0
         return out
-    # equal-count buckets of the stable length order (numpy.array_split's sizes); an empty bucket
-    # (fewer sequences than buckets) repeats the nearest shorter non-empty one
+    # equal-count buckets of the length order (torch.tensor_split's sizes); an empty bucket repeats
+    # the nearest shorter non-empty one
     sizes = [n // buckets + (1 if j < n % buckets else 0) for j in range(buckets)]
-    spans, first = [], 0
-    for size in sizes:
-        spans.append((first, size) if size else spans[-1])
-        first += size
-    order = np.argsort(lens, kind="stable")
-    bucket = np.repeat(np.arange(buckets), sizes)  # bucket of each position in the length order
-    lens, log_w = lens[order], log_w[order]
-    by_bucket = log_w[np.lexsort((log_w, bucket))]  # by bucket, then by log W inside it
-    first, size = np.array(spans).T
-    pos = first[:, None] + np.array(_QUANTILES) * (size[:, None] - 1)  # [buckets, 3] order statistics
-    lo = np.floor(pos).astype(np.int64)
-    hi = np.minimum(lo + 1, (first + size - 1)[:, None])
-    quantiles = (by_bucket[lo] + (pos - lo) * (by_bucket[hi] - by_bucket[lo])).tolist()
-    cumulative = np.concatenate([[0.0], np.cumsum(lens)])
-    means = ((cumulative[first + size] - cumulative[first]) / size).tolist()
+    starts = [sum(sizes[:j]) for j in range(buckets)]
+    spans = []
+    for j in range(buckets):
+        spans.append((starts[j], sizes[j]) if sizes[j] else spans[-1] if spans else (0, n))
+    order = torch.argsort(lens, stable=True)
+    bucket = torch.empty(n, dtype=torch.float64, device=log_w.device)
+    bucket[order] = torch.repeat_interleave(
+        torch.arange(buckets, dtype=torch.float64, device=log_w.device), torch.tensor(sizes, device=log_w.device)
+    )
+    # one sort orders by bucket, then by log W inside the bucket (log W is within +-20)
+    key_sorted = torch.sort(bucket * 100.0 + log_w).values - torch.sort(bucket).values * 100.0
+    idx_lo, idx_hi, frac = [], [], []
+    for first, size in spans:
+        for q in _QUANTILES:
+            pos = q * (size - 1)
+            lo = math.floor(pos)
+            idx_lo.append(first + lo)
+            idx_hi.append(first + min(lo + 1, size - 1))
+            frac.append(pos - lo)
+    lo_v, hi_v = key_sorted[idx_lo], key_sorted[idx_hi]
+    qs = lo_v + torch.tensor(frac, dtype=torch.float64, device=log_w.device) * (hi_v - lo_v)
+    lens_sorted = lens[order]
+    means = torch.stack([lens_sorted[a : a + m].mean() for a, m in spans])
+    values = torch.cat([qs, means]).tolist()
+    k = len(_QUANTILES)
     for j in range(buckets):
         for i, q in enumerate(_QUANTILES):
-            out[f"is/log_w_len{j + 1}_p{int(q * 100)}"] = quantiles[j][i]
-        out[f"is/len{j + 1}_mean"] = means[j]
+            out[f"is/log_w_len{j + 1}_p{int(q * 100)}"] = values[j * k + i]
+        out[f"is/len{j + 1}_mean"] = values[buckets * k + j]
     return out

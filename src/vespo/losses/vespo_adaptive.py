@@ -31,10 +31,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
-from vespo.losses.diagnostics import length_bucket_quantiles_host
+from vespo.losses.diagnostics import length_bucket_quantiles
 from vespo.losses.numerics import LOG_RATIO_CLAMP, LOG_W_FLOOR
 from vespo.losses.registry import Param, get_loss_spec, register_policy_loss
 from vespo.losses.types import KernelOutput, LossBatch
@@ -69,18 +68,16 @@ class AdaptiveStats:
 
 
 @functools.lru_cache(maxsize=32)
-def _grid(alpha_min: float, grid: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _grid(alpha_min: float, grid: int) -> torch.Tensor:
     g = torch.linspace(0.0, 1.0, int(grid), dtype=torch.float64)
     out = torch.exp(g * math.log(alpha_min))
     out[0] = 1.0
-    return out.to(device, dtype)
+    return out
 
 
-def alpha_grid(
-    alpha_min: float, grid: int, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu"
-) -> torch.Tensor:
-    """[G] log-spaced grid from 1 down to ``alpha_min`` (1 exactly first); cached, do not modify."""
-    return _grid(float(alpha_min), int(grid), dtype, torch.device(device))
+def alpha_grid(alpha_min: float, grid: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """[G] log-spaced grid from 1 down to ``alpha_min`` (1 exactly first)."""
+    return _grid(float(alpha_min), int(grid)).to(dtype)
 
 
 def _key(params: dict) -> tuple:
@@ -148,7 +145,7 @@ def _batch_sums(
     """The sums of :class:`AdaptiveStats` from clean float64 [B] inputs (|log W| <= 20); with
     ``with_phi`` also the [B] float64 vespo weight phi(W) (the alpha = 1 row)."""
     b = log_w.numel()
-    alphas = alpha_grid(p["alpha_min"], p["grid"], device=log_w.device)  # [G]
+    alphas = alpha_grid(p["alpha_min"], p["grid"]).to(log_w.device)  # [G]
     c1, c2 = _coefficients(adv, log_w, p)
     la = alphas[:, None] * log_w[None, :]  # [G, B] log W^alpha, within +-20
     v = torch.exp(la)  # W^alpha <= e^20: its square cannot overflow in float64
@@ -212,10 +209,8 @@ def resolve_alpha(
     mass_target: float,
     per_sign: bool,
     criterion: str = "phi",
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(alpha [n_groups, 2], ESS at alpha = 1 [n_groups, 2], saturated [n_groups, 2] bool), as numpy
-    arrays: the sums are a few hundred numbers, so the scan runs on the host, not as dozens of tiny
-    device kernels.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(alpha [n_groups, 2], ESS at alpha = 1 [n_groups, 2], saturated [n_groups, 2] bool).
 
     ESS is the normalised ESS of phi(W^alpha) (``criterion='phi'``) or of W^alpha itself
     (``'w'``, the classic SMC tempering criterion, blind to the kernel).
@@ -224,36 +219,34 @@ def resolve_alpha(
     linear interpolation of q (so alpha solves q = 0 to second order in the grid step). alpha = 1
     when q(1) >= 0, alpha_min when no grid point qualifies. ``per_sign=False`` pools both signs.
     """
-    s = stats.sums.detach().to("cpu", torch.float64).numpy()  # [n, 2, 1 + 2G]
+    s = stats.sums  # [n, 2, 1 + 2G]
     g = int(grid)
     blocks = 2 if criterion == "phi" else 4
     if s.shape[-1] != 1 + blocks * g:
         raise ValueError(f"batch_stats has {s.shape[-1]} columns, expected {1 + blocks * g} for grid={g}")
     if not per_sign:
-        s = s.sum(1, keepdims=True)
+        s = s.sum(1, keepdim=True)
     count = s[..., :1]
     p1, p2 = s[..., 1 : 1 + g], s[..., 1 + g : 1 + 2 * g]
     e1, e2 = (p1, p2) if criterion == "phi" else (s[..., 1 + 2 * g : 1 + 3 * g], s[..., 1 + 3 * g :])
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ess = np.where(e2 > 0, e1 * e1 / np.maximum(count * e2, 1e-300), 0.0)
-    mass = p1 / np.maximum(count, 1.0)
-    q = np.minimum(ess - tau, mass - mass_target)  # [n, k, G]
-    q = np.where(count > 0, q, 1.0)  # no sequence of this sign: nothing to adapt
-    alphas = alpha_grid(alpha_min, g).numpy()
+    ess = torch.where(e2 > 0, e1 * e1 / (count * e2).clamp_min(1e-300), torch.zeros_like(e1))
+    mass = p1 / count.clamp_min(1.0)
+    q = torch.minimum(ess - tau, mass - mass_target)  # [n, k, G]
+    q = torch.where(count > 0, q, torch.ones_like(q))  # no sequence of this sign: nothing to adapt
+    alphas = alpha_grid(alpha_min, g).to(s.device)
     ok = q >= 0
-    first = np.where(ok.any(-1), ok.argmax(-1), g - 1)
-    q_at = np.take_along_axis(q, first[..., None], -1)[..., 0]
-    prev = np.maximum(first - 1, 0)
-    q_prev = np.take_along_axis(q, prev[..., None], -1)[..., 0]
+    first = torch.where(ok.any(-1), ok.double().argmax(-1), torch.full_like(ok[..., 0], g - 1, dtype=torch.long))
+    q_at = q.gather(-1, first[..., None]).squeeze(-1)
+    prev = (first - 1).clamp_min(0)
+    q_prev = q.gather(-1, prev[..., None]).squeeze(-1)
     a_at, a_prev = alphas[first], alphas[prev]
-    bracketed = (first > 0) & (q_at >= 0) & (q_prev < 0)
-    frac = np.where(bracketed, q_at / np.where(bracketed, q_at - q_prev, 1.0), 0.0)
-    alpha = np.where(first > 0, a_at + np.clip(frac, 0.0, 1.0) * (a_prev - a_at), 1.0)
+    frac = torch.where((first > 0) & (q_at >= 0) & (q_prev < 0), q_at / (q_at - q_prev), torch.zeros_like(q_at))
+    alpha = torch.where(first > 0, a_at + frac.clamp(0.0, 1.0) * (a_prev - a_at), torch.ones_like(a_at))
     saturated = (first == g - 1) & (q_at < 0)
     ess1 = ess[..., 0]
     if not per_sign:
-        alpha, ess1, saturated = (np.repeat(x, 2, axis=1) for x in (alpha, ess1, saturated))
-    return tuple(np.ascontiguousarray(x) for x in (alpha, ess1, saturated))
+        alpha, ess1, saturated = (x.expand(-1, 2) for x in (alpha, ess1, saturated))
+    return alpha, ess1, saturated
 
 
 @register_policy_loss(
@@ -346,17 +339,16 @@ def vespo_adaptive_loss(
         stats, alpha_min=alpha_min, grid=grid, tau=tau, mass_target=mass_target, per_sign=per_sign, criterion=criterion
     )  # [n, 2]
     positive = seq_adv >= 0
-    if stats.groups is None:  # one alpha per sign: fill from the host values, no device gather
-        (a_pos, a_neg), (s_pos, s_neg) = alpha_g[0].tolist(), sat_g[0].tolist()
-        alpha = torch.full_like(seq_log_w, a_neg).masked_fill_(positive, a_pos)
-        saturated = torch.where(positive, s_pos, s_neg) if saturate_scale else None
+    if stats.groups is None:
+        alpha = torch.where(positive, alpha_g[0, 0], alpha_g[0, 1])
+        saturated = torch.where(positive, sat_g[0, 0], sat_g[0, 1])
     else:
         sign = (~positive).long()
         if stats.groups.numel() != seq_log_w.numel():
             raise ValueError(f"batch_stats.groups has {stats.groups.numel()} rows, the batch {seq_log_w.numel()}")
         grp = stats.groups.to(seq_log_w.device)
-        alpha_g, sat_g = (torch.from_numpy(x).to(seq_log_w.device) for x in (alpha_g, sat_g))
-        alpha, saturated = alpha_g[grp, sign].to(seq_log_w.dtype), sat_g[grp, sign]
+        alpha, saturated = alpha_g[grp, sign], sat_g[grp, sign]
+    alpha = alpha.to(seq_log_w.dtype)
 
     c1, c2 = _coefficients(seq_adv, seq_log_w, p)
     if adapt == "temper":
@@ -370,20 +362,15 @@ def vespo_adaptive_loss(
     phi = torch.exp(log_phi).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).detach()
     if phi_before is None:  # statistics came from outside: vespo's weight of this batch
         phi_before = torch.exp(vespo_log_phi(seq_log_w, c1, c2)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
-    # diagnostics on the host: one transfer of [6, B], then per-sign sums of a few hundred numbers
-    host = torch.stack([x.detach().double() for x in (seq_log_w, batch.lengths, phi_before, phi, positive, valid)])
-    log_w_h, lens_h, pb, pa, pos_h, ok_h = host.cpu().numpy()
-    ok_h, pos_h = ok_h > 0, pos_h > 0
-    if stats.groups is None:
-        alpha_h, sat_h = np.where(pos_h, a_pos, a_neg), np.where(pos_h, s_pos, s_neg)
-    else:
-        alpha_h, sat_h = (x.detach().double().cpu().numpy() for x in (alpha, saturated))
-    sel = np.stack([ok_h & pos_h, ok_h & ~pos_h], 1).astype(np.float64)  # [B, 2]: A >= 0, A < 0
-    rows = np.stack([np.ones_like(pb), pb, pb * pb, pa, pa * pa, alpha_h, pb < 0.01, sat_h])
-    sums = rows @ sel  # [8, 2]
+    # per-sign sums for the diagnostics in one reduction: rows [8, B] times selectors [B, 2]
+    dt = phi.dtype
+    sel = torch.stack([positive & valid, valid & ~positive], 1).to(dt)  # [B, 2]
+    pb = phi_before.to(dt)
+    rows = torch.stack([torch.ones_like(pb), pb, pb * pb, phi, phi * phi, alpha, (pb < 0.01).to(dt), saturated.to(dt)])
+    sums = rows @ sel  # [8, 2]: column 0 A >= 0, 1 A < 0 (diagnostics: the compute dtype is enough)
     if saturate_scale:
-        ess_sign = sums[3] ** 2 / np.maximum(sums[0] * sums[4], 1e-300)
-        ess_seq = torch.where(positive, float(ess_sign[0]), float(ess_sign[1])).to(phi.dtype)
+        ess_sign = sums[3] ** 2 / (sums[0] * sums[4]).clamp_min(1e-300)
+        ess_seq = torch.where(positive, ess_sign[0], ess_sign[1]).to(phi.dtype)
         phi = torch.where(saturated, phi * (ess_seq / tau).clamp(max=1.0).sqrt(), phi)
 
     # Eq. 20 with phi(W^alpha): loss = -phi * A * log pi per sequence (or per token for [B, T] A)
@@ -392,6 +379,7 @@ def vespo_adaptive_loss(
     else:
         coeff = -(phi * seq_adv)
 
+    # diagnostics: one host transfer
     n, s1b, s2b, s1a, s2a, s_alpha, s_drop, s_sat = (row + [row[0] + row[1]] for row in sums.tolist())
     metrics: dict[str, float] = {}
     for j, name in enumerate(("pos", "neg")):
@@ -403,7 +391,7 @@ def vespo_adaptive_loss(
         metrics[f"phi/mass_{name}"] = s1a[j] / n[j] if has else 0.0
     metrics["phi/frac_below_0.01_before"] = s_drop[2] / n[2] if n[2] > 0 else 0.0
     metrics["vespo_adaptive/saturated"] = s_sat[2] / n[2] if n[2] > 0 else 0.0
-    metrics.update(length_bucket_quantiles_host(log_w_h[ok_h], lens_h[ok_h]))
+    metrics.update(length_bucket_quantiles(seq_log_w, batch.lengths, valid))
     return KernelOutput(
         loss_mat=None,
         logp_coeff=coeff,
