@@ -203,6 +203,28 @@ def test_saturate_scale_shrinks_only_saturated_batches():
     assert abs(scaled.loss.item()) < abs(plain.loss.item())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_saturate_scale_stays_finite_when_every_weight_is_tiny(dtype):
+    # every A < 0 weight is ~e^-53 (phi^2 underflows in float32): the ESS used for the scale is
+    # computed in float64, so neither the loss nor the gradient turns NaN (they did in float32)
+    lp, old, adv, mask = make_batch(B=16, T=8, seed=3, lengths=torch.full((16,), 8))
+    old = lp - 3.0  # log W = 24 per sequence, clamped to 20
+    adv = -adv.abs()
+    out, grad = loss_and_grad(
+        "vespo_adaptive", lp.to(dtype), old.to(dtype), adv.to(dtype), mask, alpha_min=0.5, saturate_scale=True
+    )
+    assert torch.isfinite(out.loss) and torch.isfinite(grad.float()).all()
+    assert out.metrics["vespo_adaptive/saturated"] == 1.0
+
+
+def test_ess_diagnostics_are_scale_free_for_tiny_weights():
+    # equal weights give ESS 1 however small they are: phi(e^-20) for A < 0 is ~e^-53
+    lp, old, adv, mask = make_batch(B=10, T=4, seed=4, dtype=torch.float32, lengths=torch.full((10,), 4))
+    out, _ = loss_and_grad("vespo_adaptive", lp, lp + 6.0, -adv.abs(), mask)
+    assert out.metrics["phi/ess_neg_before"] == pytest.approx(1.0)
+    assert out.metrics["phi/ess_neg_after"] == pytest.approx(1.0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Exact statistics under micro-batching
 # ---------------------------------------------------------------------------------------------

@@ -138,45 +138,38 @@ def length_bucket_quantiles(
     ``is/len{j}_mean`` for j = 1..``buckets`` (equal-count buckets of the valid sequences sorted by
     length; bucket 1 is the shortest). Every key is always present: a bucket with no sequence (fewer
     valid sequences than buckets) repeats the nearest shorter one; an empty batch gives 0."""
-    log_w = seq_log_w.detach().double()[valid]
-    lens = lengths.detach().double()[valid]
+    log_w, lens, ok = torch.stack([seq_log_w.detach().double(), lengths.detach().double(), valid.double()]).tolist()
+    return host_length_bucket_quantiles(
+        [x for x, v in zip(log_w, ok) if v], [x for x, v in zip(lens, ok) if v], buckets
+    )
+
+
+def host_length_bucket_quantiles(
+    log_w: list[float], lengths: list[float], buckets: int = _LENGTH_BUCKETS
+) -> dict[str, float]:
+    """:func:`length_bucket_quantiles` of the valid sequences' values as Python lists (a few hundred
+    numbers: sorting them on the host costs less than the tiny device kernels would)."""
     out: dict[str, float] = {}
-    n = log_w.numel()
+    n = len(log_w)
     if n == 0:
         for j in range(1, buckets + 1):
             out.update({f"is/log_w_len{j}_p{int(q * 100)}": 0.0 for q in _QUANTILES})
             out[f"is/len{j}_mean"] = 0.0
         return out
+    order = sorted(range(n), key=lengths.__getitem__)  # stable: ties keep the batch order
     # equal-count buckets of the length order (torch.tensor_split's sizes); an empty bucket repeats
     # the nearest shorter non-empty one
     sizes = [n // buckets + (1 if j < n % buckets else 0) for j in range(buckets)]
-    starts = [sum(sizes[:j]) for j in range(buckets)]
-    spans = []
+    first = 0
+    span = (0, n)
     for j in range(buckets):
-        spans.append((starts[j], sizes[j]) if sizes[j] else spans[-1] if spans else (0, n))
-    order = torch.argsort(lens, stable=True)
-    bucket = torch.empty(n, dtype=torch.float64, device=log_w.device)
-    bucket[order] = torch.repeat_interleave(
-        torch.arange(buckets, dtype=torch.float64, device=log_w.device), torch.tensor(sizes, device=log_w.device)
-    )
-    # one sort orders by bucket, then by log W inside the bucket (log W is within +-20)
-    key_sorted = torch.sort(bucket * 100.0 + log_w).values - torch.sort(bucket).values * 100.0
-    idx_lo, idx_hi, frac = [], [], []
-    for first, size in spans:
+        if sizes[j]:
+            span = (first, sizes[j])
+            first += sizes[j]
+        start, size = span
+        members = order[start : start + size]
+        values = sorted(log_w[i] for i in members)
         for q in _QUANTILES:
-            pos = q * (size - 1)
-            lo = math.floor(pos)
-            idx_lo.append(first + lo)
-            idx_hi.append(first + min(lo + 1, size - 1))
-            frac.append(pos - lo)
-    lo_v, hi_v = key_sorted[idx_lo], key_sorted[idx_hi]
-    qs = lo_v + torch.tensor(frac, dtype=torch.float64, device=log_w.device) * (hi_v - lo_v)
-    lens_sorted = lens[order]
-    means = torch.stack([lens_sorted[a : a + m].mean() for a, m in spans])
-    values = torch.cat([qs, means]).tolist()
-    k = len(_QUANTILES)
-    for j in range(buckets):
-        for i, q in enumerate(_QUANTILES):
-            out[f"is/log_w_len{j + 1}_p{int(q * 100)}"] = values[j * k + i]
-        out[f"is/len{j + 1}_mean"] = values[buckets * k + j]
+            out[f"is/log_w_len{j + 1}_p{int(q * 100)}"] = _quantile(values, q)
+        out[f"is/len{j + 1}_mean"] = sum(lengths[i] for i in members) / size
     return out

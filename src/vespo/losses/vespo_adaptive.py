@@ -27,13 +27,15 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import compress
 from typing import Any
 
 import torch
 
-from vespo.losses.diagnostics import length_bucket_quantiles
+from vespo.losses.diagnostics import host_length_bucket_quantiles
 from vespo.losses.numerics import LOG_RATIO_CLAMP, LOG_W_FLOOR
 from vespo.losses.registry import Param, get_loss_spec, register_policy_loss
 from vespo.losses.types import KernelOutput, LossBatch
@@ -94,7 +96,8 @@ def adaptive_seq_log_w(batch: LossBatch, is_mode: str = "joint") -> torch.Tensor
 
 
 def _coefficients(seq_adv: torch.Tensor, like: torch.Tensor, p: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    positive = seq_adv >= 0  # A = 0 takes the positive branch, as in vespo
+    """[B] (c1, c2) of each sequence in ``like``'s dtype: A = 0 takes the positive branch, as in vespo."""
+    positive = seq_adv >= 0
     c1 = torch.full_like(like, p["k_neg"]).masked_fill_(positive, p["k_pos"])
     c2 = torch.full_like(like, p["lambda_neg"]).masked_fill_(positive, p["lambda_pos"])
     return c1, c2
@@ -145,25 +148,33 @@ def _batch_sums(
     """The sums of :class:`AdaptiveStats` from clean float64 [B] inputs (|log W| <= 20); with
     ``with_phi`` also the [B] float64 vespo weight phi(W) (the alpha = 1 row)."""
     b = log_w.numel()
-    alphas = alpha_grid(p["alpha_min"], p["grid"]).to(log_w.device)  # [G]
+    g = int(p["grid"])
+    alphas = alpha_grid(p["alpha_min"], g).to(log_w.device)  # [G]
     c1, c2 = _coefficients(adv, log_w, p)
-    la = alphas[:, None] * log_w[None, :]  # [G, B] log W^alpha, within +-20
+    c1, c2 = c1[:, None], c2[:, None]
+    # one row per sequence, so that the reduction below is a [2n, B] x [B, 1 + 2G] product
+    cols = torch.empty(b, 1 + (2 if p["criterion"] == "phi" else 4) * g, dtype=torch.float64, device=log_w.device)
+    cols[:, 0] = 1.0
+    la = log_w[:, None] * alphas  # [B, G] log W^alpha, within +-20
     v = torch.exp(la)  # W^alpha <= e^20: its square cannot overflow in float64
-    phi = torch.exp(c2 + c1 * la.clamp_min(LOG_W_FLOOR) - c2 * v)  # phi(W^alpha), shifted Eq. 17
-    blocks = [torch.ones_like(log_w)[None, :], phi, phi * phi] + ([v, v * v] if p["criterion"] == "w" else [])
-    cols = torch.cat(blocks, 0)  # [1 + 2G, B] (criterion 'phi') or [1 + 4G, B] ('w')
+    log_phi = torch.addcmul(c2, c1, la.clamp_min(LOG_W_FLOOR)).sub_(c2 * v)  # log phi(W^alpha), shifted Eq. 17
+    phi = torch.exp(log_phi, out=cols[:, 1 : 1 + g])
+    torch.mul(phi, phi, out=cols[:, 1 + g : 1 + 2 * g])
+    if p["criterion"] == "w":
+        cols[:, 1 + 2 * g : 1 + 3 * g] = v
+        torch.mul(v, v, out=cols[:, 1 + 3 * g :])
     sign = (adv < 0).long()  # 0: A >= 0, 1: A < 0
     if groups is None:
         n, slot = 1, sign
     else:
         n = int(n_groups) if n_groups is not None else (int(groups.max()) + 1 if b else 1)
         slot = groups * 2 + sign
-    sel = torch.nn.functional.one_hot(slot, 2 * n).to(torch.float64)  # [B, 2n]
+    sel = slot == torch.arange(2 * n, device=log_w.device)[:, None]  # [2n, B]
     if ok is not None:
-        sel = sel * ok[:, None]
-    sums = (cols @ sel).T  # [2n, 1 + 4G]: one reduction for every group, sign and column
-    stats = AdaptiveStats(sums=sums.reshape(n, 2, -1).contiguous(), key=_key(p), groups=groups)
-    return (stats, phi[0]) if with_phi else stats
+        sel &= ok
+    sums = sel.to(torch.float64) @ cols  # [2n, 1 + 2G]: one reduction for every group, sign and column
+    stats = AdaptiveStats(sums=sums.reshape(n, 2, -1), key=_key(p), groups=groups)
+    return (stats, phi[:, 0]) if with_phi else stats
 
 
 def merge_adaptive_stats(parts: Sequence[AdaptiveStats]) -> AdaptiveStats:
@@ -200,6 +211,34 @@ def vespo_adaptive_seq_inputs(
         return adaptive_seq_log_w(batch, is_mode), batch.seq_advantages, batch.lengths > 0
 
 
+def _alpha_of_row(row: list[float], alphas: list[float], tau: float, mass_target: float, criterion: str) -> tuple:
+    """(alpha, saturated) of one [1 + 2G] (or [1 + 4G]) row of sums: the scan of :func:`resolve_alpha`."""
+    g = len(alphas)
+    count = row[0]
+    if not count > 0:  # no sequence of this sign: nothing to adapt
+        return 1.0, False
+    off = 1 if criterion == "phi" else 1 + 2 * g  # where the ESS sums start
+    q_prev = q = 0.0
+    first = g - 1
+    for j in range(g):
+        e1, e2 = row[off + j], row[off + g + j]
+        ess = e1 * e1 / max(count * e2, 1e-300) if e2 > 0 else 0.0
+        q = ess - tau
+        m = row[1 + j] / max(count, 1.0) - mass_target  # mean phi against its target (0: always >= 0)
+        if m < q or m != m:  # min(), NaN propagating like torch.minimum
+            q = m
+        if q >= 0:
+            first = j
+            break
+        q_prev = q
+    if first == 0:
+        return 1.0, False
+    if q >= 0 and q_prev < 0:  # move towards the previous grid point by linear interpolation of q
+        frac = min(max(q / (q - q_prev), 0.0), 1.0)
+        return alphas[first] + frac * (alphas[first - 1] - alphas[first]), False
+    return alphas[first], first == g - 1 and q < 0
+
+
 def resolve_alpha(
     stats: AdaptiveStats,
     *,
@@ -209,8 +248,8 @@ def resolve_alpha(
     mass_target: float,
     per_sign: bool,
     criterion: str = "phi",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(alpha [n_groups, 2], ESS at alpha = 1 [n_groups, 2], saturated [n_groups, 2] bool).
+) -> tuple[list[list[float]], list[list[bool]]]:
+    """(alpha [n_groups][2], saturated [n_groups][2]) from the statistics (index 0: A >= 0, 1: A < 0).
 
     ESS is the normalised ESS of phi(W^alpha) (``criterion='phi'``) or of W^alpha itself
     (``'w'``, the classic SMC tempering criterion, blind to the kernel).
@@ -218,35 +257,74 @@ def resolve_alpha(
     alpha = 1 down; alpha is the first grid point with q >= 0, moved up towards the previous one by
     linear interpolation of q (so alpha solves q = 0 to second order in the grid step). alpha = 1
     when q(1) >= 0, alpha_min when no grid point qualifies. ``per_sign=False`` pools both signs.
+
+    The scan runs on the host over one transfer of the sums (a few hundred numbers): Python floats
+    are IEEE doubles, so it computes what the same scan in float64 torch would, without dozens of
+    tiny kernels.
     """
-    s = stats.sums  # [n, 2, 1 + 2G]
     g = int(grid)
     blocks = 2 if criterion == "phi" else 4
-    if s.shape[-1] != 1 + blocks * g:
-        raise ValueError(f"batch_stats has {s.shape[-1]} columns, expected {1 + blocks * g} for grid={g}")
-    if not per_sign:
-        s = s.sum(1, keepdim=True)
-    count = s[..., :1]
-    p1, p2 = s[..., 1 : 1 + g], s[..., 1 + g : 1 + 2 * g]
-    e1, e2 = (p1, p2) if criterion == "phi" else (s[..., 1 + 2 * g : 1 + 3 * g], s[..., 1 + 3 * g :])
-    ess = torch.where(e2 > 0, e1 * e1 / (count * e2).clamp_min(1e-300), torch.zeros_like(e1))
-    mass = p1 / count.clamp_min(1.0)
-    q = torch.minimum(ess - tau, mass - mass_target)  # [n, k, G]
-    q = torch.where(count > 0, q, torch.ones_like(q))  # no sequence of this sign: nothing to adapt
-    alphas = alpha_grid(alpha_min, g).to(s.device)
-    ok = q >= 0
-    first = torch.where(ok.any(-1), ok.double().argmax(-1), torch.full_like(ok[..., 0], g - 1, dtype=torch.long))
-    q_at = q.gather(-1, first[..., None]).squeeze(-1)
-    prev = (first - 1).clamp_min(0)
-    q_prev = q.gather(-1, prev[..., None]).squeeze(-1)
-    a_at, a_prev = alphas[first], alphas[prev]
-    frac = torch.where((first > 0) & (q_at >= 0) & (q_prev < 0), q_at / (q_at - q_prev), torch.zeros_like(q_at))
-    alpha = torch.where(first > 0, a_at + frac.clamp(0.0, 1.0) * (a_prev - a_at), torch.ones_like(a_at))
-    saturated = (first == g - 1) & (q_at < 0)
-    ess1 = ess[..., 0]
-    if not per_sign:
-        alpha, ess1, saturated = (x.expand(-1, 2) for x in (alpha, ess1, saturated))
-    return alpha, ess1, saturated
+    if stats.sums.shape[-1] != 1 + blocks * g:
+        raise ValueError(f"batch_stats has {stats.sums.shape[-1]} columns, expected {1 + blocks * g} for grid={g}")
+    alphas = alpha_grid(alpha_min, g).tolist()
+    alpha, saturated = [], []
+    for pos, neg in stats.sums.tolist():
+        if per_sign:
+            (a_pos, s_pos), (a_neg, s_neg) = (_alpha_of_row(r, alphas, tau, mass_target, criterion) for r in (pos, neg))
+        else:
+            a_pos, s_pos = a_neg, s_neg = _alpha_of_row(
+                [x + y for x, y in zip(pos, neg)], alphas, tau, mass_target, criterion
+            )
+        alpha.append([a_pos, a_neg])
+        saturated.append([s_pos, s_neg])
+    return alpha, saturated
+
+
+def _diagnostics(
+    phi: torch.Tensor,
+    phi_before: torch.Tensor,
+    positive: torch.Tensor,
+    valid: torch.Tensor,
+    alpha: torch.Tensor | float,
+    saturated: torch.Tensor | bool,
+    seq_log_w: torch.Tensor,
+    lengths: torch.Tensor,
+) -> tuple[tuple[float, float], dict[str, float]]:
+    """(ESS of phi(W^alpha) for A >= 0 and A < 0, the metrics of one call). The [B] vectors go to
+    the host once and the per-sign sums run there in Python doubles: a few hundred numbers cost less
+    than the dozens of tiny device kernels the same sums would launch."""
+    ok_h, pos_h = valid.tolist(), positive.tolist()
+    pb_h, phi_h = phi_before.tolist(), phi.tolist()
+    alpha_h = alpha.tolist() if isinstance(alpha, torch.Tensor) else None
+    sat_h = saturated.tolist() if isinstance(saturated, torch.Tensor) else None
+    masks = ([o and p for o, p in zip(ok_h, pos_h)], [o and not p for o, p in zip(ok_h, pos_h)])
+    metrics: dict[str, float] = {}
+    ess_after = []
+    n_total = s_sat = 0.0
+    for mask, name in zip(masks, ("pos", "neg")):  # A >= 0, then A < 0
+        pb, pa = list(compress(pb_h, mask)), list(compress(phi_h, mask))
+        n = len(pb)
+        s1b, s2b = sum(pb), sum(map(operator.mul, pb, pb))
+        s1a, s2a = sum(pa), sum(map(operator.mul, pa, pa))
+        n_total += n
+        if sat_h is not None:
+            s_sat += sum(compress(sat_h, mask))
+        # a sign absent from the batch has nothing adapted: alpha 1, ESS 1, mass 0 (finite, same keys)
+        a = (sum(compress(alpha_h, mask)) / n if alpha_h is not None else float(alpha)) if n else 1.0
+        metrics[f"vespo_adaptive/alpha_{name}"] = a
+        metrics[f"phi/ess_{name}_before"] = s1b**2 / (n * s2b) if n and s2b > 0 else float(not n)
+        metrics[f"phi/ess_{name}_after"] = s1a**2 / (n * s2a) if n and s2a > 0 else float(not n)
+        metrics[f"phi/mass_{name}"] = s1a / n if n else 0.0
+        ess_after.append(s1a**2 / max(n * s2a, 1e-300))
+    valid_pb = list(compress(pb_h, ok_h))
+    metrics["phi/frac_below_0.01_before"] = sum(x < 0.01 for x in valid_pb) / n_total if n_total else 0.0
+    if sat_h is None:
+        s_sat = n_total * bool(saturated)
+    metrics["vespo_adaptive/saturated"] = s_sat / n_total if n_total else 0.0
+    metrics.update(
+        host_length_bucket_quantiles(list(compress(seq_log_w.tolist(), ok_h)), list(compress(lengths.tolist(), ok_h)))
+    )
+    return (ess_after[0], ess_after[1]), metrics
 
 
 @register_policy_loss(
@@ -335,63 +413,49 @@ def vespo_adaptive_loss(
                 f"batch_stats were computed with other vespo_adaptive parameters: {dict(batch_stats.key)} vs {p}"
             )
         stats = batch_stats
-    alpha_g, _, sat_g = resolve_alpha(
+    alpha_g, sat_g = resolve_alpha(
         stats, alpha_min=alpha_min, grid=grid, tau=tau, mass_target=mass_target, per_sign=per_sign, criterion=criterion
-    )  # [n, 2]
+    )  # [n][2] host floats
     positive = seq_adv >= 0
+    dt = seq_log_w.dtype
     if stats.groups is None:
-        alpha = torch.where(positive, alpha_g[0, 0], alpha_g[0, 1])
-        saturated = torch.where(positive, sat_g[0, 0], sat_g[0, 1])
+        (a_pos, a_neg), (sat_pos, sat_neg) = alpha_g[0], sat_g[0]
+        # one alpha for the batch (the default): a Python scalar, so alpha = 1.0 leaves vespo's floats
+        alpha = a_pos if a_pos == a_neg else torch.full_like(seq_log_w, a_neg).masked_fill_(positive, a_pos)
+        saturated = (
+            sat_pos if sat_pos == sat_neg else torch.full_like(positive, sat_neg).masked_fill_(positive, sat_pos)
+        )
     else:
-        sign = (~positive).long()
         if stats.groups.numel() != seq_log_w.numel():
             raise ValueError(f"batch_stats.groups has {stats.groups.numel()} rows, the batch {seq_log_w.numel()}")
-        grp = stats.groups.to(seq_log_w.device)
-        alpha, saturated = alpha_g[grp, sign], sat_g[grp, sign]
-    alpha = alpha.to(seq_log_w.dtype)
+        grp, sign = stats.groups.to(seq_log_w.device), (~positive).long()
+        alpha = torch.tensor(alpha_g, dtype=torch.float64, device=seq_log_w.device)[grp, sign].to(dt)
+        saturated = torch.tensor(sat_g, device=seq_log_w.device)[grp, sign]
 
     c1, c2 = _coefficients(seq_adv, seq_log_w, p)
     if adapt == "temper":
         log_phi = vespo_log_phi(alpha * seq_log_w, c1, c2)  # phi(W^alpha); alpha = 1: vespo exactly
         mode = (c1 / c2) ** (1.0 / alpha)  # argmax_W phi(W^alpha) = (c1/c2)^(1/alpha)
     else:
-        c1a = torch.maximum(alpha * c1, torch.ones_like(c1)).where(alpha < 1, c1)
-        c2a = (c2 * c1a / c1).where(alpha < 1, c2)
+        alpha_t = torch.as_tensor(alpha, dtype=dt, device=seq_log_w.device)
+        c1a = torch.maximum(alpha_t * c1, torch.ones_like(c1)).where(alpha_t < 1, c1)
+        c2a = (c2 * c1a / c1).where(alpha_t < 1, c2)
         log_phi = vespo_log_phi(seq_log_w, c1a, c2a)
         mode = c1a / c2a
     phi = torch.exp(log_phi).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).detach()
     if phi_before is None:  # statistics came from outside: vespo's weight of this batch
         phi_before = torch.exp(vespo_log_phi(seq_log_w, c1, c2)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
-    # per-sign sums for the diagnostics in one reduction: rows [8, B] times selectors [B, 2]
-    dt = phi.dtype
-    sel = torch.stack([positive & valid, valid & ~positive], 1).to(dt)  # [B, 2]
-    pb = phi_before.to(dt)
-    rows = torch.stack([torch.ones_like(pb), pb, pb * pb, phi, phi * phi, alpha, (pb < 0.01).to(dt), saturated.to(dt)])
-    sums = rows @ sel  # [8, 2]: column 0 A >= 0, 1 A < 0 (diagnostics: the compute dtype is enough)
-    if saturate_scale:
-        ess_sign = sums[3] ** 2 / (sums[0] * sums[4]).clamp_min(1e-300)
-        ess_seq = torch.where(positive, ess_sign[0], ess_sign[1]).to(phi.dtype)
-        phi = torch.where(saturated, phi * (ess_seq / tau).clamp(max=1.0).sqrt(), phi)
+    ess_after, metrics = _diagnostics(phi, phi_before, positive, valid, alpha, saturated, seq_log_w, batch.lengths)
+    if saturate_scale and (not isinstance(saturated, bool) or saturated):
+        ess_seq = torch.full_like(phi, ess_after[1]).masked_fill_(positive, ess_after[0])
+        scaled = phi * (ess_seq / tau).clamp(max=1.0).sqrt()
+        phi = scaled if isinstance(saturated, bool) else torch.where(saturated, scaled, phi)
 
     # Eq. 20 with phi(W^alpha): loss = -phi * A * log pi per sequence (or per token for [B, T] A)
     if batch.advantages.dim() == 2:
         coeff = -(phi.unsqueeze(-1) * batch.token_advantages)
     else:
         coeff = -(phi * seq_adv)
-
-    # diagnostics: one host transfer
-    n, s1b, s2b, s1a, s2a, s_alpha, s_drop, s_sat = (row + [row[0] + row[1]] for row in sums.tolist())
-    metrics: dict[str, float] = {}
-    for j, name in enumerate(("pos", "neg")):
-        has = n[j] > 0
-        # a sign absent from the batch has nothing adapted: alpha 1, ESS 1, mass 0 (finite, same keys)
-        metrics[f"vespo_adaptive/alpha_{name}"] = s_alpha[j] / n[j] if has else 1.0
-        metrics[f"phi/ess_{name}_before"] = s1b[j] ** 2 / (n[j] * s2b[j]) if has and s2b[j] > 0 else float(not has)
-        metrics[f"phi/ess_{name}_after"] = s1a[j] ** 2 / (n[j] * s2a[j]) if has and s2a[j] > 0 else float(not has)
-        metrics[f"phi/mass_{name}"] = s1a[j] / n[j] if has else 0.0
-    metrics["phi/frac_below_0.01_before"] = s_drop[2] / n[2] if n[2] > 0 else 0.0
-    metrics["vespo_adaptive/saturated"] = s_sat[2] / n[2] if n[2] > 0 else 0.0
-    metrics.update(length_bucket_quantiles(seq_log_w, batch.lengths, valid))
     return KernelOutput(
         loss_mat=None,
         logp_coeff=coeff,
