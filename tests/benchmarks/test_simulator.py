@@ -255,3 +255,21 @@ def test_on_policy_vespo_adaptive_trains_exactly_like_vespo():
     r1, r2 = train("vespo", task, **kw), train("vespo_adaptive", task, **kw)
     assert r1.reward == r2.reward
     assert all(torch.equal(a, b) for a, b in zip(r1.params, r2.params))
+
+
+def test_adaptive_sweep_at_another_budget_writes_its_own_block(tmp_path):
+    bench = _load_benchmark()
+    long = bench.adaptive_long(512)
+    assert long.steps == 512 and long.t_values == (128, 512) and not long.ablation_t and not long.study_t
+    results = bench.adaptive_sweep(bench.adaptive_quick())  # 16 steps: not the main sweep's 256
+    assert bench._suffix(results) == "_steps16"
+    doc = tmp_path / "adaptive.md"
+    main_block = "<!-- BEGIN GENERATED: benchmarks/simulator.py --adaptive -->\nMAIN\n<!-- END GENERATED -->"
+    doc.write_text(f"# head\n\n{main_block}\n\ntail\n")
+    bench.write_adaptive_doc(results, doc)
+    bench.write_adaptive_doc(results, doc)  # a second write replaces the block, it does not add one
+    text = doc.read_text()
+    assert main_block in text and text.count("--adaptive --steps 16 -->") == 1
+    block = text.split("--adaptive --steps 16 -->", 1)[1]
+    assert "### Targets" in block and "sim_adaptive_final_vs_n_steps16.png" in block
+    assert "simulator_adaptive_steps16.json" in block and "### Ablations" not in block
