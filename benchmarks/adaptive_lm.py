@@ -70,16 +70,18 @@ def sweep(
     return staleness_sweep(out, grid, seeds, 1, extra or [], report_only, common=COMMON)
 
 
-def plan(root: Path, baselines: bool) -> list[tuple[str, list[str]]]:
+def plan(root: Path, baselines: bool, seeds: str = "0,1") -> list[tuple[str, list[str]]]:
+    """The sweep commands in priority order; N = 1 runs the first of ``seeds`` only."""
     out = root / "sweep"
     steps = [
-        (f"N={n}", sweep(out, [f"algorithm.loss={','.join(MAIN)}", f"algorithm.staleness={n}"], "0,1"))
+        (f"N={n}", sweep(out, [f"algorithm.loss={','.join(MAIN)}", f"algorithm.staleness={n}"], seeds))
         for n in (64, 16)
     ]
-    steps.append(("N=1", sweep(out, ["algorithm.loss=vespo_adaptive,vespo", "algorithm.staleness=1"], "0")))
+    first = seeds.split(",")[0]
+    steps.append(("N=1", sweep(out, ["algorithm.loss=vespo_adaptive,vespo", "algorithm.staleness=1"], first)))
     if baselines:
         steps += [
-            (f"baselines N={n}", sweep(out, [f"algorithm.loss={','.join(EXTRA)}", f"algorithm.staleness={n}"], "0,1"))
+            (f"baselines N={n}", sweep(out, [f"algorithm.loss={','.join(EXTRA)}", f"algorithm.staleness={n}"], seeds))
             for n in (64, 16)
         ]
     return steps
@@ -160,7 +162,7 @@ def warm_up(root: Path) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     warm_up(Path(args.root))
-    for label, cmd in plan(Path(args.root), args.baselines):
+    for label, cmd in plan(Path(args.root), args.baselines, args.seeds):
         print(f"== {label}: {' '.join(cmd)}", flush=True)
         subprocess.run(cmd, check=False, env=_env())
     return 0
@@ -378,7 +380,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     out = root / "sweep"
     ns = "1,16,64"
     losses = ",".join(METHODS if args.baselines else MAIN)
-    cmd = sweep(out, [f"algorithm.loss={losses}", f"algorithm.staleness={ns}"], "0,1", report_only=True)
+    cmd = sweep(out, [f"algorithm.loss={losses}", f"algorithm.staleness={ns}"], args.seeds, report_only=True)
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=_env())
     cells = collect(out)
     text, summary = table(cells)
@@ -396,7 +398,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     results.write_text(
         json.dumps(
             {
-                "command": "python benchmarks/adaptive_lm.py run",
+                "command": "python benchmarks/adaptive_lm.py run"
+                + (" --baselines" if args.baselines else "")
+                + (f" --seeds {args.seeds}" if args.seeds != "0,1" else ""),
                 "common": COMMON,
                 "probe": probe,
                 "warmup_accuracy_512": warm,
@@ -441,6 +445,9 @@ def main(argv: list[str] | None = None) -> int:
             "--root", default="/work/runs/adaptive_lm/mixed", help="directory of the sweep (outside the repo)"
         )
         p.add_argument("--baselines", action="store_true", help="also gspo, cispo and topr at N = 16 and 64")
+        p.add_argument(
+            "--seeds", default="0,1", help="run/report: comma-separated seeds (N = 1 runs the first one only)"
+        )
         p.add_argument("--n", type=int, default=64, help="probe: staleness of the probe run")
         p.add_argument("--steps", type=int, default=32, help="probe: optimizer steps of the probe run")
         p.add_argument("--weights", help="probe: start weights (default: the sweep's warm-up)")
