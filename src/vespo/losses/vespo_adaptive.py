@@ -211,7 +211,9 @@ def vespo_adaptive_seq_inputs(
         return adaptive_seq_log_w(batch, is_mode), batch.seq_advantages, batch.lengths > 0
 
 
-def _alpha_of_row(row: list[float], alphas: list[float], tau: float, mass_target: float, criterion: str) -> tuple:
+def _alpha_of_row(
+    row: list[float], alphas: list[float], tau: float, mass_target: float, criterion: str
+) -> tuple[float, bool]:
     """(alpha, saturated) of one [1 + 2G] (or [1 + 4G]) row of sums: the scan of :func:`resolve_alpha`."""
     g = len(alphas)
     count = row[0]
