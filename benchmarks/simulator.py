@@ -1671,7 +1671,7 @@ class AdaptiveConfig:
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     t_values: tuple[int, ...] = (32, 128, 256, 512)
     ns: tuple[int, ...] = (1, 4, 16, 64)
-    arm_t: tuple[int, ...] = (128,)  # T of the variable-length and the mismatch arms
+    arm_t: tuple[int, ...] = (128, 512)  # T of the variable-length and the mismatch arms
     n1_max_t: int = 256  # N = 1 (identical to vespo by construction) is run up to this T
     mismatch: Mismatch = field(default_factory=lambda: Mismatch("noise", 0.1))
     min_length_frac: float = 0.25  # variable lengths: EOS allowed from T/4 on
@@ -1687,7 +1687,7 @@ class AdaptiveConfig:
 def adaptive_long(steps: int) -> AdaptiveConfig:
     """The targets' check at a longer budget: only what the targets read (fixed lengths at T = 128
     and 512, the variable-length and mismatch arms at 128), no ablations, no gradient study."""
-    return AdaptiveConfig(steps=steps, t_values=(128, 512), ablation_t=(), study_t=())
+    return AdaptiveConfig(steps=steps, t_values=(128, 512), arm_t=(128,), ablation_t=(), study_t=())
 
 
 def adaptive_quick() -> AdaptiveConfig:
@@ -1809,9 +1809,10 @@ def adaptive_sweep(
                 )
             ] = r
         results["timing"]["resumed_runs_cpu"] = sum(r["cpu_seconds"] for r in resume["runs"])
-        results["timing"]["resumed_wall"] = resume.get("timing", {}).get(
+        earlier = resume.get("timing", {})  # a resumed run may itself have resumed one: add its part
+        results["timing"]["resumed_wall"] = earlier.get(
             "total", sum(r["seconds"] for r in resume["runs"])
-        )
+        ) + earlier.get("resumed_wall", 0.0)
     # the long fixed-length runs (T > n1_max_t) last, so that an interrupted sweep has every arm
     jobs = sorted(_adaptive_jobs(acfg), key=lambda j: j["experiment"] == "adaptive_fixed" and j["t"] > acfg.n1_max_t)
     for job in jobs:
@@ -2188,7 +2189,7 @@ def render_adaptive(results: dict[str, Any]) -> str:
     resumed = ""
     if "resumed_runs_cpu" in tm:
         resumed = (
-            f" (this invocation; the resumed first part added {tm['resumed_wall'] / 60:.1f} minutes wall clock "
+            f" (this invocation; the resumed earlier parts added {tm['resumed_wall'] / 60:.1f} minutes wall clock "
             f"and {tm['resumed_runs_cpu'] / 60:.1f} CPU-minutes: "
             f"{(tm['total'] + tm['resumed_wall']) / 60:.1f} wall and {tm['total_cpu_all'] / 60:.1f} CPU-minutes "
             "in all, on a machine shared with other jobs)"
