@@ -302,13 +302,14 @@ def _diagnostics(
     masks = ([o and p for o, p in zip(ok_h, pos_h)], [o and not p for o, p in zip(ok_h, pos_h)])
     metrics: dict[str, float] = {}
     ess_after = []
-    n_total = s_sat = 0.0
+    n_total = s_sat = s_drop = 0.0
     for mask, name in zip(masks, ("pos", "neg")):  # A >= 0, then A < 0
         pb, pa = list(compress(pb_h, mask)), list(compress(phi_h, mask))
         n = len(pb)
         s1b, s2b = sum(pb), sum(map(operator.mul, pb, pb))
         s1a, s2a = sum(pa), sum(map(operator.mul, pa, pa))
         n_total += n
+        s_drop += sum(x < 0.01 for x in pb)
         if sat_h is not None:
             s_sat += sum(compress(sat_h, mask))
         # a sign absent from the batch has nothing adapted: alpha 1, ESS 1, mass 0 (finite, same keys)
@@ -318,8 +319,7 @@ def _diagnostics(
         metrics[f"phi/ess_{name}_after"] = s1a**2 / (n * s2a) if n and s2a > 0 else float(not n)
         metrics[f"phi/mass_{name}"] = s1a / n if n else 0.0
         ess_after.append(s1a**2 / max(n * s2a, 1e-300))
-    valid_pb = list(compress(pb_h, ok_h))
-    metrics["phi/frac_below_0.01_before"] = sum(x < 0.01 for x in valid_pb) / n_total if n_total else 0.0
+    metrics["phi/frac_below_0.01_before"] = s_drop / n_total if n_total else 0.0
     if sat_h is None:
         s_sat = n_total * bool(saturated)
     metrics["vespo_adaptive/saturated"] = s_sat / n_total if n_total else 0.0
