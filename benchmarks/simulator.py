@@ -44,6 +44,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.lib.simulator import Mismatch, PolicySpec, TaskSpec, gradient_study, make_task, train  # noqa: E402
+from vespo.train.checkpoint import write_text_atomic  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "simulator.json"
@@ -429,7 +430,7 @@ def save(results: dict[str, Any], path: Path) -> None:
             return [clean(v) for v in x]
         return x
 
-    path.write_text(json.dumps(clean(results), separators=(",", ":")) + "\n")
+    write_text_atomic(path, json.dumps(clean(results), separators=(",", ":")) + "\n")  # a kill keeps the last save
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1815,18 +1816,24 @@ def adaptive_sweep(
         ) + earlier.get("resumed_wall", 0.0)
     # the long fixed-length runs (T > n1_max_t) last, so that an interrupted sweep has every arm
     jobs = sorted(_adaptive_jobs(acfg), key=lambda j: j["experiment"] == "adaptive_fixed" and j["t"] > acfg.n1_max_t)
-    for job in jobs:
-        key = _job_key(
+
+    def key_of(job: dict[str, Any]) -> tuple:
+        mismatch = job["mismatch"].kind if job["mismatch"] else "none"
+        return _job_key(
             job["experiment"],
             job["loss"],
             job["n"],
             job["t"],
             job["variable"],
-            job["mismatch"].kind if job["mismatch"] else "none",
+            mismatch,
             job.get("label") or job["loss"],
         )
-        if key in done:
-            results["runs"].append(done[key])
+
+    # the resumed runs first, so that every intermediate save holds all of them (the output may be
+    # the resumed file itself)
+    results["runs"] = [done[key_of(job)] for job in jobs if key_of(job) in done]
+    for job in jobs:
+        if key_of(job) in done:
             continue
         t, variable = job.pop("t"), job.pop("variable")
         spec = replace(

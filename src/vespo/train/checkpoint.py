@@ -73,7 +73,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` by temp file + fsync + rename: a kill leaves the old file or the new."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
@@ -85,7 +86,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
     """Write JSON to ``path`` by temp file + rename."""
-    _write_text_atomic(Path(path), json.dumps(data, indent=2, sort_keys=True))
+    write_text_atomic(Path(path), json.dumps(data, indent=2, sort_keys=True))
 
 
 def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -260,7 +261,7 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_text_atomic(root / "latest", final.name)
+    write_text_atomic(root / "latest", final.name)
     _prune(root, keep_last, keep=final.name)
     return final
 
@@ -446,4 +447,4 @@ def _truncate_jsonl(path: Path, key: str, step: int) -> None:
             continue
         if row.get(key, 0) <= step:
             kept.append(line)
-    _write_text_atomic(path, "".join(k + "\n" for k in kept))
+    write_text_atomic(path, "".join(k + "\n" for k in kept))
