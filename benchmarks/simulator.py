@@ -538,7 +538,7 @@ COLORS = {
 }
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -549,7 +549,7 @@ def _plt():
 
 
 def plot_curves(results: dict[str, Any], path: Path, mismatch: str) -> None:
-    plt = _plt()
+    plt = pyplot()
     rows = runs_of(results, "main", mismatch=mismatch)
     losses = list(dict.fromkeys(r["loss"] for r in rows))
     ns = results["config"]["ns"]
@@ -593,7 +593,7 @@ def plot_curves(results: dict[str, Any], path: Path, mismatch: str) -> None:
 
 
 def plot_final_vs_n(results: dict[str, Any], path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     cfg = results["config"]
     mms = [m for m in ("none", cfg["mismatch"]["kind"]) if runs_of(results, "main", mismatch=m)]
     fig, axes = plt.subplots(1, len(mms), figsize=(5.6 * len(mms), 3.9), sharey=True, squeeze=False)
@@ -625,7 +625,7 @@ def plot_final_vs_n(results: dict[str, Any], path: Path) -> None:
 
 
 def plot_gradient(results: dict[str, Any], path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     rows = results["gradient"]
     ks = sorted({r["k"] for r in rows if r["k"] > 0 and len({x["T"] for x in rows if x["k"] == r["k"]}) > 1})
     metrics = [
@@ -677,7 +677,7 @@ def plot_gradient(results: dict[str, Any], path: Path) -> None:
 
 
 def plot_ablation(results: dict[str, Any], path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     cfg = results["config"]
     abl = runs_of(results, "ablation")
     if not abl:
@@ -741,7 +741,7 @@ def sensitivity_settings(results: dict[str, Any]) -> list[tuple[str, str, dict[s
 
 
 def plot_sensitivity(results: dict[str, Any], path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     cfg = results["config"]
     settings = sensitivity_settings(results)
     n = cfg["sens_n"]
@@ -1877,7 +1877,8 @@ def adaptive_sweep(
     return results
 
 
-def _paired(a: list[float], b: list[float]) -> tuple[float, float]:
+def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
+    """(mean, standard error) of the seed-wise differences a - b."""
     d = [x - y for x, y in zip(a, b)]
     return _mean(d), (_std(d) / math.sqrt(len(d)) if len(d) > 1 else 0.0)
 
@@ -1901,7 +1902,7 @@ def adaptive_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 for base in ADAPTIVE_BASELINES:
                     other = get(base, n)
                     if ad and other:
-                        m, se = _paired(ad["final"], other["final"])
+                        m, se = paired_difference(ad["final"], other["final"])
                         diffs.append({"n": n, "baseline": base, "diff": m, "se": se})
             row["diffs"] = diffs
             v1, a1 = get("vespo", 1), get("vespo_adaptive", 1)
@@ -2035,7 +2036,7 @@ def _ablation_md(results: dict[str, Any]) -> str:
         default = one(
             results, "adaptive_fixed" if fixed else "adaptive_variable", loss="vespo_adaptive", n=r["n"], T=r["T"]
         )
-        d = _paired(r["final"], default["final"]) if default else None
+        d = paired_difference(r["final"], default["final"]) if default else None
         rows.append(
             [
                 r["label"],
@@ -2120,7 +2121,7 @@ def _suffix(results: dict[str, Any]) -> str:
 
 
 def plot_adaptive(results: dict[str, Any], img_dir: Path) -> list[Path]:
-    plt = _plt()
+    plt = pyplot()
     suffix = _suffix(results)
     panels = [("adaptive_fixed", t) for t in sorted({r["T"] for r in runs_of(results, "adaptive_fixed")})]
     panels += [
@@ -2251,14 +2252,19 @@ def render_adaptive(results: dict[str, Any]) -> str:
 def write_adaptive_doc(results: dict[str, Any], path: Path = ADAPTIVE_DOC) -> None:
     """Replace the generated block of docs/adaptive.md (between the markers) with fresh tables."""
     steps = "" if not _suffix(results) else f" --steps {results['config']['steps']}"
-    begin = f"<!-- BEGIN GENERATED: benchmarks/simulator.py --adaptive{steps} -->"
-    end = "<!-- END GENERATED -->"
-    text = path.read_text() if path.exists() else f"# Adaptive VESPO\n\n{begin}\n{end}\n"
+    replace_generated_block(path, f"benchmarks/simulator.py --adaptive{steps}", render_adaptive(results))
+
+
+def replace_generated_block(path: Path, command: str, body: str) -> None:
+    """Put ``body`` between ``<!-- BEGIN GENERATED: command -->`` and the next end marker of ``path``
+    (appending the markers if the file lacks them); the rest of the file is kept."""
+    begin, end = f"<!-- BEGIN GENERATED: {command} -->", "<!-- END GENERATED -->"
+    text = path.read_text() if path.exists() else f"# {path.stem}\n\n{begin}\n{end}\n"
     if begin not in text or end not in text:
         text += f"\n{begin}\n{end}\n"
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)  # the first end marker after this block's begin
-    path.write_text(f"{head}{begin}\n{render_adaptive(results)}\n{end}{tail}")
+    path.write_text(f"{head}{begin}\n{body}\n{end}{tail}")
 
 
 def adaptive_main(args: argparse.Namespace, argv: list[str] | None) -> int:

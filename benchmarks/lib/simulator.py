@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from vespo.losses import compute_policy_loss, vespo_adaptive_batch_stats, vespo_adaptive_seq_inputs
+from vespo.losses import compute_policy_loss, get_loss_spec, vespo_adaptive_batch_stats, vespo_adaptive_seq_inputs
 
 try:
     from vespo.rollout.advantages import group_advantages
@@ -640,7 +640,7 @@ def _loss_call(
         advantages=advantages.reshape(s * b).to(log_prob.dtype),
         response_mask=torch.ones(s * b, t, dtype=torch.bool) if mask is None else mask.reshape(s * b, t),
     )
-    if loss == "vespo_adaptive" and kw.get("batch_stats") is None:
+    if "batch_stats" in get_loss_spec(loss).params and kw.get("batch_stats") is None:
         # one set of statistics per seed's mini-batch (the rows of seed i are i * b .. i * b + b - 1)
         extra = {k: kw[k] for k in ("rollout_log_prob", "correction") if k in kw}
         params = {k: v for k, v in kw.items() if k not in extra}
