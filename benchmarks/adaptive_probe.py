@@ -12,11 +12,12 @@ Every variant is compared with the default ``vespo_adaptive`` of the same run, s
 - ``kernel x0.5``: (c1, c2) halved to (1, 1.5) and (1.5, 1), a wider kernel (c1 >= 1 still holds);
 - ``token bridge``: per-token weight phi(rho_t^(1 - alpha) W^alpha), the importance weight towards
   pi at token t and towards the geometric bridge at every other token (alpha = 1: vespo);
-- ``sign-normalised``: phi divided by its mean over the batch's sequences of the same advantage
-  sign, which removes the kernel's sign asymmetry (and with it the pull back towards mu);
+- ``pull x0.5``, ``pull x0.25``, ``sign-normalised``: the mean weight of each advantage sign m moved
+  towards 1 (phi * m^(pull - 1), pull 0.5, 0.25 and 0). The kernel's sign asymmetry gives the signs
+  different means, which pulls the step back towards mu; sign normalisation removes the pull;
 - ``uniform (REINFORCE)``: no weight at all, the limit alpha -> 0 without the kernel.
 
-The two probe kernels are registered here, on top of ``vespo_adaptive``'s own kernel and statistics
+The probe kernels are registered here, on top of ``vespo_adaptive``'s own kernel and statistics
 (not in the library: they are measured losers). Writes ``benchmarks/results/adaptive_probe.json``
 (saved after every run; an interrupted run resumes from it), ``docs/img/adaptive_probe.png`` and
 the generated block of docs/adaptive.md.
@@ -25,6 +26,7 @@ the generated block of docs/adaptive.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -51,12 +53,17 @@ IMG = ROOT / "docs" / "img" / "adaptive_probe.png"
 COMMAND = "benchmarks/adaptive_probe.py"
 _KERNEL_X05 = {"k_pos": 1.0, "lambda_pos": 1.5, "k_neg": 1.5, "lambda_neg": 1.0}
 
+#: probe kernel -> the share of the pull towards mu it keeps (see :func:`pull_loss`)
+PULLS = {"probe_pull_half": 0.5, "probe_pull_quarter": 0.25, "probe_sign_norm": 0.0}
+
 #: label -> (registered loss, parameters); the first is the reference of every paired difference
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "default": ("vespo_adaptive", {}),
     "tau 0.99": ("vespo_adaptive", {"tau": 0.99}),
     "kernel x0.5": ("vespo_adaptive", _KERNEL_X05),
     "token bridge": ("probe_token_bridge", {}),
+    "pull x0.5": ("probe_pull_half", {}),
+    "pull x0.25": ("probe_pull_quarter", {}),
     "sign-normalised": ("probe_sign_norm", {}),
     "uniform (REINFORCE)": ("reinforce", {}),
 }
@@ -97,26 +104,31 @@ def token_bridge_loss(batch: LossBatch, **params: Any) -> KernelOutput:
     return out
 
 
-def sign_norm_loss(batch: LossBatch, **params: Any) -> KernelOutput:
-    """vespo_adaptive's phi divided by its mean over the same group and advantage sign."""
+def pull_loss(batch: LossBatch, pull: float, **params: Any) -> KernelOutput:
+    """vespo_adaptive's phi times m^(pull - 1), m its mean over the same group and advantage sign.
+
+    The kernel gives A >= 0 and A < 0 different mean weights; the difference makes the step raise the
+    likelihood of the behaviour samples, a pull back towards mu. ``pull`` = 1 keeps it (the default
+    loss), 0 removes it (each sign's weights have mean 1), values between scale the two means down
+    towards 1 geometrically."""
     out, _, groups = _adaptive_parts(batch, params)
     slot = groups * 2 + (batch.seq_advantages < 0).long()
     ok = (batch.lengths > 0).to(out.seq_weight.dtype)
     n_slots = int(slot.max()) + 1
     mass = torch.zeros(n_slots, dtype=ok.dtype).index_add_(0, slot, out.seq_weight * ok)
     count = torch.zeros(n_slots, dtype=ok.dtype).index_add_(0, slot, ok)
-    phi = out.seq_weight / (mass / count.clamp_min(1.0)).clamp_min(1e-30)[slot]
+    phi = out.seq_weight * (mass / count.clamp_min(1.0)).clamp_min(1e-30)[slot] ** (pull - 1.0)
     out.seq_weight, out.logp_coeff = phi, -(phi * batch.seq_advantages)
     return out
 
 
 def register_probe_losses() -> None:
-    """Register the two probe kernels (once per process) with vespo_adaptive's parameters."""
+    """Register the probe kernels (once per process) with vespo_adaptive's parameters."""
     spec = get_loss_spec("vespo_adaptive")
-    for name, kernel, summary in (
-        ("probe_token_bridge", token_bridge_loss, "vespo_adaptive with the token bridge (adaptive_probe.py)"),
-        ("probe_sign_norm", sign_norm_loss, "vespo_adaptive with phi normalised per sign (adaptive_probe.py)"),
-    ):
+    kernels = {"probe_token_bridge": token_bridge_loss}
+    kernels.update({name: functools.partial(pull_loss, pull=pull) for name, pull in PULLS.items()})
+    for name, kernel in kernels.items():
+        summary = f"vespo_adaptive variant {name} (benchmarks/adaptive_probe.py)"
         if name not in list_losses():
             register_policy_loss(name, params=spec.params, summary=summary, level="sequence")(kernel)
 

@@ -1,4 +1,4 @@
-"""benchmarks/adaptive_probe.py: the two probe kernels against independent formulas, and resume."""
+"""benchmarks/adaptive_probe.py: the probe kernels against independent formulas, and resume."""
 
 from __future__ import annotations
 
@@ -9,17 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.adaptive_probe import config, register_probe_losses, render, run
+from benchmarks.adaptive_probe import PULLS, VARIANTS, config, register_probe_losses, render, run
 from vespo.losses import compute_policy_loss
 
 register_probe_losses()
 
 
-def _batch(scale: float, seed: int = 0, b: int = 12, t: int = 6) -> dict[str, torch.Tensor]:
+def _batch(scale: float, seed: int = 0, b: int = 12, t: int = 6, shift: float = 0.0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     old = -torch.rand(b, t, generator=g, dtype=torch.float64) * 2
     return dict(
-        log_prob=(old + scale * torch.randn(b, t, generator=g, dtype=torch.float64)).requires_grad_(True),
+        log_prob=(old + shift + scale * torch.randn(b, t, generator=g, dtype=torch.float64)).requires_grad_(True),
         old_log_prob=old,
         advantages=torch.randn(b, generator=g, dtype=torch.float64),
         response_mask=torch.ones(b, t, dtype=torch.bool),
@@ -39,7 +39,7 @@ def _phi(log_v: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
     return torch.exp(c1 * log_v + c2 * (1 - torch.exp(log_v)))
 
 
-@pytest.mark.parametrize("loss", ["probe_token_bridge", "probe_sign_norm"])
+@pytest.mark.parametrize("loss", ["probe_token_bridge", *PULLS])
 def test_probe_kernels_change_nothing_on_policy(loss: str):
     inputs = _batch(0.0)
     ref, _ = _coeff("vespo_adaptive", inputs)
@@ -59,20 +59,25 @@ def test_token_bridge_matches_its_formula_when_alpha_is_below_one():
     torch.testing.assert_close(got, expected.expand_as(got), rtol=1e-9, atol=1e-12)
 
 
-def test_sign_norm_gives_each_sign_a_mean_weight_of_one():
-    inputs = _batch(1.5, seed=3)
-    got, _ = _coeff("probe_sign_norm", inputs)
+@pytest.mark.parametrize("loss", list(PULLS))
+def test_pull_moves_each_signs_mean_weight_towards_one(loss: str):
+    inputs = _batch(0.5, seed=3, shift=-0.4)  # stale: log W ~ -2.4, most weights W < 1
     adv = inputs["advantages"]
-    weight = (-got[:, 0] / adv).double()  # the per-sequence weight phi / mean_sign(phi)
-    for side in (adv >= 0, adv < 0):
-        assert math.isclose(float(weight[side].mean()), 1.0, rel_tol=1e-9)
+    base, _ = _coeff("vespo_adaptive", inputs)
+    got, _ = _coeff(loss, inputs)
+    phi, weight = (-base[:, 0] / adv), (-got[:, 0] / adv)  # per-sequence weights
+    means = [float(phi[side].mean()) for side in (adv >= 0, adv < 0)]
+    assert means[0] > means[1] + 0.05  # the kernel's sign asymmetry on stale data
+    for side, m in zip((adv >= 0, adv < 0), means):
+        assert math.isclose(float(weight[side].mean()), m ** PULLS[loss], rel_tol=1e-9)
+        torch.testing.assert_close(weight[side] / phi[side], torch.full_like(phi[side], m ** (PULLS[loss] - 1)))
 
 
 def test_quick_run_resumes_and_renders(tmp_path: Path):
     out = tmp_path / "probe.json"
     cfg = config(quick=True)
     first = run(cfg, out)
-    assert len(first["runs"]) == len(cfg["t_values"]) * len(cfg["ns"]) * 6
+    assert len(first["runs"]) == len(cfg["t_values"]) * len(cfg["ns"]) * len(VARIANTS)
     cut = dict(first, runs=first["runs"][:5])
     out.write_text(json.dumps(cut))
     again = run(cfg, out)
