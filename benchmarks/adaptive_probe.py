@@ -17,10 +17,12 @@ Every variant is compared with the default ``vespo_adaptive`` of the same run, s
   different means, which pulls the step back towards mu; sign normalisation removes the pull;
 - ``uniform (REINFORCE)``: no weight at all, the limit alpha -> 0 without the kernel.
 
-The probe kernels are registered here, on top of ``vespo_adaptive``'s own kernel and statistics
-(not in the library: they are measured losers). Writes ``benchmarks/results/adaptive_probe.json``
-(saved after every run; an interrupted run resumes from it), ``docs/img/adaptive_probe.png`` and
-the generated block of docs/adaptive.md.
+The probe kernels are registered here, on top of ``vespo_adaptive``'s own kernel and statistics,
+and not in the library: besides the measurements below, the pull variants take their per-sign means
+from the call's own batch, so unlike ``vespo_adaptive`` they are not exact under micro-batching.
+Register them with :func:`register_probe_losses` only in a process of their own (the tests remove
+them again). Writes ``benchmarks/results/adaptive_probe.json`` (saved after every run; an interrupted
+run resumes from it), ``docs/img/adaptive_probe.png`` and the generated block of docs/adaptive.md.
 """
 
 from __future__ import annotations

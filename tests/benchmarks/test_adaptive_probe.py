@@ -11,8 +11,18 @@ import torch
 
 from benchmarks.adaptive_probe import PULLS, VARIANTS, config, register_probe_losses, render, run
 from vespo.losses import compute_policy_loss
+from vespo.losses.registry import _REGISTRY
 
-register_probe_losses()
+
+@pytest.fixture(autouse=True, scope="module")
+def probe_losses():
+    """The probe kernels exist only while this module's tests run: registered at collection time,
+    they would join the tests that are parametrised over every registered loss."""
+    before = set(_REGISTRY)
+    register_probe_losses()
+    yield
+    for name in set(_REGISTRY) - before:
+        del _REGISTRY[name]
 
 
 def _batch(scale: float, seed: int = 0, b: int = 12, t: int = 6, shift: float = 0.0) -> dict[str, torch.Tensor]:
