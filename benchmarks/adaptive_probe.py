@@ -149,8 +149,9 @@ def run(cfg: dict[str, Any], out: Path, variants: dict[str, tuple[str, dict[str,
     results: dict[str, Any] = {"config": cfg, "runs": []}
     if out.exists():
         old = json.loads(out.read_text())
-        if old.get("config") == cfg:
-            results = old
+        if old.get("config") != cfg:
+            raise SystemExit(f"{out} holds runs of another configuration; pass another --out or remove it")
+        results = old
     done = {(r["label"], r["T"], r["N"]) for r in results["runs"]}
     jobs = [(label, t, n) for t in cfg["t_values"] for n in cfg["ns"] for label in variants]
     todo = [j for j in jobs if j not in done]

@@ -94,3 +94,12 @@ def test_quick_run_resumes_and_renders(tmp_path: Path):
     assert [r["final"] for r in again["runs"]] == [r["final"] for r in first["runs"]]
     text = render(again)
     assert "| token bridge |" in text and "N=4 / N=1" in text
+
+
+def test_a_json_of_another_configuration_is_refused_not_overwritten(tmp_path: Path):
+    out = tmp_path / "probe.json"
+    other = {"config": dict(config(quick=True), steps=999), "runs": [{"label": "default", "T": 16, "N": 1}]}
+    out.write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="another configuration"):
+        run(config(quick=True), out)
+    assert json.loads(out.read_text()) == other
