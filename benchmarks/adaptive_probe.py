@@ -44,9 +44,10 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 from benchmarks.lib.simulator import PolicySpec, TaskSpec, make_task, train  # noqa: E402
 from benchmarks.simulator import ADAPTIVE_DOC, ms, paired_difference, pyplot, replace_generated_block  # noqa: E402
 from vespo.losses import get_loss_spec, list_losses, register_policy_loss, vespo_adaptive_batch_stats  # noqa: E402
+from vespo.losses.reinforce import _logp_coeff  # noqa: E402
 from vespo.losses.types import KernelOutput, LossBatch  # noqa: E402
 from vespo.losses.vespo import vespo_log_phi  # noqa: E402
-from vespo.losses.vespo_adaptive import AdaptiveStats, resolve_alpha  # noqa: E402
+from vespo.losses.vespo_adaptive import AdaptiveStats, _coefficients, resolve_alpha  # noqa: E402
 from vespo.train.checkpoint import write_text_atomic  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,11 +98,9 @@ def _adaptive_parts(batch: LossBatch, params: dict[str, Any]) -> tuple[KernelOut
 def token_bridge_loss(batch: LossBatch, **params: Any) -> KernelOutput:
     """-phi(rho_t^(1 - alpha) W^alpha) * A * log pi_t per token, alpha from vespo_adaptive."""
     out, alpha, _ = _adaptive_parts(batch, params)
-    positive = batch.seq_advantages >= 0
-    c1 = torch.where(positive, params["k_pos"], params["k_neg"]).to(alpha.dtype)[:, None]
-    c2 = torch.where(positive, params["lambda_pos"], params["lambda_neg"]).to(alpha.dtype)[:, None]
+    c1, c2 = _coefficients(batch.seq_advantages, alpha, params)  # vespo_adaptive's (c1, c2) per sequence
     log_v = alpha[:, None] * out.seq_log_w[:, None] + (1.0 - alpha[:, None]) * batch.log_ratio.detach()
-    phi_t = torch.exp(vespo_log_phi(log_v, c1, c2)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    phi_t = torch.exp(vespo_log_phi(log_v, c1[:, None], c2[:, None])).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
     out.logp_coeff = -(phi_t * batch.token_advantages)
     return out
 
@@ -120,7 +119,7 @@ def pull_loss(batch: LossBatch, pull: float, **params: Any) -> KernelOutput:
     mass = torch.zeros(n_slots, dtype=ok.dtype).index_add_(0, slot, out.seq_weight * ok)
     count = torch.zeros(n_slots, dtype=ok.dtype).index_add_(0, slot, ok)
     phi = out.seq_weight * (mass / count.clamp_min(1.0)).clamp_min(1e-30)[slot] ** (pull - 1.0)
-    out.seq_weight, out.logp_coeff = phi, -(phi * batch.seq_advantages)
+    out.seq_weight, out.logp_coeff = phi, _logp_coeff(batch, phi)
     return out
 
 
@@ -148,10 +147,14 @@ def run(cfg: dict[str, Any], out: Path, variants: dict[str, tuple[str, dict[str,
     register_probe_losses()
     results: dict[str, Any] = {"config": cfg, "runs": []}
     if out.exists():
-        old = json.loads(out.read_text())
-        if old.get("config") != cfg:
+        try:
+            old = json.loads(out.read_text())
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"{out} is not a results JSON of this script ({err}); pass another --out") from None
+        if not isinstance(old, dict) or old.get("config") != cfg:
             raise SystemExit(f"{out} holds runs of another configuration; pass another --out or remove it")
         results = old
+    out.parent.mkdir(parents=True, exist_ok=True)
     done = {(r["label"], r["T"], r["N"]) for r in results["runs"]}
     jobs = [(label, t, n) for t in cfg["t_values"] for n in cfg["ns"] for label in variants]
     todo = [j for j in jobs if j not in done]

@@ -103,3 +103,12 @@ def test_a_json_of_another_configuration_is_refused_not_overwritten(tmp_path: Pa
     with pytest.raises(SystemExit, match="another configuration"):
         run(config(quick=True), out)
     assert json.loads(out.read_text()) == other
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]"])
+def test_a_file_that_is_not_a_results_json_is_refused_in_one_line(tmp_path: Path, content: str):
+    out = tmp_path / "probe.json"
+    out.write_text(content)
+    with pytest.raises(SystemExit, match="another|not a results JSON"):
+        run(config(quick=True), out)
+    assert out.read_text() == content
