@@ -2264,7 +2264,7 @@ def replace_generated_block(path: Path, command: str, body: str) -> None:
         text += f"\n{begin}\n{end}\n"
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)  # the first end marker after this block's begin
-    path.write_text(f"{head}{begin}\n{body}\n{end}{tail}")
+    write_text_atomic(path, f"{head}{begin}\n{body}\n{end}{tail}")  # a kill leaves the old doc or the new
 
 
 def adaptive_main(args: argparse.Namespace, argv: list[str] | None) -> int:
