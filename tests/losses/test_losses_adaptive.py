@@ -156,6 +156,39 @@ def test_alpha_solves_the_ess_target_and_loss_matches_loop(tau, seed, per_sign):
     np.testing.assert_allclose(grad.numpy(), ref_grad, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("per_sign", [True, False])
+def test_log_w_beyond_twenty_nats_is_tempered_not_tied(per_sign):
+    """|log W| of 20-80 nats (long responses, large N): the tempering sees the true log W. A clamp
+    of log W at +-20 before tempering would tie every such sequence at one weight per sign."""
+    B, T = 32, 64
+    g = torch.Generator().manual_seed(21)
+    lp = -torch.rand(B, T, generator=g, dtype=torch.float64) - 0.05
+    target = -(20.0 + 60.0 * torch.rand(B, generator=g, dtype=torch.float64))  # log W in [-80, -20]
+    old = lp - (target / T)[:, None]
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    out, grad = loss_and_grad("vespo_adaptive", lp, old, adv, mask, per_sign=per_sign)
+    log_w, a = target.tolist(), adv.tolist()
+    groups = (("pos", [x >= 0 for x in a]), ("neg", [x < 0 for x in a]))
+    if not per_sign:
+        groups = (("pos", [True] * B), ("neg", [True] * B))
+    alphas = {}
+    for sign, sel in groups:
+        lws = [lw for lw, s in zip(log_w, sel) if s]
+        advs = [x for x, s in zip(a, sel) if s]
+        alphas[sign] = out.metrics[f"vespo_adaptive/alpha_{sign}"]
+        assert alphas[sign] == pytest.approx(ref_alpha(lws, advs, 0.9), rel=0.03), sign
+    n_tok = B * T
+    want = [-ref_phi(log_w[b], a[b], alphas["pos" if a[b] >= 0 else "neg"]) * a[b] / n_tok for b in range(B)]
+    np.testing.assert_allclose(grad[:, 0].numpy(), want, rtol=1e-6, atol=1e-15)
+    # within each sign the weights keep the order of log W (all are below the kernel's mode)
+    phi = (grad[:, 0] / (-adv / n_tok)).tolist()
+    for positive in (True, False):
+        pairs = sorted((lw, w) for lw, w, x in zip(log_w, phi, a) if (x >= 0) == positive)
+        assert all(w1 < w2 for (_, w1), (_, w2) in zip(pairs, pairs[1:]))
+    assert out.metrics["is/log_w_min"] == pytest.approx(min(log_w), rel=1e-9)
+
+
 def test_phi_of_an_on_policy_sequence_is_one_under_any_alpha():
     lp, old, adv, mask = make_batch(B=20, T=30, drift=0.6, seed=4, lengths=torch.full((20,), 30))
     old[0] = lp[0]  # this sequence has log W = 0

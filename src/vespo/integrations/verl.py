@@ -250,7 +250,10 @@ def adaptive_stats_across_ranks(batch: Any, params: dict[str, Any]) -> Any:
     """
     kernel_params = {k: v for k, v in params.items() if k != "batch_stats"}
     stats = vespo_adaptive_batch_stats(
-        adaptive_seq_log_w(batch, params["is_mode"]), batch.seq_advantages, batch.lengths > 0, **kernel_params
+        adaptive_seq_log_w(batch, params["is_mode"], params["alpha_min"]),
+        batch.seq_advantages,
+        batch.lengths > 0,
+        **kernel_params,
     )
     dist = torch.distributed
     if (

@@ -23,7 +23,8 @@ class Param:
     """One loss parameter: default, allowed range and a short description.
 
     ``low``/``high`` bound the value; ``low_open``/``high_open`` make the bound strict.
-    ``choices`` restricts a string parameter. ``note`` is appended to the range error.
+    ``choices`` restricts a string parameter. ``note`` is appended to the range error. A parameter
+    whose default is an ``int`` takes whole numbers only.
     """
 
     default: Any
@@ -50,6 +51,8 @@ class Param:
             value = float(value)
             if not math.isfinite(value):
                 raise ValueError(f"loss '{loss}': {name} must be finite, got {value}")
+            if isinstance(self.default, int) and value != int(value):
+                raise ValueError(f"loss '{loss}': {name} must be a whole number, got {value:g}")
             too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
             too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
             if too_low or too_high:

@@ -36,12 +36,15 @@ from typing import Any
 import torch
 
 from vespo.losses.diagnostics import host_length_bucket_quantiles
-from vespo.losses.numerics import LOG_RATIO_CLAMP, LOG_W_FLOOR
+from vespo.losses.numerics import LOG_RATIO_CLAMP
 from vespo.losses.registry import Param, get_loss_spec, register_policy_loss
+from vespo.losses.reinforce import _logp_coeff
 from vespo.losses.types import KernelOutput, LossBatch
 from vespo.losses.vespo import vespo_log_phi
 
 _C1_NOTE = "the variance bound of Prop. 3.1 needs c1 >= 1"
+#: bound on log phi inside the statistics (the paper's kernels stay below log 1.2): e^600 sums safely
+_LOG_PHI_MAX = 300.0
 #: parameters that change the sums (a stats object built with other values is rejected)
 _STATS_KEYS = ("k_pos", "lambda_pos", "k_neg", "lambda_neg", "alpha_min", "grid", "is_mode", "criterion")
 
@@ -86,13 +89,31 @@ def _key(params: dict) -> tuple:
     return tuple((k, params[k]) for k in _STATS_KEYS)
 
 
-def adaptive_seq_log_w(batch: LossBatch, is_mode: str = "joint") -> torch.Tensor:
+def temper_bound(alpha_min: float) -> float:
+    """Bound on |log W| before tempering: 20 / alpha_min.
+
+    The kernel clamps the *tempered* log-weight alpha * log W to +-20, as vespo clamps log W. A bound
+    of 20 on log W itself would tie every sequence beyond 20 nats at the same weight, which is the
+    regime the tempering is for (long responses, large N). Beyond 20 / alpha_min even the smallest
+    exponent gives a tempered value outside the kernel's window, so nothing is lost there.
+    """
+    return min(LOG_RATIO_CLAMP / float(alpha_min), 1e30)  # any bound above 20 T acts the same; float32-safe
+
+
+def adaptive_seq_log_w(batch: LossBatch, is_mode: str = "joint", alpha_min: float = 0.02) -> torch.Tensor:
     """[B] log W the adaptive kernel tempers: log(pi_theta/pi_old) (+ log(pi_old/mu) in 'joint'
-    mode), clamped to +-20, detached. Identical to what ``vespo`` feeds its kernel."""
+    mode), detached, clamped to +-:func:`temper_bound`. Where |log W| <= 20 it is exactly what
+    ``vespo`` feeds its kernel; beyond, vespo's clamp would tie the weights the tempering separates."""
+    bound = temper_bound(alpha_min)
+    return _joint_seq_log_w(batch, is_mode).clamp(-bound, bound)
+
+
+def _joint_seq_log_w(batch: LossBatch, is_mode: str) -> torch.Tensor:
+    """[B] sum_t clamp(log rho_t, +-20) (+ the rollout part in 'joint' mode), detached, unclamped."""
     seq_log_w = batch.seq_log_ratio
     if batch.rollout_seq_log_w is not None and is_mode == "joint":
         seq_log_w = seq_log_w + batch.rollout_seq_log_w
-    return seq_log_w.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).detach()
+    return seq_log_w.detach()
 
 
 def _coefficients(seq_adv: torch.Tensor, like: torch.Tensor, p: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,14 +147,43 @@ def vespo_adaptive_batch_stats(
     Cost: O(B * G) elementwise work on [B] vectors, no [B, T] pass.
     """
     p = get_loss_spec("vespo_adaptive").resolve({k: v for k, v in params.items() if k != "batch_stats"})
+    if not isinstance(seq_log_w, torch.Tensor) or not isinstance(seq_advantages, torch.Tensor):
+        raise ValueError("seq_log_w and seq_advantages must be torch tensors of one value per sequence")
+    if seq_log_w.dim() > 1 and not (seq_log_w.dim() == 2 and seq_log_w.shape[1] == 1):
+        raise ValueError(f"seq_log_w must be [B] (one log W per sequence), got shape {tuple(seq_log_w.shape)}")
+    b = seq_log_w.numel()
+    for name, x in (("seq_advantages", seq_advantages), ("valid", valid)):
+        if x is not None and (not isinstance(x, torch.Tensor) or x.numel() != b):
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{name} must be a [B] tensor with B = {b} (one value per sequence), got {got}")
+    if groups is not None:
+        n_groups = _check_groups(groups, b, n_groups)
     with torch.no_grad():
-        log_w = torch.nan_to_num(seq_log_w.detach().double(), nan=0.0, posinf=0.0, neginf=0.0)
-        log_w = log_w.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        log_w = torch.nan_to_num(seq_log_w.detach().double().reshape(-1), nan=0.0, posinf=0.0, neginf=0.0)
+        bound = temper_bound(p["alpha_min"])
+        log_w = log_w.clamp(-bound, bound)
         adv = torch.nan_to_num(seq_advantages.detach().double().reshape(-1), nan=0.0)
         ok = None if valid is None else valid.reshape(-1).bool()
         if groups is not None:
             groups = groups.reshape(-1).long().to(log_w.device)
         return _batch_sums(log_w, adv, ok, p, groups, n_groups)
+
+
+def _check_groups(groups: object, b: int, n_groups: int | None) -> int:
+    """The number of groups, after checking that ``groups`` is a [B] integer tensor in [0, n_groups)."""
+    if not isinstance(groups, torch.Tensor) or groups.dtype.is_floating_point or groups.dtype == torch.bool:
+        raise ValueError("groups must be an integer torch tensor with one group index per sequence")
+    if groups.dim() != 1 or groups.numel() != b:
+        raise ValueError(f"groups must have shape [B] = [{b}], got {tuple(groups.shape)}")
+    low = int(groups.min()) if b else 0
+    high = int(groups.max()) + 1 if b else 1
+    if n_groups is None:
+        n_groups = high
+    if isinstance(n_groups, bool) or int(n_groups) != n_groups or n_groups < 1:
+        raise ValueError(f"n_groups must be a whole number >= 1, got {n_groups!r}")
+    if low < 0 or high > n_groups:
+        raise ValueError(f"groups must lie in [0, {int(n_groups)}), got values in [{low}, {high - 1}]")
+    return int(n_groups)
 
 
 def _batch_sums(
@@ -145,7 +195,7 @@ def _batch_sums(
     n_groups: int | None,
     with_phi: bool = False,
 ) -> Any:
-    """The sums of :class:`AdaptiveStats` from clean float64 [B] inputs (|log W| <= 20); with
+    """The sums of :class:`AdaptiveStats` from clean float64 [B] inputs (|log W| <= temper_bound); with
     ``with_phi`` also the [B] float64 vespo weight phi(W) (the alpha = 1 row)."""
     b = log_w.numel()
     g = int(p["grid"])
@@ -155,9 +205,13 @@ def _batch_sums(
     # one row per sequence, so that the reduction below is a [2n, B] x [B, 1 + 2G] product
     cols = torch.empty(b, 1 + (2 if p["criterion"] == "phi" else 4) * g, dtype=torch.float64, device=log_w.device)
     cols[:, 0] = 1.0
-    la = log_w[:, None] * alphas  # [B, G] log W^alpha, within +-20
+    # [B, G] log W^alpha with the kernel's upper clamp. Below, no floor: the released code's floor
+    # (log W >= log 1e-8 in the power term) would give every sequence under it one weight, and the
+    # ESS of equal weights reads 1, so a batch far below the floor would never be tempered.
+    la = (log_w[:, None] * alphas).clamp_(max=LOG_RATIO_CLAMP)
     v = torch.exp(la)  # W^alpha <= e^20: its square cannot overflow in float64
-    log_phi = torch.addcmul(c2, c1, la.clamp_min(LOG_W_FLOOR)).sub_(c2 * v)  # log phi(W^alpha), shifted Eq. 17
+    log_phi = torch.addcmul(c2, c1, la).sub_(c2 * v)  # log phi(W^alpha), shifted Eq. 17
+    log_phi.clamp_(max=_LOG_PHI_MAX)  # phi^2 and its sum stay finite for any (c1, c2) in range
     phi = torch.exp(log_phi, out=cols[:, 1 : 1 + g])
     torch.mul(phi, phi, out=cols[:, 1 + g : 1 + 2 * g])
     if p["criterion"] == "w":
@@ -179,12 +233,21 @@ def _batch_sums(
 
 def merge_adaptive_stats(parts: Sequence[AdaptiveStats]) -> AdaptiveStats:
     """Statistics of the union of disjoint parts (micro-batches, gradient-accumulation steps)."""
+    parts = list(parts)
     if not parts:
         raise ValueError("merge_adaptive_stats needs at least one part")
-    key = parts[0].key
+    if not all(isinstance(p, AdaptiveStats) for p in parts):
+        raise ValueError("merge_adaptive_stats takes AdaptiveStats (from vespo_adaptive_batch_stats)")
+    key, shape = parts[0].key, parts[0].sums.shape
     if any(p.key != key for p in parts):
         raise ValueError("cannot merge vespo_adaptive statistics computed with different parameters")
-    return AdaptiveStats(sums=sum(p.sums for p in parts[1:]) + parts[0].sums, key=key, groups=parts[0].groups)
+    if any(p.sums.shape != shape for p in parts):
+        raise ValueError(f"cannot merge statistics of different shapes: {sorted({tuple(p.sums.shape) for p in parts})}")
+    # a row-to-group map belongs to one call's rows: keep it only if every part has the same one
+    groups = parts[0].groups
+    if any(p.groups is None or groups is None or not torch.equal(p.groups, groups) for p in parts[1:]):
+        groups = None
+    return AdaptiveStats(sums=sum(p.sums for p in parts[1:]) + parts[0].sums, key=key, groups=groups)
 
 
 def vespo_adaptive_seq_inputs(
@@ -197,7 +260,8 @@ def vespo_adaptive_seq_inputs(
     is_mode: str = "joint",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(seq_log_w [B], seq_advantages [B], valid [B]) from the loss's own inputs, computed exactly
-    as the loss computes them (a trainer's no-grad pre-pass calls this per micro-batch)."""
+    as the loss computes them (a trainer's no-grad pre-pass calls this per micro-batch). log W is
+    not bounded here: :func:`vespo_adaptive_batch_stats` applies the bound of its ``alpha_min``."""
     from vespo.losses.core import build_loss_batch  # core imports the registry that imports us
 
     with torch.no_grad():
@@ -208,7 +272,7 @@ def vespo_adaptive_seq_inputs(
             response_mask=response_mask,
             rollout_is_weights=rollout_is_weights,
         )
-        return adaptive_seq_log_w(batch, is_mode), batch.seq_advantages, batch.lengths > 0
+        return _joint_seq_log_w(batch, is_mode), batch.seq_advantages, batch.lengths > 0
 
 
 def _alpha_of_row(
@@ -265,21 +329,44 @@ def resolve_alpha(
     tiny kernels.
     """
     g = int(grid)
-    blocks = 2 if criterion == "phi" else 4
-    if stats.sums.shape[-1] != 1 + blocks * g:
-        raise ValueError(f"batch_stats has {stats.sums.shape[-1]} columns, expected {1 + blocks * g} for grid={g}")
     alphas = alpha_grid(alpha_min, g).tolist()
     alpha, saturated = [], []
-    for pos, neg in stats.sums.tolist():
-        if per_sign:
-            (a_pos, s_pos), (a_neg, s_neg) = (_alpha_of_row(r, alphas, tau, mass_target, criterion) for r in (pos, neg))
-        else:
-            a_pos, s_pos = a_neg, s_neg = _alpha_of_row(
-                [x + y for x, y in zip(pos, neg)], alphas, tau, mass_target, criterion
-            )
+    for pos, neg in _sign_rows(stats, g, criterion, per_sign):
+        (a_pos, s_pos), (a_neg, s_neg) = (_alpha_of_row(r, alphas, tau, mass_target, criterion) for r in (pos, neg))
         alpha.append([a_pos, a_neg])
         saturated.append([s_pos, s_neg])
     return alpha, saturated
+
+
+def _sign_rows(stats: AdaptiveStats, grid: int, criterion: str, per_sign: bool) -> list[list[list[float]]]:
+    """[n_groups][2] rows of sums on the host (A >= 0, A < 0), both signs pooled unless ``per_sign``,
+    after checking that the statistics are well formed (a bad all-reduce must not pass silently)."""
+    sums = stats.sums
+    width = 1 + (2 if criterion == "phi" else 4) * grid
+    if not isinstance(sums, torch.Tensor) or sums.dim() != 3 or sums.shape[0] < 1 or sums.shape[1] != 2:
+        got = tuple(sums.shape) if isinstance(sums, torch.Tensor) else type(sums).__name__
+        raise ValueError(f"batch_stats.sums must be a [n_groups >= 1, 2, {width}] tensor, got {got}")
+    if sums.shape[-1] != width:
+        raise ValueError(f"batch_stats has {sums.shape[-1]} columns, expected {width} for grid={grid}")
+    rows = sums.tolist()
+    if not all(0 <= x < math.inf for group in rows for row in group for x in row):  # False for NaN too
+        raise ValueError("batch_stats.sums must be finite and non-negative (they are counts and sums of weights)")
+    if not per_sign:
+        rows = [[pooled, pooled] for pooled in ([x + y for x, y in zip(pos, neg)] for pos, neg in rows)]
+    return rows
+
+
+def _ess_at_alpha_min(stats: AdaptiveStats, grid: int, criterion: str, per_sign: bool) -> list[list[float]]:
+    """[n_groups][2] normalised ESS at alpha_min (the last grid point), pooled like alpha."""
+    off = 1 if criterion == "phi" else 1 + 2 * grid  # where the ESS sums start
+    j = grid - 1
+    return [
+        [
+            r[off + j] * r[off + j] / (r[0] * r[off + grid + j]) if r[0] > 0 and r[off + grid + j] > 0 else 1.0
+            for r in pair
+        ]
+        for pair in _sign_rows(stats, grid, criterion, per_sign)
+    ]
 
 
 def _diagnostics(
@@ -291,23 +378,20 @@ def _diagnostics(
     saturated: torch.Tensor | bool,
     seq_log_w: torch.Tensor,
     lengths: torch.Tensor,
-) -> tuple[tuple[float, float], dict[str, float]]:
-    """(ESS of phi(W^alpha) for A >= 0 and A < 0, the metrics of one call). The [B] vectors go to
-    the host once and the per-sign sums run there in Python doubles: a few hundred numbers cost less
-    than the dozens of tiny device kernels the same sums would launch."""
+) -> dict[str, float]:
+    """The metrics of one call. The [B] vectors go to the host once and the per-sign sums run there
+    in Python doubles: a few hundred numbers cost less than the dozens of tiny device kernels the same
+    sums would launch."""
     ok_h, pos_h = valid.tolist(), positive.tolist()
     pb_h, phi_h = phi_before.tolist(), phi.tolist()
     alpha_h = alpha.tolist() if isinstance(alpha, torch.Tensor) else None
     sat_h = saturated.tolist() if isinstance(saturated, torch.Tensor) else None
     masks = ([o and p for o, p in zip(ok_h, pos_h)], [o and not p for o, p in zip(ok_h, pos_h)])
     metrics: dict[str, float] = {}
-    ess_after = []
     n_total = s_sat = s_drop = 0.0
     for mask, name in zip(masks, ("pos", "neg")):  # A >= 0, then A < 0
         pb, pa = list(compress(pb_h, mask)), list(compress(phi_h, mask))
         n = len(pb)
-        s1b, s2b = sum(pb), sum(map(operator.mul, pb, pb))
-        s1a, s2a = sum(pa), sum(map(operator.mul, pa, pa))
         n_total += n
         s_drop += sum(x < 0.01 for x in pb)
         if sat_h is not None:
@@ -315,10 +399,9 @@ def _diagnostics(
         # a sign absent from the batch has nothing adapted: alpha 1, ESS 1, mass 0 (finite, same keys)
         a = (sum(compress(alpha_h, mask)) / n if alpha_h is not None else float(alpha)) if n else 1.0
         metrics[f"vespo_adaptive/alpha_{name}"] = a
-        metrics[f"phi/ess_{name}_before"] = s1b**2 / (n * s2b) if n and s2b > 0 else float(not n)
-        metrics[f"phi/ess_{name}_after"] = s1a**2 / (n * s2a) if n and s2a > 0 else float(not n)
-        metrics[f"phi/mass_{name}"] = s1a / n if n else 0.0
-        ess_after.append(s1a**2 / max(n * s2a, 1e-300))
+        metrics[f"phi/ess_{name}_before"] = _host_ess(pb)
+        metrics[f"phi/ess_{name}_after"] = _host_ess(pa)
+        metrics[f"phi/mass_{name}"] = sum(pa) / n if n else 0.0
     metrics["phi/frac_below_0.01_before"] = s_drop / n_total if n_total else 0.0
     if sat_h is None:
         s_sat = n_total * bool(saturated)
@@ -326,7 +409,18 @@ def _diagnostics(
     metrics.update(
         host_length_bucket_quantiles(list(compress(seq_log_w.tolist(), ok_h)), list(compress(lengths.tolist(), ok_h)))
     )
-    return (ess_after[0], ess_after[1]), metrics
+    return metrics
+
+
+def _host_ess(weights: list[float]) -> float:
+    """Normalised ESS (sum w)^2 / (n sum w^2) of non-negative host floats, scale-free (divided by the
+    largest weight first, so huge or tiny weights neither overflow nor underflow); 1 for an empty
+    list, 0 when every weight is 0."""
+    top = max(weights, default=0.0)
+    if not weights or not top > 0 or top == math.inf:
+        return float(not weights)
+    rel = [w / top for w in weights]
+    return sum(rel) ** 2 / (len(rel) * sum(map(operator.mul, rel, rel)))
 
 
 @register_policy_loss(
@@ -401,7 +495,7 @@ def vespo_adaptive_loss(
         criterion=criterion,
     )
     grid = int(grid)
-    seq_log_w = adaptive_seq_log_w(batch, is_mode)  # [B], the log W vespo uses (Eq. 5)
+    seq_log_w = adaptive_seq_log_w(batch, is_mode, alpha_min)  # [B] log W (Eq. 5), vespo's where |log W| <= 20
     valid = batch.lengths > 0
     seq_adv = batch.seq_advantages
     phi_before = None
@@ -421,6 +515,10 @@ def vespo_adaptive_loss(
     positive = seq_adv >= 0
     dt = seq_log_w.dtype
     if stats.groups is None:
+        if len(alpha_g) != 1:
+            raise ValueError(
+                f"batch_stats hold {len(alpha_g)} groups but no groups map: give it with stats.with_groups(groups)"
+            )
         (a_pos, a_neg), (sat_pos, sat_neg) = alpha_g[0], sat_g[0]
         # one alpha for the batch (the default): a Python scalar, so alpha = 1.0 leaves vespo's floats
         alpha = a_pos if a_pos == a_neg else torch.full_like(seq_log_w, a_neg).masked_fill_(positive, a_pos)
@@ -428,9 +526,10 @@ def vespo_adaptive_loss(
             sat_pos if sat_pos == sat_neg else torch.full_like(positive, sat_neg).masked_fill_(positive, sat_pos)
         )
     else:
-        if stats.groups.numel() != seq_log_w.numel():
+        if isinstance(stats.groups, torch.Tensor) and stats.groups.numel() != seq_log_w.numel():
             raise ValueError(f"batch_stats.groups has {stats.groups.numel()} rows, the batch {seq_log_w.numel()}")
-        grp, sign = stats.groups.to(seq_log_w.device), (~positive).long()
+        _check_groups(stats.groups, seq_log_w.numel(), len(alpha_g))
+        grp, sign = stats.groups.to(seq_log_w.device).long(), (~positive).long()
         alpha = torch.tensor(alpha_g, dtype=torch.float64, device=seq_log_w.device)[grp, sign].to(dt)
         saturated = torch.tensor(sat_g, device=seq_log_w.device)[grp, sign]
 
@@ -447,20 +546,18 @@ def vespo_adaptive_loss(
     phi = torch.exp(log_phi).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).detach()
     if phi_before is None:  # statistics came from outside: vespo's weight of this batch
         phi_before = torch.exp(vespo_log_phi(seq_log_w, c1, c2)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
-    ess_after, metrics = _diagnostics(phi, phi_before, positive, valid, alpha, saturated, seq_log_w, batch.lengths)
+    metrics = _diagnostics(phi, phi_before, positive, valid, alpha, saturated, seq_log_w, batch.lengths)
     if saturate_scale and (not isinstance(saturated, bool) or saturated):
-        ess_seq = torch.full_like(phi, ess_after[1]).masked_fill_(positive, ess_after[0])
+        # the ESS at alpha_min of the statistics' batch (not of this call's rows): exact under splits
+        ess_min = torch.tensor(_ess_at_alpha_min(stats, grid, criterion, per_sign), dtype=torch.float64)
+        grp = stats.groups.long() if stats.groups is not None else torch.zeros_like(seq_adv, dtype=torch.long)
+        ess_seq = ess_min.to(seq_log_w.device)[grp.to(seq_log_w.device), (~positive).long()].to(phi.dtype)
         scaled = phi * (ess_seq / tau).clamp(max=1.0).sqrt()
         phi = scaled if isinstance(saturated, bool) else torch.where(saturated, scaled, phi)
 
-    # Eq. 20 with phi(W^alpha): loss = -phi * A * log pi per sequence (or per token for [B, T] A)
-    if batch.advantages.dim() == 2:
-        coeff = -(phi.unsqueeze(-1) * batch.token_advantages)
-    else:
-        coeff = -(phi * seq_adv)
     return KernelOutput(
         loss_mat=None,
-        logp_coeff=coeff,
+        logp_coeff=_logp_coeff(batch, phi),  # Eq. 20 with phi(W^alpha): loss = -phi * A * log pi
         seq_log_w=seq_log_w,
         seq_weight=phi,
         uses_rollout_is=batch.rollout_seq_log_w is not None,
