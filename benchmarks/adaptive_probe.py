@@ -15,7 +15,10 @@ Every variant is compared with the default ``vespo_adaptive`` of the same run, s
 - ``pull x0.5``, ``pull x0.25``, ``sign-normalised``: the mean weight of each advantage sign m moved
   towards 1 (phi * m^(pull - 1), pull 0.5, 0.25 and 0). The kernel's sign asymmetry gives the signs
   different means, which pulls the step back towards mu; sign normalisation removes the pull;
-- ``uniform (REINFORCE)``: no weight at all, the limit alpha -> 0 without the kernel.
+- ``uniform (REINFORCE)``: no weight at all, the limit alpha -> 0 without the kernel;
+- ``per-token remainder``: the untempered part W^(1 - alpha) = prod_t rho_t^(1 - alpha) applied per
+  decision, min(rho_t^(1 - alpha), 5) on token t (``remainder='token'``, found after these probes
+  and now the library default). Every other row is the first version (``remainder='none'``).
 
 The probe kernels are registered here, on top of ``vespo_adaptive``'s own kernel and statistics,
 and not in the library: besides the measurements below, the pull variants take their per-sign means
@@ -59,21 +62,28 @@ _KERNEL_X05 = {"k_pos": 1.0, "lambda_pos": 1.5, "k_neg": 1.5, "lambda_neg": 1.0}
 #: probe kernel -> the share of the pull towards mu it keeps (see :func:`pull_loss`)
 PULLS = {"probe_pull_half": 0.5, "probe_pull_quarter": 0.25, "probe_sign_norm": 0.0}
 
-#: label -> (registered loss, parameters); the first is the reference of every paired difference
+#: the first version of vespo_adaptive, which these probes were run against: no per-token remainder
+_FIRST = {"remainder": "none"}
+
+#: label -> (registered loss, parameters); the first is the reference of every paired difference.
+#: "default" is the first version (remainder 'none'); "per-token remainder" is today's default.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "default": ("vespo_adaptive", {}),
-    "tau 0.99": ("vespo_adaptive", {"tau": 0.99}),
-    "kernel x0.5": ("vespo_adaptive", _KERNEL_X05),
-    "token bridge": ("probe_token_bridge", {}),
-    "pull x0.5": ("probe_pull_half", {}),
-    "pull x0.25": ("probe_pull_quarter", {}),
-    "sign-normalised": ("probe_sign_norm", {}),
+    "default": ("vespo_adaptive", _FIRST),
+    "tau 0.99": ("vespo_adaptive", {**_FIRST, "tau": 0.99}),
+    "kernel x0.5": ("vespo_adaptive", {**_FIRST, **_KERNEL_X05}),
+    "token bridge": ("probe_token_bridge", _FIRST),
+    "pull x0.5": ("probe_pull_half", _FIRST),
+    "pull x0.25": ("probe_pull_quarter", _FIRST),
+    "sign-normalised": ("probe_sign_norm", _FIRST),
     "uniform (REINFORCE)": ("reinforce", {}),
+    "per-token remainder": ("vespo_adaptive", {"remainder": "token"}),
 }
 
 
 def _adaptive_parts(batch: LossBatch, params: dict[str, Any]) -> tuple[KernelOutput, torch.Tensor, torch.Tensor]:
-    """vespo_adaptive's output on ``batch``, its [B] alpha and its [B] group index."""
+    """The first version's output on ``batch`` (vespo_adaptive with ``remainder='none'``, whatever
+    ``params`` says: the probe kernels are variants of it), its [B] alpha and its [B] group index."""
+    params = {**params, "remainder": "none"}
     out = get_loss_spec("vespo_adaptive").kernel(batch, **params)
     stats: AdaptiveStats | None = params["batch_stats"]
     if stats is None:  # the call's own batch, as vespo_adaptive does

@@ -1645,6 +1645,8 @@ ADAPTIVE_BASELINES = ADAPTIVE_LOSSES[1:]
 #: ablations of vespo_adaptive: label -> parameters (the default is the first)
 ADAPTIVE_ABLATIONS: dict[str, dict[str, Any]] = {
     "default": {},
+    "remainder=none": {"remainder": "none"},
+    "remainder_cap=2": {"remainder_cap": 2.0},
     "per_sign": {"per_sign": True},
     "criterion=w": {"criterion": "w"},
     "tau=0.5": {"tau": 0.5},

@@ -36,9 +36,9 @@ def _batch(scale: float, seed: int = 0, b: int = 12, t: int = 6, shift: float = 
     )
 
 
-def _coeff(loss: str, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+def _coeff(loss: str, inputs: dict[str, torch.Tensor], **params: object) -> tuple[torch.Tensor, dict[str, float]]:
     """d loss / d log_prob, scaled back to the per-token coefficient (token-mean over B * T)."""
-    out = compute_policy_loss(loss, loss_agg_mode="token-mean", **inputs)
+    out = compute_policy_loss(loss, loss_agg_mode="token-mean", **inputs, **params)
     (grad,) = torch.autograd.grad(out.loss, inputs["log_prob"])
     return grad * inputs["log_prob"].numel(), out.metrics
 
@@ -73,7 +73,7 @@ def test_token_bridge_matches_its_formula_when_alpha_is_below_one():
 def test_pull_moves_each_signs_mean_weight_towards_one(loss: str):
     inputs = _batch(0.5, seed=3, shift=-0.4)  # stale: log W ~ -2.4, most weights W < 1
     adv = inputs["advantages"]
-    base, _ = _coeff("vespo_adaptive", inputs)
+    base, _ = _coeff("vespo_adaptive", inputs, remainder="none")  # the first version the probes vary
     got, _ = _coeff(loss, inputs)
     phi, weight = (-base[:, 0] / adv), (-got[:, 0] / adv)  # per-sequence weights
     means = [float(phi[side].mean()) for side in (adv >= 0, adv < 0)]

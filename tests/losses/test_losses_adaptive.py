@@ -120,13 +120,21 @@ def ref_alpha(log_ws, advs, tau, alpha_min=0.02):
     return lo
 
 
+def ref_remainder(log_rho: float, alpha: float, remainder: str, cap: float = 5.0) -> float:
+    """The per-token factor min(rho_t^(1 - alpha), cap) ('token'), or 1 ('none')."""
+    return min(math.exp((1.0 - alpha) * log_rho), cap) if remainder == "token" else 1.0
+
+
 @pytest.mark.parametrize("tau", [0.3, 0.5, 0.8, 0.9])
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("per_sign", [True, False])
-def test_alpha_solves_the_ess_target_and_loss_matches_loop(tau, seed, per_sign):
+@pytest.mark.parametrize("remainder", ["token", "none"])
+def test_alpha_solves_the_ess_target_and_loss_matches_loop(tau, seed, per_sign, remainder):
     B, T = 40, 30
     lp, old, adv, mask = make_batch(B=B, T=T, drift=0.4, seed=seed)
-    out, grad = loss_and_grad("vespo_adaptive", lp, old, adv, mask, tau=tau, per_sign=per_sign)
+    out, grad = loss_and_grad(
+        "vespo_adaptive", lp, old, adv, mask, tau=tau, per_sign=per_sign, remainder=remainder, remainder_cap=5.0
+    )
     log_w = ((lp - old) * mask).sum(-1).tolist()
     a = adv.tolist()
     alphas = {}
@@ -147,11 +155,13 @@ def test_alpha_solves_the_ess_target_and_loss_matches_loop(tau, seed, per_sign):
     ref_loss = 0.0
     ref_grad = np.zeros((B, T))
     for b in range(B):
-        phi = ref_phi(log_w[b], a[b], alphas["pos" if a[b] >= 0 else "neg"])
+        alpha = alphas["pos" if a[b] >= 0 else "neg"]
+        phi = ref_phi(log_w[b], a[b], alpha)
         for t in range(T):
             if mask[b, t]:
-                ref_loss += -phi * a[b] * float(lp[b, t]) / n_tok
-                ref_grad[b, t] = -phi * a[b] / n_tok
+                w = phi * ref_remainder(float(lp[b, t] - old[b, t]), alpha, remainder)
+                ref_loss += -w * a[b] * float(lp[b, t]) / n_tok
+                ref_grad[b, t] = -w * a[b] / n_tok
     assert out.loss.item() == pytest.approx(ref_loss, rel=1e-9, abs=1e-12)
     np.testing.assert_allclose(grad.numpy(), ref_grad, rtol=1e-9, atol=1e-12)
 
@@ -179,10 +189,14 @@ def test_log_w_beyond_twenty_nats_is_tempered_not_tied(per_sign):
         alphas[sign] = out.metrics[f"vespo_adaptive/alpha_{sign}"]
         assert alphas[sign] == pytest.approx(ref_alpha(lws, advs, 0.9), rel=0.03), sign
     n_tok = B * T
-    want = [-ref_phi(log_w[b], a[b], alphas["pos" if a[b] >= 0 else "neg"]) * a[b] / n_tok for b in range(B)]
+    sign_alpha = [alphas["pos" if x >= 0 else "neg"] for x in a]
+    phis = [ref_phi(lw, x, al) for lw, x, al in zip(log_w, a, sign_alpha)]
+    factor = [ref_remainder(float(lp[b, 0] - old[b, 0]), sign_alpha[b], "token") for b in range(B)]
+    want = [-phis[b] * factor[b] * a[b] / n_tok for b in range(B)]
     np.testing.assert_allclose(grad[:, 0].numpy(), want, rtol=1e-6, atol=1e-15)
-    # within each sign the weights keep the order of log W (all are below the kernel's mode)
-    phi = (grad[:, 0] / (-adv / n_tok)).tolist()
+    # within each sign the sequence weights keep the order of log W (all are below the kernel's mode)
+    phi = out_weights = [w / f for w, f in zip((grad[:, 0] / (-adv / n_tok)).tolist(), factor)]
+    assert out_weights == pytest.approx(phis, rel=1e-6)
     for positive in (True, False):
         pairs = sorted((lw, w) for lw, w, x in zip(log_w, phi, a) if (x >= 0) == positive)
         assert all(w1 < w2 for (_, w1), (_, w2) in zip(pairs, pairs[1:]))
@@ -197,6 +211,31 @@ def test_phi_of_an_on_policy_sequence_is_one_under_any_alpha():
     out = compute_loss_terms("vespo_adaptive", batch)
     assert out.metrics["vespo_adaptive/alpha_pos"] < 1.0
     assert out.seq_weight[0].item() == 1.0
+    # every token of it keeps unit weight: the per-token remainder is rho_t^(1 - alpha) = 1
+    _, grad = loss_and_grad("vespo_adaptive", lp, old, adv, mask)
+    torch.testing.assert_close(grad[0], torch.full((30,), -1.0 / mask.sum().item(), dtype=grad.dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_token_remainder_is_capped_and_masked(dtype):
+    lp, old, adv, mask = make_batch(B=16, T=12, drift=2.0, seed=11, dtype=dtype)
+    batch = build_loss_batch(log_prob=lp, old_log_prob=old, advantages=adv, response_mask=mask)
+    out = compute_loss_terms("vespo_adaptive", batch, remainder_cap=1.5)
+    alpha = out.metrics["vespo_adaptive/alpha_pos"]
+    assert alpha < 1.0
+    x = lp.clone().requires_grad_()
+    res = compute_policy_loss(
+        "vespo_adaptive", log_prob=x, old_log_prob=old, advantages=adv, response_mask=mask, remainder_cap=1.5
+    )
+    res.loss.backward()
+    assert torch.isfinite(x.grad.float()).all() and (x.grad[~mask] == 0).all()
+    # per token: grad = -phi * min(rho^(1 - alpha), 1.5) * A / n, so the factor is grad / (-phi A / n)
+    n = mask.sum().item()
+    factor = x.grad.double() / (-(out.seq_weight.double() * adv.double()) / n)[:, None]
+    want = torch.exp((1 - alpha) * (lp.double() - old.double())).clamp(max=1.5)
+    tol = 1e-6 if dtype == torch.float64 else 2e-2
+    torch.testing.assert_close(factor[mask], want[mask].to(factor.dtype), rtol=tol, atol=tol)
+    assert res.metrics["vespo_adaptive/remainder_mean"] == pytest.approx(want[mask].mean().item(), rel=tol)
 
 
 def test_mass_target_and_pooled_signs():

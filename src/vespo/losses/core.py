@@ -198,6 +198,8 @@ def _run_kernel(name: str, batch: LossBatch, params: dict[str, Any]) -> KernelOu
     if batch.rollout_weight is not None and not out.uses_rollout_is:
         if out.loss_mat is not None:
             out.loss_mat = out.loss_mat * batch.rollout_weight
+        elif out.token_factor is not None:
+            out.token_factor = out.token_factor * batch.rollout_weight
         else:
             coeff = out.logp_coeff if out.logp_coeff.dim() == 2 else out.logp_coeff.unsqueeze(-1)
             out.logp_coeff = coeff * batch.rollout_weight
@@ -209,7 +211,7 @@ def _masked_loss_mat(out: KernelOutput, batch: LossBatch) -> torch.Tensor:
     if out.loss_mat is not None:
         return out.loss_mat * batch.mask_f
     coeff = out.logp_coeff if out.logp_coeff.dim() == 2 else out.logp_coeff.unsqueeze(-1)
-    return coeff * (batch.log_prob * batch.mask_f)
+    return coeff * (batch.log_prob * _row_weights(out, batch))
 
 
 class _MaskedRowSum(torch.autograd.Function):
@@ -230,15 +232,23 @@ class _MaskedRowSum(torch.autograd.Function):
         return grad.unsqueeze(-1) * m, None, None
 
 
+def _row_weights(out: KernelOutput, batch: LossBatch) -> torch.Tensor:
+    """[B, T] weights of the masked row sum: the mask, or the kernel's token factor (0 where masked)."""
+    if out.token_factor is not None and out.logp_coeff is not None and out.logp_coeff.dim() == 1:
+        return out.token_factor
+    return batch.mask_f
+
+
 def _seq_sums(out: KernelOutput, batch: LossBatch) -> torch.Tensor:
     """[B] sum over valid tokens of the per-token loss (with grad)."""
     if out.loss_mat is not None:
         return (out.loss_mat * batch.mask_f).sum(-1)
     if out.logp_coeff.dim() == 1:  # c_b * sum_t log pi_bt m_bt: one masked row sum
+        m = _row_weights(out, batch)
         scratch = batch.scratch
         if scratch is not None and scratch.shape == batch.log_prob.shape and scratch.dtype == batch.log_prob.dtype:
-            return out.logp_coeff * _MaskedRowSum.apply(batch.log_prob, batch.mask_f, scratch)
-        return out.logp_coeff * (batch.log_prob * batch.mask_f).sum(-1)
+            return out.logp_coeff * _MaskedRowSum.apply(batch.log_prob, m, scratch)
+        return out.logp_coeff * (batch.log_prob * m).sum(-1)
     return (batch.log_prob * (out.logp_coeff * batch.mask_f)).sum(-1)
 
 

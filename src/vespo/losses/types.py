@@ -95,6 +95,9 @@ class KernelOutput:
         kernel_mode: the sequence weight's maximiser W* = c1/c2 per sequence for kernels that
             have one (VESPO), else ``None``.
         logp_coeff: see above; ``None`` for kernels that fill ``loss_mat``.
+        token_factor: with a [B] ``logp_coeff``, an optional detached [B, T] per-token multiplier,
+            0 on masked tokens: loss_mat = logp_coeff[b] * token_factor[b, t] * log_prob. The
+            aggregation uses it in place of the mask, so it costs no extra [B, T] product.
     """
 
     loss_mat: torch.Tensor | None
@@ -105,6 +108,7 @@ class KernelOutput:
     uses_rollout_is: bool = False
     kernel_mode: torch.Tensor | None = None
     logp_coeff: torch.Tensor | None = None
+    token_factor: torch.Tensor | None = None
 
 
 class LossOutput:

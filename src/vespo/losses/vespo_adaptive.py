@@ -423,6 +423,36 @@ def _host_ess(weights: list[float]) -> float:
     return sum(rel) ** 2 / (len(rel) * sum(map(operator.mul, rel, rel)))
 
 
+def _token_remainder(batch: LossBatch, alpha: torch.Tensor | float, cap: float, is_mode: str) -> torch.Tensor:
+    """[B, T] min(rho_t^(1 - alpha), cap) on valid tokens, 0 where masked; detached.
+
+    W = W^alpha * prod_t rho_t^(1 - alpha): the kernel takes the tempered part, and the remainder is
+    applied per decision, token t keeping only its own factor (the approximation token-level losses
+    make for the whole ratio), truncated at ``cap`` as CISPO truncates rho_t. rho_t is
+    pi_theta/pi_old times, in 'joint' mode, the token's rollout weight pi_old/mu; a per-sequence
+    rollout weight has no per-token split and enters through W^alpha only."""
+    log_ratio = batch.scratch  # build_loss_batch leaves the clamped, masked, detached log-ratio here
+    if log_ratio is None or log_ratio.shape != batch.log_prob.shape:
+        log_ratio = batch.log_ratio.detach()
+    rollout = batch.rollout_weight
+    if rollout is not None and is_mode == "joint" and rollout.stride(-1) != 0:  # per-token weights
+        log_ratio = log_ratio + rollout.clamp_min(1e-8).log().clamp_(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    one_minus = 1.0 - alpha if isinstance(alpha, float) else (1.0 - alpha).unsqueeze(-1)
+    factor = torch.mul(log_ratio, one_minus).clamp_(max=math.log(cap)).exp_()
+    return factor.mul_(batch.mask_f)
+
+
+def _remainder_metrics(factor: torch.Tensor | None, batch: LossBatch, phi: torch.Tensor) -> dict[str, float]:
+    """Mean per-token remainder factor over valid tokens and the mean per-token weight phi * factor
+    (1 and the length-weighted mean phi when nothing is tempered). One [B, T] row sum."""
+    n = float(batch.lengths.sum().clamp_min(1.0))
+    rows = batch.lengths if factor is None else factor.sum(-1)  # masked tokens are 0 in the factor
+    return {
+        "vespo_adaptive/remainder_mean": float(rows.sum()) / n,
+        "phi/token_mean": float((phi * rows).sum()) / n,
+    }
+
+
 @register_policy_loss(
     "vespo_adaptive",
     level="sequence",
@@ -456,6 +486,13 @@ def _host_ess(weights: list[float]) -> float:
         "saturate_scale": Param(
             False, "when alpha hits alpha_min with ESS < tau, scale phi by sqrt(ESS/tau) (ablation)"
         ),
+        "remainder": Param(
+            "token",
+            "the untempered part W^(1 - alpha) = prod_t rho_t^(1 - alpha): 'token' applies it per decision "
+            "(token t gets min(rho_t^(1 - alpha), remainder_cap)), 'none' drops it (the first version)",
+            choices=("token", "none"),
+        ),
+        "remainder_cap": Param(5.0, "upper bound c on the per-token remainder factor", low=1.0),
         "is_mode": Param(
             "joint", "rollout IS weights: 'joint' folds log(pi_old/mu) into log W (as vespo)", choices=("joint",)
         ),
@@ -480,6 +517,8 @@ def vespo_adaptive_loss(
     criterion: str,
     adapt: str,
     saturate_scale: bool,
+    remainder: str,
+    remainder_cap: float,
     is_mode: str,
     batch_stats: AdaptiveStats | None,
 ) -> KernelOutput:
@@ -555,9 +594,19 @@ def vespo_adaptive_loss(
         scaled = phi * (ess_seq / tau).clamp(max=1.0).sqrt()
         phi = scaled if isinstance(saturated, bool) else torch.where(saturated, scaled, phi)
 
+    coeff = _logp_coeff(batch, phi)  # Eq. 20 with phi(W^alpha): loss = -phi * A * log pi
+    token_factor = None
+    if remainder == "token" and adapt == "temper" and not (isinstance(alpha, float) and alpha == 1.0):
+        token_factor = _token_remainder(batch, alpha, remainder_cap, is_mode)  # [B, T], 0 where masked
+        metrics.update(_remainder_metrics(token_factor, batch, phi))
+        if coeff.dim() == 2:  # per-token advantages: fold the factor into the coefficient
+            coeff, token_factor = token_factor.mul_(coeff), None
+    else:
+        metrics.update(_remainder_metrics(None, batch, phi))
     return KernelOutput(
         loss_mat=None,
-        logp_coeff=_logp_coeff(batch, phi),  # Eq. 20 with phi(W^alpha): loss = -phi * A * log pi
+        logp_coeff=coeff,
+        token_factor=token_factor,
         seq_log_w=seq_log_w,
         seq_weight=phi,
         uses_rollout_is=batch.rollout_seq_log_w is not None,
