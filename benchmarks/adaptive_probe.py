@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import sys
 import time
@@ -45,13 +44,20 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.lib.simulator import PolicySpec, TaskSpec, make_task, train  # noqa: E402
-from benchmarks.simulator import ADAPTIVE_DOC, ms, paired_difference, pyplot, replace_generated_block  # noqa: E402
+from benchmarks.simulator import (  # noqa: E402
+    ADAPTIVE_DOC,
+    append_run,
+    ms,
+    paired_difference,
+    pyplot,
+    replace_generated_block,
+    resume_results,
+)
 from vespo.losses import get_loss_spec, list_losses, register_policy_loss, vespo_adaptive_batch_stats  # noqa: E402
 from vespo.losses.reinforce import _logp_coeff  # noqa: E402
 from vespo.losses.types import KernelOutput, LossBatch  # noqa: E402
 from vespo.losses.vespo import vespo_log_phi  # noqa: E402
 from vespo.losses.vespo_adaptive import AdaptiveStats, _coefficients, resolve_alpha  # noqa: E402
-from vespo.train.checkpoint import write_text_atomic  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "adaptive_probe.json"
@@ -155,16 +161,7 @@ def config(quick: bool) -> dict[str, Any]:
 def run(cfg: dict[str, Any], out: Path, variants: dict[str, tuple[str, dict[str, Any]]] = VARIANTS) -> dict[str, Any]:
     """Every (variant, T, N) run, saved after each one; runs already in ``out`` are kept."""
     register_probe_losses()
-    results: dict[str, Any] = {"config": cfg, "runs": []}
-    if out.exists():
-        try:
-            old = json.loads(out.read_text())
-        except (OSError, ValueError) as err:
-            raise SystemExit(f"{out} is not a results JSON of this script ({err}); pass another --out") from None
-        if not isinstance(old, dict) or old.get("config") != cfg:
-            raise SystemExit(f"{out} holds runs of another configuration; pass another --out or remove it")
-        results = old
-    out.parent.mkdir(parents=True, exist_ok=True)
+    results = resume_results(out, cfg)
     done = {(r["label"], r["T"], r["N"]) for r in results["runs"]}
     jobs = [(label, t, n) for t in cfg["t_values"] for n in cfg["ns"] for label in variants]
     todo = [j for j in jobs if j not in done]
@@ -185,21 +182,9 @@ def run(cfg: dict[str, Any], out: Path, variants: dict[str, tuple[str, dict[str,
             sample_seed=1234,
         )
         alpha = res.metrics.get("vespo_adaptive/alpha_pos")
-        results["runs"].append(
-            dict(
-                label=label,
-                loss=loss,
-                params=params,
-                T=t,
-                N=n,
-                final=[round(x, 5) for x in res.final()],
-                alpha_mean=None if alpha is None else round(sum(alpha) / len(alpha), 4),
-                seconds=round(time.perf_counter() - t0, 1),
-                cpu_seconds=round(time.process_time() - c0, 1),
-            )
-        )
-        write_text_atomic(out, json.dumps(results, indent=1))
-        r = results["runs"][-1]
+        alpha_mean = None if alpha is None else round(sum(alpha) / len(alpha), 4)
+        row = dict(label=label, loss=loss, params=params, T=t, N=n, alpha_mean=alpha_mean)
+        r = append_run(results, out, row, res.final(), (t0, c0))
         print(f"[{i}/{len(todo)}] T={t:<4} N={n:<3} {label:20s} J {ms(r['final'])}  ({r['seconds']:.0f}s)", flush=True)
     return results
 

@@ -20,7 +20,6 @@ docs/adaptive.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -36,11 +35,12 @@ from benchmarks.lib.simulator import TaskSpec, make_task, train  # noqa: E402
 from benchmarks.simulator import (  # noqa: E402
     ADAPTIVE_BASELINES,
     ADAPTIVE_DOC,
+    append_run,
     ms,
     paired_difference,
-    replace_generated_block,  # noqa: E402
+    replace_generated_block,
+    resume_results,
 )
-from vespo.train.checkpoint import write_text_atomic  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "adaptive_variants.json"
@@ -78,16 +78,7 @@ def _spec(cfg: dict[str, Any], setting: str) -> tuple[TaskSpec, float]:
 
 def run(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
     """Every (setting, N, loss) run, saved after each one; runs already in ``out`` are kept."""
-    results: dict[str, Any] = {"config": cfg, "runs": []}
-    if out.exists():
-        try:
-            old = json.loads(out.read_text())
-        except (OSError, ValueError) as err:
-            raise SystemExit(f"{out} is not a results JSON of this script ({err}); pass another --out") from None
-        if not isinstance(old, dict) or old.get("config") != cfg:
-            raise SystemExit(f"{out} holds runs of another configuration; pass another --out or remove it")
-        results = old
-    out.parent.mkdir(parents=True, exist_ok=True)
+    results = resume_results(out, cfg)
     done = {(r["setting"], r["N"], r["label"]) for r in results["runs"]}
     jobs = [(s, n, label) for s in cfg["settings"] for n in cfg["ns"] for label in LOSSES]
     todo = [j for j in jobs if j not in done]
@@ -107,20 +98,8 @@ def run(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
             eval_every=max(1, cfg["steps"] // 4),
             sample_seed=1234,
         )
-        results["runs"].append(
-            dict(
-                setting=setting,
-                N=n,
-                label=label,
-                loss=loss,
-                params=params,
-                final=[round(x, 5) for x in res.final()],
-                seconds=round(time.perf_counter() - t0, 1),
-                cpu_seconds=round(time.process_time() - c0, 1),
-            )
-        )
-        write_text_atomic(out, json.dumps(results, indent=1))
-        r = results["runs"][-1]
+        row = dict(setting=setting, N=n, label=label, loss=loss, params=params)
+        r = append_run(results, out, row, res.final(), (t0, c0))
         print(f"[{i}/{len(todo)}] {setting:38s} N={n:<3} {label:32s} J {ms(r['final'])}", flush=True)
     return results
 

@@ -1646,7 +1646,7 @@ ADAPTIVE_BASELINES = ADAPTIVE_LOSSES[1:]
 ADAPTIVE_ABLATIONS: dict[str, dict[str, Any]] = {
     "default": {},
     "remainder=none": {"remainder": "none"},
-    "remainder_cap=2": {"remainder_cap": 2.0},
+    "remainder_cap=5": {"remainder_cap": 5.0},
     "per_sign": {"per_sign": True},
     "criterion=w": {"criterion": "w"},
     "tau=0.5": {"tau": 0.5},
@@ -2255,6 +2255,39 @@ def write_adaptive_doc(results: dict[str, Any], path: Path = ADAPTIVE_DOC) -> No
     """Replace the generated block of docs/adaptive.md (between the markers) with fresh tables."""
     steps = "" if not _suffix(results) else f" --steps {results['config']['steps']}"
     replace_generated_block(path, f"benchmarks/simulator.py --adaptive{steps}", render_adaptive(results))
+
+
+def resume_results(out: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The results JSON at ``out`` when it holds runs of ``cfg`` (a run resumes from it), else a new
+    one. A file that is not such a JSON, or holds another configuration, stops the script with one
+    line and is left as it was."""
+    results: dict[str, Any] = {"config": cfg, "runs": []}
+    if out.exists():
+        try:
+            old = json.loads(out.read_text())
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"{out} is not a results JSON of this script ({err}); pass another --out") from None
+        if not isinstance(old, dict) or old.get("config") != cfg:
+            raise SystemExit(f"{out} holds runs of another configuration; pass another --out or remove it")
+        results = old
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return results
+
+
+def append_run(
+    results: dict[str, Any], out: Path, row: dict[str, Any], final: list[float], start: tuple[float, float]
+) -> dict[str, Any]:
+    """Add one finished run (``row`` plus its per-seed final J and its wall and CPU seconds since
+    ``start`` = (perf_counter, process_time)) to ``results`` and save them atomically to ``out``."""
+    row = dict(
+        row,
+        final=[round(x, 5) for x in final],
+        seconds=round(time.perf_counter() - start[0], 1),
+        cpu_seconds=round(time.process_time() - start[1], 1),
+    )
+    results["runs"].append(row)
+    write_text_atomic(out, json.dumps(results, indent=1))
+    return row
 
 
 def replace_generated_block(path: Path, command: str, body: str) -> None:

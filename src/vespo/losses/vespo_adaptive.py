@@ -428,7 +428,7 @@ def _token_remainder(batch: LossBatch, alpha: torch.Tensor | float, cap: float, 
 
     W = W^alpha * prod_t rho_t^(1 - alpha): the kernel takes the tempered part, and the remainder is
     applied per decision, token t keeping only its own factor (the approximation token-level losses
-    make for the whole ratio), truncated at ``cap`` as CISPO truncates rho_t. rho_t is
+    make for the whole ratio), truncated at ``cap`` as truncated IS (verl's TIS: 2) and CISPO (5) truncate rho_t. rho_t is
     pi_theta/pi_old times, in 'joint' mode, the token's rollout weight pi_old/mu; a per-sequence
     rollout weight has no per-token split and enters through W^alpha only."""
     log_ratio = batch.scratch  # build_loss_batch leaves the clamped, masked, detached log-ratio here
@@ -492,7 +492,7 @@ def _remainder_metrics(factor: torch.Tensor | None, batch: LossBatch, phi: torch
             "(token t gets min(rho_t^(1 - alpha), remainder_cap)), 'none' drops it (the first version)",
             choices=("token", "none"),
         ),
-        "remainder_cap": Param(5.0, "upper bound c on the per-token remainder factor", low=1.0),
+        "remainder_cap": Param(2.0, "upper bound c on the per-token remainder factor", low=1.0),
         "is_mode": Param(
             "joint", "rollout IS weights: 'joint' folds log(pi_old/mu) into log W (as vespo)", choices=("joint",)
         ),
