@@ -132,9 +132,7 @@ def ref_remainder(log_rho: float, alpha: float, remainder: str, cap: float = 2.0
 def test_alpha_solves_the_ess_target_and_loss_matches_loop(tau, seed, per_sign, remainder):
     B, T = 40, 30
     lp, old, adv, mask = make_batch(B=B, T=T, drift=0.4, seed=seed)
-    out, grad = loss_and_grad(
-        "vespo_adaptive", lp, old, adv, mask, tau=tau, per_sign=per_sign, remainder=remainder
-    )
+    out, grad = loss_and_grad("vespo_adaptive", lp, old, adv, mask, tau=tau, per_sign=per_sign, remainder=remainder)
     log_w = ((lp - old) * mask).sum(-1).tolist()
     a = adv.tolist()
     alphas = {}
