@@ -21,6 +21,13 @@ a fixed grid of alpha), so they add up exactly over micro-batches and data-paral
     compute_policy_loss("vespo_adaptive", ..., batch_stats=stats)       # every micro-batch
 
 Without ``batch_stats`` the call's own batch is the statistics' batch.
+
+The part of W that tempering takes out, W^(1 - alpha) = prod_t rho_t^(1 - alpha), is applied per
+decision (``remainder='token'``, the default): the loss on token t is
+
+    -phi(W^alpha) * min(rho_t^(1 - alpha), remainder_cap) * A * log pi(y_t)
+
+which is vespo's at alpha = 1 and tends to a truncated per-token ratio as alpha -> 0.
 """
 
 from __future__ import annotations
@@ -428,9 +435,9 @@ def _token_remainder(batch: LossBatch, alpha: torch.Tensor | float, cap: float, 
 
     W = W^alpha * prod_t rho_t^(1 - alpha): the kernel takes the tempered part, and the remainder is
     applied per decision, token t keeping only its own factor (the approximation token-level losses
-    make for the whole ratio), truncated at ``cap`` as truncated IS (verl's TIS: 2) and CISPO (5) truncate rho_t. rho_t is
-    pi_theta/pi_old times, in 'joint' mode, the token's rollout weight pi_old/mu; a per-sequence
-    rollout weight has no per-token split and enters through W^alpha only."""
+    make for the whole ratio), truncated at ``cap`` as truncated IS truncates rho_t (verl's TIS: 2,
+    CISPO: 5). rho_t is pi_theta/pi_old times, in 'joint' mode, the token's rollout weight
+    pi_old/mu; a per-sequence rollout weight has no per-token split and enters through W^alpha only."""
     log_ratio = batch.scratch  # build_loss_batch leaves the clamped, masked, detached log-ratio here
     if log_ratio is None or log_ratio.shape != batch.log_prob.shape:
         log_ratio = batch.log_ratio.detach()
