@@ -17,7 +17,7 @@ Every variant is compared with the default ``vespo_adaptive`` of the same run, s
   different means, which pulls the step back towards mu; sign normalisation removes the pull;
 - ``uniform (REINFORCE)``: no weight at all, the limit alpha -> 0 without the kernel;
 - ``per-token remainder``: the untempered part W^(1 - alpha) = prod_t rho_t^(1 - alpha) applied per
-  decision, min(rho_t^(1 - alpha), 5) on token t (``remainder='token'``, found after these probes
+  decision, min(rho_t^(1 - alpha), 2) on token t (``remainder='token'``, found after these probes
   and now the library default). Every other row is the first version (``remainder='none'``).
 
 The probe kernels are registered here, on top of ``vespo_adaptive``'s own kernel and statistics,
