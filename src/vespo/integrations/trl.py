@@ -370,10 +370,12 @@ class VespoGRPOTrainer(GRPOTrainer):
             if self.model.training:
                 stats = self.adaptive_window_stats(model, inputs)
             else:
-                params_k = {k: v for k, v in params.items() if k != "batch_stats"}
-                alpha_min = get_loss_spec("vespo_adaptive").resolve(params_k)["alpha_min"]
+                params_k = {k: v for k, v in params.items() if k != "batch_stats"}  # resolved by loss_params
                 stats = vespo_adaptive_batch_stats(
-                    adaptive_seq_log_w(batch, alpha_min=alpha_min), batch.seq_advantages, batch.lengths > 0, **params_k
+                    adaptive_seq_log_w(batch, params_k["is_mode"], params_k["alpha_min"]),
+                    batch.seq_advantages,
+                    batch.lengths > 0,
+                    **params_k,
                 )
             params = {**params, "batch_stats": stats}
         out = compute_loss_terms(self.vespo_loss, batch, **params)

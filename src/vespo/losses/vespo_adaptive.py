@@ -290,13 +290,10 @@ def _alpha_of_row(
     count = row[0]
     if not count > 0:  # no sequence of this sign: nothing to adapt
         return 1.0, False
-    off = 1 if criterion == "phi" else 1 + 2 * g  # where the ESS sums start
     q_prev = q = 0.0
     first = g - 1
     for j in range(g):
-        e1, e2 = row[off + j], row[off + g + j]
-        ess = e1 * e1 / max(count * e2, 1e-300) if e2 > 0 else 0.0
-        q = ess - tau
+        q = _row_ess(row, j, g, criterion) - tau
         m = row[1 + j] / max(count, 1.0) - mass_target  # mean phi against its target (0: always >= 0)
         if m < q or m != m:  # min(), NaN propagating like torch.minimum
             q = m
@@ -363,17 +360,18 @@ def _sign_rows(stats: AdaptiveStats, grid: int, criterion: str, per_sign: bool) 
     return rows
 
 
+def _row_ess(row: list[float], j: int, grid: int, criterion: str) -> float:
+    """Normalised ESS at grid point j of one row of sums (of phi, or of W^alpha for 'w'); 0 when
+    every weight is 0 or the row counts no sequence."""
+    off = 1 if criterion == "phi" else 1 + 2 * grid  # where the ESS sums start
+    e1, e2 = row[off + j], row[off + grid + j]
+    return e1 * e1 / max(row[0] * e2, 1e-300) if e2 > 0 else 0.0
+
+
 def _ess_at_alpha_min(stats: AdaptiveStats, grid: int, criterion: str, per_sign: bool) -> list[list[float]]:
     """[n_groups][2] normalised ESS at alpha_min (the last grid point), pooled like alpha."""
-    off = 1 if criterion == "phi" else 1 + 2 * grid  # where the ESS sums start
-    j = grid - 1
-    return [
-        [
-            r[off + j] * r[off + j] / (r[0] * r[off + grid + j]) if r[0] > 0 and r[off + grid + j] > 0 else 1.0
-            for r in pair
-        ]
-        for pair in _sign_rows(stats, grid, criterion, per_sign)
-    ]
+    rows = _sign_rows(stats, grid, criterion, per_sign)
+    return [[_row_ess(r, grid - 1, grid, criterion) for r in pair] for pair in rows]
 
 
 def _diagnostics(
