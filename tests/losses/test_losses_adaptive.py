@@ -249,6 +249,44 @@ def test_mass_target_and_pooled_signs():
     assert split.metrics["vespo_adaptive/alpha_pos"] != split.metrics["vespo_adaptive/alpha_neg"]
 
 
+@pytest.mark.parametrize("shift", [-10.0, -3.0, 2.0])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_uniform_shift_of_one_sign_is_not_dropped(shift, dtype):
+    """Every sequence at log W ~ shift with a tiny spread and one advantage sign: the weights are
+    well spread (ESS ~ 1) but all small, the whole-batch down-weighting of NeMo-RL #2269. The mass
+    floor tempers until the mean weight is 0.1; without it (mass_target=0) the loss is vespo's below
+    the kernel's mode, and above it (W = e^2) the ESS alone tempers too little."""
+    g = torch.Generator().manual_seed(11)
+    B, T = 48, 64
+    old = -torch.rand(B, T, generator=g, dtype=torch.float64) * 2
+    lp = old + shift / T + 0.05 / math.sqrt(T) * torch.randn(B, T, generator=g, dtype=torch.float64)
+    adv = torch.rand(B, generator=g, dtype=torch.float64) + 0.1  # A > 0 everywhere
+    mask = torch.ones(B, T, dtype=torch.bool)
+    lp, old, adv = lp.to(dtype), old.to(dtype), adv.to(dtype)
+    ref, ref_grad = loss_and_grad("vespo", lp, old, adv, mask)
+    assert ref.metrics["phi/mean"] < 0.06  # vespo down-weights the whole batch
+    off, off_grad = loss_and_grad("vespo_adaptive", lp, old, adv, mask, mass_target=0.0)
+    assert off.metrics["phi/mean"] < 0.06  # without the floor the batch stays down-weighted:
+    if shift < 0:  # below the mode the weights are healthy by the ESS alone, so nothing is adapted
+        assert off.metrics["phi/ess"] >= 0.9 and torch.equal(off_grad, ref_grad)
+    out, grad = loss_and_grad("vespo_adaptive", lp, old, adv, mask)
+    assert out.metrics["vespo_adaptive/alpha_pos"] < 1.0
+    assert out.metrics["phi/mean"] >= 0.1 - 0.01  # the floor, to the grid's interpolation
+    assert out.metrics["phi/mean"] <= 0.2  # the largest alpha meeting it: tempered no further
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 1.5 * ref_grad.abs().sum()
+
+
+def test_mass_floor_leaves_a_healthy_batch_alone():
+    """A batch whose mean weight is above the floor and whose ESS is above tau is vespo's, and the
+    floor is reported by ``vespo losses`` as the default."""
+    assert get_loss_spec("vespo_adaptive").params["mass_target"].default == 0.1
+    lp, old, adv, mask = make_batch(B=32, drift=0.03, seed=1)
+    ref, ref_grad = loss_and_grad("vespo", lp, old, adv.abs(), mask)
+    out, grad = loss_and_grad("vespo_adaptive", lp, old, adv.abs(), mask)
+    assert out.metrics["vespo_adaptive/alpha_pos"] == 1.0 and out.metrics["phi/mean"] >= 0.1
+    assert torch.equal(grad, ref_grad)
+
+
 def test_kernel_ablation_keeps_c1_at_least_one():
     lp, old, adv, mask = make_batch(B=40, T=40, drift=0.5, seed=7, lengths=torch.full((40,), 40))
     batch = build_loss_batch(log_prob=lp, old_log_prob=old, advantages=adv, response_mask=mask)

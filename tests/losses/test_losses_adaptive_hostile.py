@@ -324,12 +324,19 @@ def test_all_masked_batch_is_a_value_error():
         run(lp, old, adv, torch.zeros_like(mask))
 
 
-def test_single_sequence_is_finite_and_untempered():
-    # normalised ESS of one weight is 1: a batch of one sequence is vespo
-    lp, old, adv, mask = make_batch(B=1, T=30, drift=1.0, full=True)
+@pytest.mark.parametrize("log_w", [-0.5, -8.0, -40.0, 3.0])
+def test_single_sequence_is_tempered_only_below_the_mass_floor(log_w):
+    # normalised ESS of one weight is 1, so only the mass floor can act: a sequence whose own
+    # weight is >= 0.1 is vespo's; below it, it is tempered up to the floor, never dropped
+    lp, old, adv, mask = batch_with_log_w([log_w], adv=[0.7])
     out, grad = run(lp, old, adv, mask)
     assert_clean(out, grad)
-    assert out.metrics["vespo_adaptive/alpha_pos"] == 1.0
+    phi_vespo = math.exp(2 * log_w + 3 * (1 - math.exp(log_w)))  # (c1, c2) = (2, 3) for A > 0
+    if phi_vespo >= 0.1:
+        assert out.metrics["vespo_adaptive/alpha_pos"] == 1.0
+    else:
+        assert out.metrics["vespo_adaptive/alpha_pos"] < 1.0
+        assert out.metrics["phi/mean"] == pytest.approx(0.1, abs=0.01)
 
 
 @pytest.mark.parametrize("per_sign", [False, True])

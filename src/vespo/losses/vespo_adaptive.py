@@ -2,16 +2,17 @@
 
 VESPO's weight phi(W) = W^c1 exp(c2 (1 - W)) (shifted Eq. 17) passes weight only for log W in a
 narrow window, while log W = sum_t log rho_t (Eq. 5) grows with response length and staleness. The
-adaptive member tempers the weight by one exponent per batch and advantage sign, as adaptive
-tempering in sequential Monte Carlo does:
+adaptive member tempers the weight by one exponent per batch (one per advantage sign as an
+ablation), as adaptive tempering in sequential Monte Carlo does:
 
     phi_alpha(W) = phi(W^alpha) = W^(alpha c1) exp(c2 (1 - W^alpha)),   alpha in [alpha_min, 1]
 
 W^alpha = (pi/mu)^alpha is the importance weight towards the geometric bridge pi^alpha mu^(1-alpha)
 (the mu-to-pi interpolation that the tilt objective Eq. 11 describes). alpha is the largest value
-for which the normalised ESS of phi_alpha over the batch's sequences of that sign reaches ``tau``
-(and, optionally, their mean weight reaches ``mass_target``): alpha = 1, i.e. exactly ``vespo``,
-whenever the batch already satisfies the target, in particular on-policy (log W = 0).
+for which the normalised ESS of phi_alpha over the batch's sequences reaches ``tau`` and their mean
+weight reaches ``mass_target`` (0.1: a uniform shift of log W leaves the weights well spread but
+all small): alpha = 1, i.e. exactly ``vespo``, whenever the batch already meets both, in particular
+on-policy (log W = 0).
 
 The statistics alpha depends on are sums over sequences (counts, sum phi_alpha, sum phi_alpha^2 on
 a fixed grid of alpha), so they add up exactly over micro-batches and data-parallel ranks:
@@ -471,7 +472,14 @@ def _remainder_metrics(factor: torch.Tensor | None, batch: LossBatch, phi: torch
         "tau": Param(
             0.9, "target normalised ESS of phi; alpha = 1 when it is already met", low=0.0, high=1.0, high_open=True
         ),
-        "mass_target": Param(0.0, "also require mean phi >= this (0: off)", low=0.0, high=1.0, high_open=True),
+        "mass_target": Param(
+            0.1,
+            "also require mean phi >= this, so the batch as a whole is never down-weighted below it "
+            "(catches a uniform shift of log W that leaves the weights well spread; 0: off)",
+            low=0.0,
+            high=1.0,
+            high_open=True,
+        ),
         "alpha_min": Param(0.02, "smallest tempering exponent", low=0.0, high=1.0, low_open=True),
         "grid": Param(64, "grid points of alpha in [alpha_min, 1] (log-spaced)", low=2, high=1024),
         "per_sign": Param(
