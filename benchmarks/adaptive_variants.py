@@ -10,7 +10,8 @@ needed), sparse reward (2 keys in 256 tokens, as when only a final answer is che
 initial policy (init_scale 1), a 3x learning rate, and a larger vocabulary (V = 32). Each at
 N in {16, 64}, 256 optimizer steps of 64 responses, on the **tuning seeds** 100-104. Rows:
 ``vespo_adaptive`` (the default, with the per-token remainder), ``vespo_adaptive`` with
-``remainder='none'`` (its first version), and the baselines of the main sweep.
+``remainder='none'`` (its first version) and with ``tau=0.9`` (the default until 2026-12-07), and the
+baselines of the main sweep.
 
 Writes ``benchmarks/results/adaptive_variants.json`` (saved after every run; an interrupted run
 resumes from it; a JSON of another configuration is refused) and the generated block of
@@ -59,6 +60,7 @@ SETTINGS: dict[str, tuple[dict[str, Any], float]] = {
 LOSSES: dict[str, tuple[str, dict[str, Any]]] = {
     "vespo_adaptive": ("vespo_adaptive", {}),
     "vespo_adaptive, remainder none": ("vespo_adaptive", {"remainder": "none"}),
+    "vespo_adaptive, tau 0.9": ("vespo_adaptive", {"tau": 0.9}),
     **{name: (name, {}) for name in ADAPTIVE_BASELINES},
 }
 

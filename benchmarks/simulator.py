@@ -1651,7 +1651,7 @@ ADAPTIVE_ABLATIONS: dict[str, dict[str, Any]] = {
     "criterion=w": {"criterion": "w"},
     "tau=0.5": {"tau": 0.5},
     "tau=0.7": {"tau": 0.7},
-    "tau=0.95": {"tau": 0.95},
+    "tau=0.9": {"tau": 0.9},
     "mass_target=0.5": {"mass_target": 0.5},
     "adapt=kernel": {"adapt": "kernel"},
     "saturate_scale": {"saturate_scale": True},

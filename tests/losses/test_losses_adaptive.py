@@ -73,7 +73,7 @@ def test_healthy_batch_equals_vespo_bit_for_bit(per_token_adv, with_rollout):
     ref, ref_grad = loss_and_grad("vespo", lp, old, adv, mask, **kw)
     out, grad = loss_and_grad("vespo_adaptive", lp, old, adv, mask, **kw)
     # the batch is healthy: both ESS already above tau, so nothing is adapted
-    assert out.metrics["phi/ess"] >= 0.9
+    assert out.metrics["phi/ess"] >= 0.95
     assert out.metrics["vespo_adaptive/alpha_pos"] == 1.0 and out.metrics["vespo_adaptive/alpha_neg"] == 1.0
     assert torch.equal(out.loss, ref.loss)
     assert torch.equal(grad, ref_grad)
@@ -185,7 +185,7 @@ def test_log_w_beyond_twenty_nats_is_tempered_not_tied(per_sign):
         lws = [lw for lw, s in zip(log_w, sel) if s]
         advs = [x for x, s in zip(a, sel) if s]
         alphas[sign] = out.metrics[f"vespo_adaptive/alpha_{sign}"]
-        assert alphas[sign] == pytest.approx(ref_alpha(lws, advs, 0.9), rel=0.03), sign
+        assert alphas[sign] == pytest.approx(ref_alpha(lws, advs, 0.95), rel=0.03), sign
     n_tok = B * T
     sign_alpha = [alphas["pos" if x >= 0 else "neg"] for x in a]
     phis = [ref_phi(lw, x, al) for lw, x, al in zip(log_w, a, sign_alpha)]
@@ -268,7 +268,7 @@ def test_uniform_shift_of_one_sign_is_not_dropped(shift, dtype):
     off, off_grad = loss_and_grad("vespo_adaptive", lp, old, adv, mask, mass_target=0.0)
     assert off.metrics["phi/mean"] < 0.06  # without the floor the batch stays down-weighted:
     if shift < 0:  # below the mode the weights are healthy by the ESS alone, so nothing is adapted
-        assert off.metrics["phi/ess"] >= 0.9 and torch.equal(off_grad, ref_grad)
+        assert off.metrics["phi/ess"] >= 0.95 and torch.equal(off_grad, ref_grad)
     out, grad = loss_and_grad("vespo_adaptive", lp, old, adv, mask)
     assert out.metrics["vespo_adaptive/alpha_pos"] < 1.0
     assert out.metrics["phi/mean"] >= 0.1 - 0.01  # the floor, to the grid's interpolation
@@ -465,7 +465,7 @@ def test_registry_lists_parameters_and_rejects_c1_below_one():
     assert (
         defaults["k_pos"] == 2.0
         and defaults["lambda_neg"] == 2.0
-        and defaults["tau"] == 0.9
+        and defaults["tau"] == 0.95
         and defaults["per_sign"] is False
     )
     assert defaults["batch_stats"] is None

@@ -470,7 +470,7 @@ def _remainder_metrics(factor: torch.Tensor | None, batch: LossBatch, phi: torch
         "k_neg": Param(3.0, "c1 for A < 0", low=1.0, note=_C1_NOTE),
         "lambda_neg": Param(2.0, "c2 for A < 0", low=0.0, low_open=True),
         "tau": Param(
-            0.9, "target normalised ESS of phi; alpha = 1 when it is already met", low=0.0, high=1.0, high_open=True
+            0.95, "target normalised ESS of phi; alpha = 1 when it is already met", low=0.0, high=1.0, high_open=True
         ),
         "mass_target": Param(
             0.1,
