@@ -68,8 +68,11 @@ _KERNEL_X05 = {"k_pos": 1.0, "lambda_pos": 1.5, "k_neg": 1.5, "lambda_neg": 1.0}
 #: probe kernel -> the share of the pull towards mu it keeps (see :func:`pull_loss`)
 PULLS = {"probe_pull_half": 0.5, "probe_pull_quarter": 0.25, "probe_sign_norm": 0.0}
 
+#: the defaults when these probes were run (2026-12-02/07): tau 0.9 and no mass floor, pinned so that
+#: a rerun reproduces benchmarks/results/adaptive_probe.json
+_THEN = {"tau": 0.9, "mass_target": 0.0}
 #: the first version of vespo_adaptive, which these probes were run against: no per-token remainder
-_FIRST = {"remainder": "none"}
+_FIRST = {**_THEN, "remainder": "none"}
 
 #: label -> (registered loss, parameters); the first is the reference of every paired difference.
 #: "default" is the first version (remainder 'none'); "per-token remainder" is today's default.
@@ -82,7 +85,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "pull x0.25": ("probe_pull_quarter", _FIRST),
     "sign-normalised": ("probe_sign_norm", _FIRST),
     "uniform (REINFORCE)": ("reinforce", {}),
-    "per-token remainder": ("vespo_adaptive", {"remainder": "token"}),
+    "per-token remainder": ("vespo_adaptive", {**_THEN, "remainder": "token"}),
 }
 
 
