@@ -86,7 +86,7 @@ def cmd_losses(args: argparse.Namespace) -> int:
 
     rows = []
     for spec in loss_specs():
-        params = "\n".join(f"{k}={p.default!r} {p.range_text()}" for k, p in spec.params.items()) or "-"
+        params = "\n".join(f"{k}={p.default!r} {p.range_text()}".rstrip() for k, p in spec.params.items()) or "-"
         rows.append((spec.name, spec.level, params, spec.summary))
     if importlib.util.find_spec("rich") is None:  # base install: plain text
         for name, level, params, summary in rows:

@@ -63,8 +63,14 @@ class Param:
         return value
 
     def range_text(self) -> str:
+        """The allowed values as ``vespo losses`` shows them: an interval, a set, or ``""`` for a
+        parameter that is not a number (a flag, or an object such as ``batch_stats``)."""
         if self.choices is not None:
             return "{" + ", ".join(self.choices) + "}"
+        if isinstance(self.default, bool):
+            return "{True, False}"
+        if not isinstance(self.default, (int, float)):
+            return ""
         lo = "-inf" if self.low is None else f"{self.low:g}"
         hi = "inf" if self.high is None else f"{self.high:g}"
         left = "(" if self.low is None or self.low_open else "["
