@@ -474,8 +474,8 @@ def _remainder_metrics(factor: torch.Tensor | None, batch: LossBatch, phi: torch
         ),
         "mass_target": Param(
             0.1,
-            "also require mean phi >= this, so the batch as a whole is never down-weighted below it "
-            "(catches a uniform shift of log W that leaves the weights well spread; 0: off)",
+            "also require mean phi >= this, so the batch as a whole is not down-weighted below it "
+            "(down to alpha_min): catches a uniform shift of log W that leaves the weights well spread; 0: off",
             low=0.0,
             high=1.0,
             high_open=True,
