@@ -1,19 +1,23 @@
 """Tier-2 evidence for ``vespo_adaptive`` (issue 11): the language-model task with long responses.
 
-    python benchmarks/adaptive_lm.py probe  [--root /work/runs/adaptive_lm/mixed]   # one short vespo run: |log W|, phi
-    python benchmarks/adaptive_lm.py run    [--root /work/runs/adaptive_lm/mixed]   # the sweep, resumable
-    python benchmarks/adaptive_lm.py report [--root /work/runs/adaptive_lm/mixed]   # JSON, PNGs, the markdown tables
+    python benchmarks/adaptive_lm.py probe  [--study mixed|strong]   # one short vespo run: |log W|, phi
+    python benchmarks/adaptive_lm.py run    [--study mixed|strong]   # warm-up, then the sweep; resumable
+    python benchmarks/adaptive_lm.py reeval [--study mixed|strong]   # final weights on 512 held-out prompts
+    python benchmarks/adaptive_lm.py report [--study mixed|strong]   # JSON, PNGs, the markdown tables
 
 The tiny Llama policy of docs/results.md's tier 2, but on chain_sum with 2-10 one-digit terms, so
 the worked solutions are up to ~100 characters (tokens = characters; 8-10 terms: 54-98, mean 69)
 instead of ~21. log W is a sum over the response, so the same staleness moves it several times
-further, and the lengths vary. CPU-sized for one shared 2-core machine (``--jobs 1 --threads 1``):
-1 prompt x G = 8 responses per optimizer step, 64 optimizer steps for every N (the same samples for
-every N; N = 64 is one rollout batch), greedy eval on 128 held-out prompts at steps 0 and 64.
+further, and the lengths vary. CPU-sized for one shared 2-core machine (one thread per job): 64
+optimizer steps for every N (the same samples for every N; N = 64 is one rollout batch), greedy eval
+on 128 held-out prompts at steps 0 and 64. Runs go to ``/work/runs/adaptive_lm/STUDY`` (``--root``).
 
-Warm-up, shared by every cell, in two stages (a plain 600-step warm-up on 8-10 terms reached only
-accuracy 0 in the time there was): 300 supervised steps on 8-10 terms, then 300 more on 2-10 terms
-from those weights (``ROOT/stage1``, then ``ROOT/sweep/warmup``, which the sweep picks up).
+Two studies (``--study``), which differ in the warm-up shared by every cell and in the batch:
+
+- ``mixed`` (the first): 300 supervised steps on 8-10 terms (``ROOT/stage1``; a plain 600-step
+  warm-up on 8-10 terms reached accuracy 0), then 300 on 2-10 terms (``ROOT/sweep/warmup``, which the
+  sweep picks up); 1 prompt x G = 8 responses per optimizer step. Greedy accuracy 0.057: no loss learned.
+- ``strong``: the same two stages, then 600 more on 2-10 terms; 4 prompts x 8 responses per step.
 
 ``run`` issues ordinary ``vespo sweep`` commands (printed before each starts), in priority order:
 vespo_adaptive, vespo, grpo x N in {64, 16} x seeds {0, 1}; then N = 1 for vespo_adaptive and
@@ -31,6 +35,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,48 +47,84 @@ from benchmarks.staleness_lm import copy_small  # noqa: E402
 from benchmarks.staleness_lm import sweep as staleness_sweep  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-TASK = ["task.params={min_terms: 2, max_terms: 10, min_digits: 1, max_digits: 1}", "sampling.max_new_tokens=128"]
-STAGE1 = [
-    "task.params={min_terms: 8, max_terms: 10, min_digits: 1, max_digits: 1}",
-    "sampling.max_new_tokens=128",
-    "warmup.steps=300",
-]
 STEPS = 64
-COMMON = [
-    *TASK,
-    f"run.total_steps={STEPS}",
-    "algorithm.mini_batch_prompts=1",
-    "eval.num_prompts=128",
-    "eval.avg_k=1",
-    f"eval.every={STEPS}",
-    f"checkpoint.every={STEPS}",
-]
+
+
+def _chain_sum(min_terms: int, max_terms: int) -> str:
+    return f"task.params={{min_terms: {min_terms}, max_terms: {max_terms}, min_digits: 1, max_digits: 1}}"
+
+
+@dataclass(frozen=True)
+class Study:
+    """One tier-2 setting: the warm-up stages it shares across cells and the prompts per optimizer step."""
+
+    name: str
+    prompts_per_step: int
+    # (directory under ROOT, task override, supervised steps); each stage starts from the previous
+    # one's weights, and the last writes ROOT/sweep/warmup, which the sweep picks up
+    warmup: tuple[tuple[str, str, int], ...]
+    results: str  # file under benchmarks/results
+    image_prefix: str  # of the plots copied to docs/img
+
+    def common(self) -> list[str]:
+        """The overrides of every run of this study."""
+        return [
+            *TASK,
+            f"run.total_steps={STEPS}",
+            f"algorithm.mini_batch_prompts={self.prompts_per_step}",
+            "eval.num_prompts=128",
+            "eval.avg_k=1",
+            f"eval.every={STEPS}",
+            f"checkpoint.every={STEPS}",
+        ]
+
+
+TASK = [_chain_sum(2, 10), "sampling.max_new_tokens=128"]
+_STAGE1 = ("stage1", _chain_sum(8, 10), 300)
+STUDIES = {
+    # the first tier 2: a weak warm-up (greedy 0.057) and 8 responses per step; no loss learned
+    "mixed": Study("mixed", 1, (_STAGE1, ("sweep/warmup", TASK[0], 300)), "adaptive_lm.json", "adaptive_lm_"),
+    # a third warm-up stage of 600 steps and 4 prompts (32 responses) per step, so that learning can show
+    "strong": Study(
+        "strong",
+        4,
+        (_STAGE1, ("stage2", TASK[0], 300), ("sweep/warmup", TASK[0], 600)),
+        "adaptive_lm_strong.json",
+        "adaptive_lm_strong_",
+    ),
+}
 MAIN = ["vespo_adaptive", "vespo", "grpo"]
 EXTRA = ["gspo", "cispo", "topr"]
 METHODS = [*MAIN, *EXTRA]
 
 
 def sweep(
-    out: Path, grid: list[str], seeds: str, extra: list[str] | None = None, report_only: bool = False
+    out: Path,
+    grid: list[str],
+    seeds: str,
+    study: Study,
+    *,
+    jobs: int = 1,
+    report_only: bool = False,
 ) -> list[str]:
-    """One grid of this study: one job, one thread, this study's overrides."""
-    return staleness_sweep(out, grid, seeds, 1, extra or [], report_only, common=COMMON)
+    """One grid of this study: one thread per job, the study's overrides."""
+    return staleness_sweep(out, grid, seeds, jobs, [], report_only, common=study.common())
 
 
-def plan(root: Path, baselines: bool, seeds: str = "0,1") -> list[tuple[str, list[str]]]:
+def plan(
+    root: Path, baselines: bool, seeds: str = "0,1", study: Study | None = None, jobs: int = 1
+) -> list[tuple[str, list[str]]]:
     """The sweep commands in priority order; N = 1 runs the first of ``seeds`` only."""
+    study = study or STUDIES["mixed"]
     out = root / "sweep"
-    steps = [
-        (f"N={n}", sweep(out, [f"algorithm.loss={','.join(MAIN)}", f"algorithm.staleness={n}"], seeds))
-        for n in (64, 16)
-    ]
-    first = seeds.split(",")[0]
-    steps.append(("N=1", sweep(out, ["algorithm.loss=vespo_adaptive,vespo", "algorithm.staleness=1"], first)))
+
+    def grid(losses: list[str], n: int, seeds: str) -> list[str]:
+        return sweep(out, [f"algorithm.loss={','.join(losses)}", f"algorithm.staleness={n}"], seeds, study, jobs=jobs)
+
+    steps = [(f"N={n}", grid(MAIN, n, seeds)) for n in (64, 16)]
+    steps.append(("N=1", grid(["vespo_adaptive", "vespo"], 1, seeds.split(",")[0])))
     if baselines:
-        steps += [
-            (f"baselines N={n}", sweep(out, [f"algorithm.loss={','.join(EXTRA)}", f"algorithm.staleness={n}"], seeds))
-            for n in (64, 16)
-        ]
+        steps += [(f"baselines N={n}", grid(EXTRA, n, seeds)) for n in (64, 16)]
     return steps
 
 
@@ -102,7 +143,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
         "-m",
         "vespo.cli",
         "train",
-        *COMMON,
+        *STUDIES[args.study].common(),
         "algorithm.loss=vespo",
         f"algorithm.staleness={args.n}",
         f"run.total_steps={args.steps}",
@@ -139,30 +180,28 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
-def warm_up(root: Path) -> None:
-    """The two-stage shared warm-up (module docstring); skipped when its weights exist."""
-    stage1 = root / "stage1" / "warmup" / "model.safetensors"
-    final = root / "sweep" / "warmup" / "warmup" / "model.safetensors"
+def warm_up_commands(root: Path, study: Study) -> list[list[str]]:
+    """The shared warm-up's stages (module docstring), each from the previous stage's weights; the
+    stages whose weights already exist are left out, and nothing runs once the last one exists."""
+    weights = [root / d / "warmup" / "model.safetensors" for d, _, _ in study.warmup]
+    if weights[-1].exists():
+        return []
     base = [sys.executable, "-m", "vespo.cli", "warmup", "run.threads=1", "logging.progress=false"]
-    if not final.exists() and not stage1.exists():
-        cmd = [*base, *STAGE1, f"run.out_dir={root / 'stage1'}"]
-        print(f"== warm-up stage 1: {' '.join(cmd)}", flush=True)
-        subprocess.run(cmd, check=True, env=_env())
-    if not final.exists():
-        cmd = [
-            *base,
-            *TASK,
-            "warmup.steps=300",
-            f"model.init_from={stage1}",
-            f"run.out_dir={root / 'sweep' / 'warmup'}",
-        ]
-        print(f"== warm-up stage 2: {' '.join(cmd)}", flush=True)
-        subprocess.run(cmd, check=True, env=_env())
+    cmds = []
+    for i, (directory, task, steps) in enumerate(study.warmup):
+        if weights[i].exists():
+            continue
+        start = [f"model.init_from={weights[i - 1]}"] if i else []
+        cmds.append([*base, task, *TASK[1:], f"warmup.steps={steps}", *start, f"run.out_dir={root / directory}"])
+    return cmds
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    warm_up(Path(args.root))
-    for label, cmd in plan(Path(args.root), args.baselines, args.seeds):
+    study = STUDIES[args.study]
+    for i, cmd in enumerate(warm_up_commands(Path(args.root), study)):
+        print(f"== warm-up stage {i + 1}: {' '.join(cmd)}", flush=True)
+        subprocess.run(cmd, check=True, env=_env())
+    for label, cmd in plan(Path(args.root), args.baselines, args.seeds, study, args.jobs):
         print(f"== {label}: {' '.join(cmd)}", flush=True)
         subprocess.run(cmd, check=False, env=_env())
     return 0
@@ -380,7 +419,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     out = root / "sweep"
     ns = "1,16,64"
     losses = ",".join(METHODS if args.baselines else MAIN)
-    cmd = sweep(out, [f"algorithm.loss={losses}", f"algorithm.staleness={ns}"], args.seeds, report_only=True)
+    study = STUDIES[args.study]
+    cmd = sweep(out, [f"algorithm.loss={losses}", f"algorithm.staleness={ns}"], args.seeds, study, report_only=True)
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=_env())
     cells = collect(out)
     text, summary = table(cells)
@@ -394,14 +434,16 @@ def cmd_report(args: argparse.Namespace) -> int:
         probe["wall_time_s"] = probe_rows[-1].get("perf/elapsed_s")
     reeval_path = root / "reeval.json"
     warm = json.loads(reeval_path.read_text()).get("warmup") if reeval_path.exists() else None
-    results = REPO / "benchmarks" / "results" / "adaptive_lm.json"
+    results = REPO / "benchmarks" / "results" / study.results
     results.write_text(
         json.dumps(
             {
                 "command": "python benchmarks/adaptive_lm.py run"
+                + (f" --study {study.name}" if study.name != "mixed" else "")
                 + (" --baselines" if args.baselines else "")
                 + (f" --seeds {args.seeds}" if args.seeds != "0,1" else ""),
-                "common": COMMON,
+                "common": study.common(),
+                "warmup_stages": [list(stage) for stage in study.warmup],
                 "probe": probe,
                 "warmup_accuracy_512": warm,
                 "cells": cells,
@@ -413,7 +455,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     img = REPO / "docs" / "img"
     for name in ("accuracy_vs_n.png", "reward_curves.png", "diagnostics_N64.png", "diagnostics_N16.png"):
         if (out / name).exists():
-            copy_small(out / name, img / f"adaptive_lm_{name}")
+            copy_small(out / name, img / f"{study.image_prefix}{name}")
     reeval_path = root / "reeval.json"
     warm = json.loads(reeval_path.read_text()).get("warmup") if reeval_path.exists() else None
     if warm:
@@ -441,9 +483,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func in (("probe", cmd_probe), ("run", cmd_run), ("reeval", cmd_reeval), ("report", cmd_report)):
         p = sub.add_parser(name)
+        p.add_argument("--study", choices=sorted(STUDIES), default="mixed", help="which tier-2 setting")
         p.add_argument(
-            "--root", default="/work/runs/adaptive_lm/mixed", help="directory of the sweep (outside the repo)"
+            "--root", help="directory of the sweep, outside the repo (default: /work/runs/adaptive_lm/STUDY)"
         )
+        p.add_argument("--jobs", type=int, default=1, help="run: cells in parallel, one thread each")
         p.add_argument("--baselines", action="store_true", help="also gspo, cispo and topr at N = 16 and 64")
         p.add_argument(
             "--seeds", default="0,1", help="run/report: comma-separated seeds (N = 1 runs the first one only)"
@@ -453,6 +497,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--weights", help="probe: start weights (default: the sweep's warm-up)")
         p.set_defaults(func=func)
     args = parser.parse_args(argv)
+    if args.root is None:
+        args.root = f"/work/runs/adaptive_lm/{args.study}"
     return args.func(args)
 
 
