@@ -65,6 +65,7 @@ class Study:
     warmup: tuple[tuple[str, str, int], ...]
     results: str  # file under benchmarks/results
     image_prefix: str  # of the plots copied to docs/img
+    extra: tuple[str, ...] = ()  # further overrides of every run
 
     def common(self) -> list[str]:
         """The overrides of every run of this study."""
@@ -76,6 +77,7 @@ class Study:
             "eval.avg_k=1",
             f"eval.every={STEPS}",
             f"checkpoint.every={STEPS}",
+            *self.extra,
         ]
 
 
@@ -84,13 +86,15 @@ _STAGE1 = ("stage1", _chain_sum(8, 10), 300)
 STUDIES = {
     # the first tier 2: a weak warm-up (greedy 0.057) and 8 responses per step; no loss learned
     "mixed": Study("mixed", 1, (_STAGE1, ("sweep/warmup", TASK[0], 300)), "adaptive_lm.json", "adaptive_lm_"),
-    # a third warm-up stage of 600 steps and 4 prompts (32 responses) per step, so that learning can show
+    # a third warm-up stage of 600 steps (greedy 0.52) and 4 prompts (32 responses) per step, so that
+    # learning can show; lr 1e-4, since 2e-4 took an on-policy pilot from 0.52 to 0.21 in 32 steps
     "strong": Study(
         "strong",
         4,
         (_STAGE1, ("stage2", TASK[0], 300), ("sweep/warmup", TASK[0], 600)),
         "adaptive_lm_strong.json",
         "adaptive_lm_strong_",
+        ("optim.lr=1e-4",),
     ),
 }
 MAIN = ["vespo_adaptive", "vespo", "grpo"]

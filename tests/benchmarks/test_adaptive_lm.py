@@ -49,9 +49,12 @@ def test_strong_study_warms_up_in_three_chained_stages_and_skips_finished_ones(t
     assert warm_up_commands(tmp_path, study) == []  # the sweep's warm-up exists: nothing to redo
 
 
-def test_studies_differ_in_the_batch_not_the_task(tmp_path: Path):
+def test_studies_differ_in_the_batch_and_lr_not_the_task(tmp_path: Path):
     mixed, strong = STUDIES["mixed"].common(), STUDIES["strong"].common()
     assert "algorithm.mini_batch_prompts=1" in mixed and "algorithm.mini_batch_prompts=4" in strong
-    assert [a for a in mixed if "mini_batch" not in a] == [a for a in strong if "mini_batch" not in a]
+    assert [a for a in strong if "mini_batch" not in a] == [
+        *(a for a in mixed if "mini_batch" not in a),
+        "optim.lr=1e-4",
+    ]
     cmd = dict(plan(tmp_path, baselines=False, study=STUDIES["strong"], jobs=2))["N=64"]
     assert _arg(cmd, "--jobs") == ["2"] and "algorithm.mini_batch_prompts=4" in cmd
