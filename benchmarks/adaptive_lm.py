@@ -96,6 +96,15 @@ STUDIES = {
         "adaptive_lm_strong_",
         ("optim.lr=1e-4",),
     ),
+    # the strong study at half its learning rate (ROOT/sweep/warmup: the strong study's warm-up weights)
+    "strong_low_lr": Study(
+        "strong_low_lr",
+        4,
+        (_STAGE1, ("stage2", TASK[0], 300), ("sweep/warmup", TASK[0], 600)),
+        "adaptive_lm_strong_low_lr.json",
+        "adaptive_lm_strong_low_lr_",
+        ("optim.lr=5e-5",),
+    ),
 }
 MAIN = ["vespo_adaptive", "vespo", "grpo"]
 EXTRA = ["gspo", "cispo", "topr"]
