@@ -12,12 +12,14 @@ further, and the lengths vary. CPU-sized for one shared 2-core machine (one thre
 optimizer steps for every N (the same samples for every N; N = 64 is one rollout batch), greedy eval
 on 128 held-out prompts at steps 0 and 64. Runs go to ``/work/runs/adaptive_lm/STUDY`` (``--root``).
 
-Two studies (``--study``), which differ in the warm-up shared by every cell and in the batch:
+The studies (``--study``) differ in the warm-up shared by every cell, the batch and the lr:
 
 - ``mixed`` (the first): 300 supervised steps on 8-10 terms (``ROOT/stage1``; a plain 600-step
   warm-up on 8-10 terms reached accuracy 0), then 300 on 2-10 terms (``ROOT/sweep/warmup``, which the
   sweep picks up); 1 prompt x G = 8 responses per optimizer step. Greedy accuracy 0.057: no loss learned.
-- ``strong``: the same two stages, then 600 more on 2-10 terms; 4 prompts x 8 responses per step.
+- ``strong``: the same two stages, then 600 more on 2-10 terms (greedy 0.518); 4 prompts x 8
+  responses per step, lr 1e-4. ``strong_low_lr``: the same at lr 5e-5; its ROOT/sweep/warmup is
+  meant to be the strong study's (a link), else its warm-up runs again.
 
 ``run`` issues ordinary ``vespo sweep`` commands (printed before each starts), in priority order:
 vespo_adaptive, vespo, grpo x N in {64, 16} x seeds {0, 1}; then N = 1 for vespo_adaptive and
