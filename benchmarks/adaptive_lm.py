@@ -65,9 +65,17 @@ class Study:
     # (directory under ROOT, task override, supervised steps); each stage starts from the previous
     # one's weights, and the last writes ROOT/sweep/warmup, which the sweep picks up
     warmup: tuple[tuple[str, str, int], ...]
-    results: str  # file under benchmarks/results
-    image_prefix: str  # of the plots copied to docs/img
     extra: tuple[str, ...] = ()  # further overrides of every run
+
+    @property
+    def image_prefix(self) -> str:
+        """Of the plots copied to docs/img (the first study kept the bare prefix)."""
+        return "adaptive_lm_" if self.name == "mixed" else f"adaptive_lm_{self.name}_"
+
+    @property
+    def results(self) -> str:
+        """The JSON file under benchmarks/results."""
+        return f"{self.image_prefix.rstrip('_')}.json"
 
     def common(self) -> list[str]:
         """The overrides of every run of this study."""
@@ -85,28 +93,15 @@ class Study:
 
 TASK = [_chain_sum(2, 10), "sampling.max_new_tokens=128"]
 _STAGE1 = ("stage1", _chain_sum(8, 10), 300)
+_STRONG_WARMUP = (_STAGE1, ("stage2", TASK[0], 300), ("sweep/warmup", TASK[0], 600))
 STUDIES = {
     # the first tier 2: a weak warm-up (greedy 0.057) and 8 responses per step; no loss learned
-    "mixed": Study("mixed", 1, (_STAGE1, ("sweep/warmup", TASK[0], 300)), "adaptive_lm.json", "adaptive_lm_"),
+    "mixed": Study("mixed", 1, (_STAGE1, ("sweep/warmup", TASK[0], 300))),
     # a third warm-up stage of 600 steps (greedy 0.52) and 4 prompts (32 responses) per step, so that
     # learning can show; lr 1e-4, since 2e-4 took an on-policy pilot from 0.52 to 0.21 in 32 steps
-    "strong": Study(
-        "strong",
-        4,
-        (_STAGE1, ("stage2", TASK[0], 300), ("sweep/warmup", TASK[0], 600)),
-        "adaptive_lm_strong.json",
-        "adaptive_lm_strong_",
-        ("optim.lr=1e-4",),
-    ),
+    "strong": Study("strong", 4, _STRONG_WARMUP, ("optim.lr=1e-4",)),
     # the strong study at half its learning rate (ROOT/sweep/warmup: the strong study's warm-up weights)
-    "strong_low_lr": Study(
-        "strong_low_lr",
-        4,
-        (_STAGE1, ("stage2", TASK[0], 300), ("sweep/warmup", TASK[0], 600)),
-        "adaptive_lm_strong_low_lr.json",
-        "adaptive_lm_strong_low_lr_",
-        ("optim.lr=5e-5",),
-    ),
+    "strong_low_lr": Study("strong_low_lr", 4, _STRONG_WARMUP, ("optim.lr=5e-5",)),
 }
 MAIN = ["vespo_adaptive", "vespo", "grpo"]
 EXTRA = ["gspo", "cispo", "topr"]
